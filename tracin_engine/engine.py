@@ -1,0 +1,135 @@
+"""TracIn: the facade that composes checkpoints, per-example gradients, projection and storage.
+
+Example:
+    >>> ckpts = Checkpoints.from_dir("runs/digits")
+    >>> tracin = TracIn(model, ckpts, loss_fn=F.cross_entropy)        # exact (proj_dim=None)
+    >>> index = tracin.index((X_train, y_train))                       # featurize once
+    >>> index.top_k((X_test, y_test), k=10).proponents.indices        # (n_test, 10)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .checkpoints import Checkpoints, state_fingerprint
+from .data import BatchFn, as_source
+from .errors import TracInError
+from .featurize import Featurizer, check_finite, featurize
+from .gradients import GradientComputer, Target
+from .index import GradientIndex
+from .projection import RandomProjection
+from .store import FeatureStore
+
+
+class TracIn:
+    """TracInCP over `checkpoints` for `model`.
+
+    loss_fn(output (1, ...), target (1, ...)) -> one value (any reduction; it sees one example).
+    layers: None (all trainable parameters), "last", or module names.
+    proj_dim: None for exact gradients (dim = P), or an int for a seeded random projection.
+    device: None picks CUDA when present, else CPU. per_example: "vmap" (fast) or "loop".
+    """
+
+    def __init__(self, model: torch.nn.Module, checkpoints: Checkpoints, loss_fn: Callable | None = None,
+                 layers: str | Sequence[str] | None = None, proj_dim: int | None = None,
+                 device: str | torch.device | None = None, seed: int = 0, projection: str = "gaussian",
+                 per_example: str = "vmap", train_mode: bool = False):
+        if not isinstance(model, torch.nn.Module):
+            raise TracInError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if not isinstance(checkpoints, Checkpoints):
+            raise TracInError("checkpoints must be a Checkpoints object; build one with "
+                              "Checkpoints.from_files(paths, learning_rates=[...]) or Checkpoints.from_dir(run_dir).")
+        self.model, self.checkpoints, self.loss_fn = model, checkpoints, loss_fn
+        self.layers, self.proj_dim, self.seed, self.projection_kind = layers, proj_dim, seed, projection
+        grads = GradientComputer(model, loss_fn, layers, device, train_mode)
+        proj = RandomProjection(grads.num_params, proj_dim, seed, projection) if proj_dim else None
+        self.featurizer = Featurizer(grads, proj, per_example)
+        self.device = grads.device
+        self._prepared: dict[int, dict] = {}
+
+    def __repr__(self) -> str:
+        return (f"TracIn(params={self.num_params}, checkpoints={len(self.checkpoints)}, "
+                f"proj_dim={self.proj_dim}, device='{self.device}')")
+
+    @property
+    def num_params(self) -> int:
+        """P: the number of parameters whose gradients are used."""
+        return self.featurizer.grads.num_params
+
+    @property
+    def dim(self) -> int:
+        """Feature length per example per checkpoint: P (exact) or proj_dim."""
+        return self.featurizer.dim
+
+    def metadata(self) -> dict:
+        """What identifies an index built by this TracIn (checked when a store is reopened)."""
+        return {
+            "model": state_fingerprint(self.model.state_dict()),
+            "parameters": self.featurizer.grads.param_names,
+            "checkpoints": self.checkpoints.fingerprint(),
+            "learning_rates": self.checkpoints.learning_rates.tolist(),
+            "proj_dim": self.proj_dim, "seed": self.seed, "projection": self.projection_kind,
+        }
+
+    def state(self, c: int) -> dict:
+        """Checkpoint c's state dict, validated and on the device (kept while the model is small)."""
+        if c in self._prepared:
+            return self._prepared[c]
+        state = self.featurizer.prepare(self.checkpoints.load(c), f"checkpoint {c} ({self.checkpoints[c].name})")
+        if self.num_params * 4 * len(self.checkpoints) <= 2**29:
+            self._prepared[c] = state
+        return state
+
+    # -- featurize once ----------------------------------------------------------------------------
+    def index(self, train_data: Any, store: str | Path | None = None, batch_size: int | None = None,
+              progress: bool = True, batch_fn: BatchFn | None = None, dtype: torch.dtype | None = None,
+              rows: tuple[int, int] | None = None) -> GradientIndex:
+        """Featurize the training set: GradientIndex over n_train examples x C checkpoints.
+
+        store: None keeps features in memory; a folder path writes them memory-mapped to disk and
+        resumes an interrupted run. dtype: storage dtype (default: the model's dtype in memory and for
+        exact features on disk; float16 for projected features on disk).
+        """
+        source = as_source(train_data, batch_fn)
+        if dtype is None:
+            model_dtype = self.featurizer.grads.dtype
+            dtype = torch.float16 if (store is not None and self.proj_dim) else model_dtype
+        n, C = len(source), len(self.checkpoints)
+        if store is None:
+            fs = FeatureStore(n, C, self.dim, dtype)
+        else:
+            fs = FeatureStore.open_or_create(store, n, C, self.dim, dtype, self.metadata())
+        featurize(self.featurizer, self.checkpoints, source, fs, batch_size or 256, "loss", progress, rows)
+        return GradientIndex(self, fs) if rows is None else fs
+
+    # -- query side --------------------------------------------------------------------------------
+    def predictions(self, data: Any, batch_fn: BatchFn | None = None, checkpoint: int = -1) -> torch.Tensor:
+        """Predicted class of each example at a checkpoint (default: the last): Tensor (n,) int64."""
+        source = as_source(data, batch_fn)
+        c = checkpoint % len(self.checkpoints)
+        return torch.cat([self.featurizer.grads.predictions(self.state(c), x).cpu()
+                          for _, x, _ in source.batches(1024)])
+
+    def features(self, data: Any, target: Target = "loss", batch_fn: BatchFn | None = None,
+                 batch_size: int = 256) -> torch.Tensor:
+        """Per-checkpoint features of (test) examples: Tensor (C, m, dim) on the device.
+
+        target="prediction" uses the class the last checkpoint predicts (no labels needed).
+        """
+        source = as_source(data, batch_fn)
+        preds = self.predictions(source) if isinstance(target, str) and target == "prediction" else None
+        out = torch.empty(len(self.checkpoints), len(source), self.dim, device=self.device,
+                          dtype=torch.float64 if self.featurizer.grads.dtype == torch.float64 else torch.float32)
+        for c in range(len(self.checkpoints)):
+            state = self.state(c)
+            for start, x, y in source.batches(batch_size):
+                if preds is not None:
+                    y = preds[start:start + x.shape[0]]
+                f = self.featurizer(state, x, y, target)
+                check_finite(f, start, f"checkpoint {c} (test data)")
+                out[c, start:start + f.shape[0]] = f
+        return out
+

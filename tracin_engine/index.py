@@ -1,0 +1,147 @@
+"""GradientIndex: the training set featurized once; queries answered from the stored features.
+
+Example:
+    >>> index = tracin.index((X_train, y_train))
+    >>> index.influence((X_test, y_test))          # Tensor (n_test, n_train); positive = proponent
+    >>> best = index.top_k((X_test, y_test), k=10)  # TopK: .proponents / .opponents (indices, scores)
+    >>> index.self_influence()                     # Tensor (n_train,)
+
+Scores follow TracInCP: S(z, z') = sum_c eta_c <g_c(z), g_c(z')>, g_c the (projected) gradient at
+checkpoint c, eta_c its learning rate. See scoring.py for the similarity and self-influence formulas.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .data import BatchFn
+from .errors import TracInError
+from .gradients import Target
+from .scoring import full_scores, score_blocks, self_influence
+from .store import FeatureStore
+from .topk import TopK, streaming_top_k
+
+if TYPE_CHECKING:
+    from .engine import TracIn
+
+
+class GradientIndex:
+    """Stored training features (one FeatureStore) plus the TracIn that made them (for queries)."""
+
+    def __init__(self, tracin: "TracIn", store: FeatureStore):
+        if not store.complete:
+            missing = int((~store.done_mask).sum())
+            raise TracInError(f"the index is incomplete ({missing} rows not featurized); run "
+                              "tracin.index(data, store=path) again to resume.")
+        self.tracin = tracin
+        self.store = store
+
+    def __repr__(self) -> str:
+        where = f"'{self.store.path}'" if self.store.path else "memory"
+        return (f"GradientIndex(n_train={self.n_train}, checkpoints={self.store.n_checkpoints}, "
+                f"dim={self.store.dim}, proj_dim={self.tracin.proj_dim}, store={where})")
+
+    # -- facts ------------------------------------------------------------------------------------
+    @property
+    def n_train(self) -> int:
+        return self.store.n
+
+    @property
+    def learning_rates(self) -> torch.Tensor:
+        """Tensor (C,) float64: eta_c, the weight of checkpoint c."""
+        return self.tracin.checkpoints.learning_rates
+
+    def features(self, c: int) -> torch.Tensor:
+        """Stored training features of checkpoint c: Tensor (n_train, dim)."""
+        return self.store.features(c)
+
+    def _test(self, test_data: Any, target: Target, batch_fn: BatchFn | None,
+              features: torch.Tensor | None) -> torch.Tensor:
+        if features is not None:
+            return features
+        if test_data is None:
+            raise TracInError("pass test_data (or features= from tracin.features(...)).")
+        return self.tracin.features(test_data, target=target, batch_fn=batch_fn)
+
+    # -- queries ----------------------------------------------------------------------------------
+    def influence(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None,
+                  *, features: torch.Tensor | None = None) -> torch.Tensor:
+        """TracInCP scores: Tensor (n_test, n_train); positive = proponent (lowered the test loss)."""
+        t = self._test(test_data, target, batch_fn, features)
+        return full_scores(t, self.store, self.learning_rates)
+
+    def influence_per_checkpoint(self, test_data: Any = None, target: Target = "loss",
+                                 batch_fn: BatchFn | None = None, *,
+                                 features: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-checkpoint terms eta_c <g_c(z), g_c(z')>: Tensor (C, n_test, n_train); sums to influence."""
+        t = self._test(test_data, target, batch_fn, features)
+        return full_scores(t, self.store, self.learning_rates, per_checkpoint=True)
+
+    def top_k(self, test_data: Any = None, k: int = 10, target: Target = "loss",
+              batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None,
+              block_size: int = 65536) -> TopK:
+        """k proponents (highest scores) and k opponents (lowest) per test example, streamed over blocks.
+
+        Returns TopK: .proponents.indices / .scores (n_test, k), best first; .opponents likewise,
+        most negative first.
+        """
+        if k < 1:
+            raise TracInError(f"k must be at least 1, got {k}.")
+        t = self._test(test_data, target, batch_fn, features)
+        return streaming_top_k(score_blocks(t, self.store, self.learning_rates, block_size=block_size), k)
+
+    def similarity(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None,
+                   *, features: torch.Tensor | None = None) -> torch.Tensor:
+        """lr-weighted mean cosine of gradients: Tensor (n_test, n_train) in [-1, 1]."""
+        t = self._test(test_data, target, batch_fn, features)
+        w = self.learning_rates / self.learning_rates.sum()
+        return full_scores(t, self.store, w, normalize=True)
+
+    def self_influence(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_c eta_c ||g_c(z)||^2 for every training example: Tensor (n_train,) float64.
+
+        weights: (C,) to replace the learning rates (e.g. one-hot to look at a single checkpoint).
+        """
+        return self_influence(self.store, self._weights(weights))
+
+    def self_influence_per_checkpoint(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Terms eta_c ||g_c(z)||^2: Tensor (C, n_train) float64; sums to self_influence()."""
+        return self_influence(self.store, self._weights(weights), per_checkpoint=True)
+
+    def _weights(self, weights: torch.Tensor | None) -> torch.Tensor:
+        if weights is None:
+            return self.learning_rates
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        if weights.shape != (self.store.n_checkpoints,):
+            raise TracInError(f"weights must have one entry per checkpoint ({self.store.n_checkpoints}), "
+                              f"got shape {tuple(weights.shape)}.")
+        return weights
+
+    def cluster(self, n_clusters: int, **kwargs: Any):
+        """TracIn clusters of the training set (see tracin_engine.clustering.cluster)."""
+        from .clustering import cluster
+
+        return cluster(self, n_clusters, **kwargs)
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the index to folder `path` (memory-mapped on reopen). Returns the path."""
+        path = Path(path)
+        if self.store.path is not None and Path(self.store.path).resolve() == path.resolve():
+            return path
+        if path.exists():
+            shutil.rmtree(path)
+        self.store.copy_to(path, self.tracin.metadata())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, tracin: "TracIn") -> "GradientIndex":
+        """Reopen a saved index; the metadata must match `tracin` (model, checkpoints, proj_dim, ...)."""
+        store = FeatureStore.load(path)
+        FeatureStore.open_or_create(path, store.n, store.n_checkpoints, store.dim, store.dtype,
+                                    tracin.metadata())  # raises on any mismatch
+        return cls(tracin, store)
