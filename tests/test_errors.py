@@ -1,0 +1,140 @@
+"""Bad input gets a TracInError that names the problem and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tracin_engine as te
+
+
+@pytest.fixture()
+def tiny():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    ckpts = te.Checkpoints.from_state_dicts([model.state_dict()], [0.1])
+    X, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    return model, ckpts, X, y
+
+
+def test_wrong_checkpoint_keys_are_listed(tiny, tmp_path):
+    model, _, X, y = tiny
+    other = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.Linear(3, 3))
+    torch.save(other.state_dict(), tmp_path / "c.pt")
+    ckpts = te.Checkpoints.from_files([tmp_path / "c.pt"], learning_rates=[0.1])
+    with pytest.raises(te.TracInError, match=r"unexpected keys \['3.bias', '3.weight'\]"):
+        te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X, y), progress=False)
+
+
+def test_data_parallel_prefix_is_stripped(tiny, tmp_path):
+    model, _, X, y = tiny
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "c.pt")
+    ckpts = te.Checkpoints.from_files([tmp_path / "c.pt"], learning_rates=[0.1])
+    index = te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X, y), progress=False)
+    assert index.self_influence().shape == (10,)
+
+
+def test_learning_rate_count_mismatch(tmp_path, tiny):
+    model = tiny[0]
+    paths = []
+    for i in range(3):
+        torch.save(model.state_dict(), tmp_path / f"c{i}.pt")
+        paths.append(tmp_path / f"c{i}.pt")
+    with pytest.raises(te.TracInError, match="2 learning rates for 3 checkpoints"):
+        te.Checkpoints.from_files(paths, learning_rates=[0.1, 0.1])
+
+
+def test_missing_learning_rate_in_file(tmp_path, tiny):
+    torch.save(tiny[0].state_dict(), tmp_path / "c.pt")
+    with pytest.raises(te.TracInError, match="stores no learning rate; pass learning_rates"):
+        te.Checkpoints.from_files([tmp_path / "c.pt"])
+
+
+def test_empty_data(tiny):
+    model, ckpts, X, y = tiny
+    with pytest.raises(te.TracInError, match="empty"):
+        te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X[:0], y[:0]), progress=False)
+
+
+def test_labels_out_of_range(tiny):
+    model, ckpts, X, y = tiny
+    y = y.clone()
+    y[4] = 7
+    with pytest.raises(te.TracInError, match=r"labels out of range for 3 classes at positions \[4\]"):
+        te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X, y), progress=False)
+
+
+def test_labels_of_wrong_dtype(tiny):
+    model, ckpts, X, y = tiny
+    with pytest.raises(te.TracInError, match="int64 class indices"):
+        te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X, y.float().unsqueeze(1)), progress=False)
+
+
+def test_loss_without_one_value_per_example(tiny):
+    model, ckpts, X, y = tiny
+    bad = lambda out, t: F.cross_entropy(out, t, reduction="none").unsqueeze(1).expand(-1, 2)  # noqa: E731
+    with pytest.raises(te.TracInError, match="one value per example"):
+        te.TracIn(model, ckpts, loss_fn=bad).index((X, y), progress=False)
+
+
+def test_non_finite_gradients_name_examples(tiny):
+    model, ckpts, X, y = tiny
+    X = X.clone()
+    X[3, 0] = float("nan")
+    X[7, 2] = float("inf")
+    with pytest.raises(te.TracInError, match=r"example indices \[3, 7\]"):
+        te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X, y), batch_size=10, progress=False)
+
+
+def test_unknown_layer_lists_valid_ones(tiny):
+    model, ckpts, _, _ = tiny
+    with pytest.raises(te.TracInError, match=r"unknown layer name\(s\) \['fc9'\]; valid names are \['0', '2'\]"):
+        te.TracIn(model, ckpts, loss_fn=F.cross_entropy, layers=["fc9"])
+
+
+def test_unlabeled_data_with_loss_target(tiny):
+    model, ckpts, X, _ = tiny
+    index = te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X, torch.zeros(10, dtype=torch.long)),
+                                                                    progress=False)
+    with pytest.raises(te.TracInError, match="target='prediction'"):
+        index.influence((X,))
+
+
+def test_shuffling_dataloader_is_refused(tiny):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, ckpts, X, y = tiny
+    with pytest.raises(te.TracInError, match="shuffle=False"):
+        te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index(
+            DataLoader(TensorDataset(X, y), shuffle=True), progress=False)
+
+
+def test_not_a_checkpoints_object(tiny):
+    with pytest.raises(te.TracInError, match="Checkpoints.from_files"):
+        te.TracIn(tiny[0], ["a.pt"], loss_fn=F.cross_entropy)
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(te.TracInError, match="does not exist"):
+        te.Checkpoints.from_files([tmp_path / "nope.pt"], learning_rates=[0.1])
+
+
+def test_vmap_unfriendly_layer_suggests_loop(tiny):
+    class ItemModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x) * float(x.sum().item() > 0)  # .item() cannot run under vmap
+
+    model = ItemModel()
+    ckpts = te.Checkpoints.from_state_dicts([model.state_dict()], [0.1])
+    X, y = tiny[2], tiny[3]
+    with pytest.raises(te.TracInError, match="per_example='loop'"):
+        te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X, y), progress=False)
+    # ... and the suggested fallback works
+    index = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, per_example="loop").index((X, y), progress=False)
+    assert torch.isfinite(index.self_influence()).all()

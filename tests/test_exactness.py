@@ -1,0 +1,138 @@
+"""Exact mode against the slow loop reference in float64 (relative error <= 1e-6), and invariants."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tracin_engine as te
+from tracin_engine.topk import reference_top_k
+
+from reference import loop_influence, rel_err
+
+
+@pytest.fixture(scope="module")
+def f64_run(cnn_run, small_digits):
+    """The CNN run converted to float64, with 60 train / 8 test examples."""
+    model, ckpts = cnn_run
+    m64 = copy.deepcopy(model).double()
+    sds = [{k: v.double() for k, v in ckpts.load(c).items()} for c in range(len(ckpts))]
+    ck64 = te.Checkpoints.from_state_dicts(sds, ckpts.learning_rates.tolist())
+    (X, y), (Xt, yt) = small_digits.train, small_digits.test
+    return m64, ck64, (X[:60].double(), y[:60]), (Xt[:8].double(), yt[:8])
+
+
+@pytest.mark.parametrize("layers", [None, "last", ["conv1", "fc2"]])
+def test_influence_matches_loop_reference_float64(f64_run, layers):
+    model, ckpts, train, test = f64_run
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, layers=layers)
+    index = tracin.index(train, batch_size=16, progress=False)
+    fast = index.influence(test)
+    assert fast.dtype == torch.float64
+    assert rel_err(fast, loop_influence(tracin, train, test)) <= 1e-6
+
+
+def test_prediction_target_matches_loop_reference(f64_run):
+    model, ckpts, train, test = f64_run
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, layers="last")
+    index = tracin.index(train, progress=False)
+    fast = index.influence((test[0],), target="prediction")  # unlabeled test data
+    assert rel_err(fast, loop_influence(tracin, train, (test[0],), target="prediction")) <= 1e-6
+
+
+def test_user_target_function_is_negated_loss_of_that_value(f64_run):
+    """target=f explains f(output): scores equal those of the 'loss' -f."""
+    model, ckpts, train, test = f64_run
+    tracin = te.TracIn(model, ckpts, loss_fn=lambda out, y: -out[:, 3].sum(), layers="last")
+    index = tracin.index(train, progress=False)
+    via_loss = index.influence((test[0], torch.zeros(len(test[0]), dtype=torch.long)))
+    via_target = index.influence((test[0],), target=lambda out: out[:, 3].sum())
+    # the training side uses loss_fn for both, so only the test objective differs: f vs -(-f)
+    assert torch.allclose(via_loss, via_target, rtol=1e-10, atol=1e-12)
+
+
+def test_self_influence_is_diagonal_of_influence(cnn_index, small_digits):
+    X, y = small_digits.train
+    S = cnn_index.influence((X[:50], y[:50]))
+    si = cnn_index.self_influence()[:50]
+    assert rel_err(S.diagonal(), si) < 1e-5
+    assert (si > 0).all()
+
+
+def test_per_checkpoint_terms_sum_to_totals(cnn_index, small_digits):
+    test = (small_digits.test[0][:5], small_digits.test[1][:5])
+    per = cnn_index.influence_per_checkpoint(test)
+    assert per.shape == (4, 5, cnn_index.n_train)
+    assert rel_err(per.sum(0), cnn_index.influence(test)) < 1e-5
+    assert rel_err(cnn_index.self_influence_per_checkpoint().sum(0), cnn_index.self_influence()) < 1e-12
+
+
+def test_top_k_streaming_equals_full_sort(cnn_index, small_digits):
+    test = (small_digits.test[0][:10], small_digits.test[1][:10])
+    S = cnn_index.influence(test)
+    ref = reference_top_k(S, 7)
+    got = cnn_index.top_k(test, k=7, block_size=37)  # many uneven blocks
+    assert torch.equal(got.proponents.indices, ref.proponents.indices)
+    assert torch.equal(got.opponents.indices, ref.opponents.indices)
+    assert torch.allclose(got.proponents.scores, ref.proponents.scores)
+    assert (got.proponents.scores > 0).all() and (got.opponents.scores < 0).all()
+    assert (got.proponents.scores[:, :-1] >= got.proponents.scores[:, 1:]).all()
+
+
+def test_permuting_training_set_permutes_scores(cnn_run, small_digits):
+    model, ckpts = cnn_run
+    X, y = small_digits.train
+    test = (small_digits.test[0][:6], small_digits.test[1][:6])
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(3))
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy)
+    a = tracin.index((X, y), progress=False)
+    b = tracin.index((X[perm], y[perm]), progress=False)
+    assert torch.allclose(a.influence(test)[:, perm], b.influence(test), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(a.self_influence()[perm], b.self_influence())
+
+
+def test_similarity_is_weighted_mean_cosine(cnn_index, small_digits):
+    test = (small_digits.test[0][:4], small_digits.test[1][:4])
+    sim = cnn_index.similarity(test)
+    T = cnn_index.tracin.features(test)
+    lrs = cnn_index.learning_rates
+    ref = torch.zeros_like(sim, dtype=torch.float64)
+    for c in range(len(lrs)):
+        F_c = cnn_index.features(c).double()
+        ref += lrs[c] / lrs.sum() * F.normalize(T[c].double(), dim=1) @ F.normalize(F_c, dim=1).T
+    assert rel_err(sim, ref) < 1e-5
+    assert sim.abs().max() <= 1 + 1e-6
+
+
+def test_data_forms_agree(cnn_run, small_digits):
+    """(X, y) tuple, Dataset, DataLoader and a batch_fn over dicts give the same scores."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, ckpts = cnn_run
+    X, y = small_digits.train[0][:40], small_digits.train[1][:40]
+    test = (small_digits.test[0][:3], small_digits.test[1][:3])
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, layers="last")
+    ref = tracin.index((X, y), progress=False).influence(test)
+    ds = TensorDataset(X, y)
+    dicts = [{"image": X[i], "label": y[i]} for i in range(40)]
+    forms = [
+        tracin.index(ds, batch_size=7, progress=False),
+        tracin.index(DataLoader(ds, batch_size=9), progress=False),
+        tracin.index(DataLoader(dicts, batch_size=8), batch_fn=lambda b: (b["image"], b["label"]), progress=False),
+    ]
+    for index in forms:
+        assert torch.allclose(index.influence(test), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_loaded_once_per_pass(cnn_run, small_digits, monkeypatch):
+    model, ckpts = cnn_run
+    fresh = te.Checkpoints.from_files([c.source for c in ckpts], ckpts.learning_rates.tolist())
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    tracin = te.TracIn(model, fresh, loss_fn=F.cross_entropy, layers="last")
+    tracin.index(small_digits.train, batch_size=10, progress=False)  # 30 batches x 4 checkpoints
+    assert len(calls) == len(fresh)
