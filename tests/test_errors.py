@@ -88,6 +88,14 @@ def test_non_finite_gradients_name_examples(tiny):
         te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X, y), batch_size=10, progress=False)
 
 
+def test_hooks_refuse_unsupported_layers(tiny):
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    ckpts = te.Checkpoints.from_state_dicts([model.state_dict()], [0.1])
+    with pytest.raises(te.TracInError, match="plain Linear or Conv2d.*per_example='vmap'"):
+        te.TracIn(model, ckpts, loss_fn=F.cross_entropy, per_example="hooks")
+    assert te.TracIn(model, ckpts, loss_fn=F.cross_entropy).featurizer.mode == "vmap"  # auto falls back
+
+
 def test_unknown_layer_lists_valid_ones(tiny):
     model, ckpts, _, _ = tiny
     with pytest.raises(te.TracInError, match=r"unknown layer name\(s\) \['fc9'\]; valid names are \['0', '2'\]"):
@@ -134,7 +142,7 @@ def test_vmap_unfriendly_layer_suggests_loop(tiny):
     ckpts = te.Checkpoints.from_state_dicts([model.state_dict()], [0.1])
     X, y = tiny[2], tiny[3]
     with pytest.raises(te.TracInError, match="per_example='loop'"):
-        te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X, y), progress=False)
+        te.TracIn(model, ckpts, loss_fn=F.cross_entropy, per_example="vmap").index((X, y), progress=False)
     # ... and the suggested fallback works
     index = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, per_example="loop").index((X, y), progress=False)
     assert torch.isfinite(index.self_influence()).all()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import tracin_engine as te
 from tracin_engine.topk import reference_top_k
 
-from reference import loop_influence, rel_err
+from reference import loop_grads, loop_influence, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +25,21 @@ def f64_run(cnn_run, small_digits):
     return m64, ck64, (X[:60].double(), y[:60]), (Xt[:8].double(), yt[:8])
 
 
+@pytest.mark.parametrize("per_example", ["hooks", "vmap"])
 @pytest.mark.parametrize("layers", [None, "last", ["conv1", "fc2"]])
-def test_influence_matches_loop_reference_float64(f64_run, layers):
+def test_influence_matches_loop_reference_float64(f64_run, layers, per_example):
     model, ckpts, train, test = f64_run
-    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, layers=layers)
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, layers=layers, per_example=per_example)
     index = tracin.index(train, batch_size=16, progress=False)
     fast = index.influence(test)
     assert fast.dtype == torch.float64
     assert rel_err(fast, loop_influence(tracin, train, test)) <= 1e-6
 
 
-def test_prediction_target_matches_loop_reference(f64_run):
+@pytest.mark.parametrize("per_example", ["hooks", "vmap"])
+def test_prediction_target_matches_loop_reference(f64_run, per_example):
     model, ckpts, train, test = f64_run
-    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, layers="last")
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, per_example=per_example)
     index = tracin.index(train, progress=False)
     fast = index.influence((test[0],), target="prediction")  # unlabeled test data
     assert rel_err(fast, loop_influence(tracin, train, (test[0],), target="prediction")) <= 1e-6
@@ -97,12 +99,12 @@ def test_permuting_training_set_permutes_scores(cnn_run, small_digits):
 def test_similarity_is_weighted_mean_cosine(cnn_index, small_digits):
     test = (small_digits.test[0][:4], small_digits.test[1][:4])
     sim = cnn_index.similarity(test)
-    T = cnn_index.tracin.features(test)
+    g_test = loop_grads(cnn_index.tracin, *test)
+    g_train = loop_grads(cnn_index.tracin, *small_digits.train)
     lrs = cnn_index.learning_rates
     ref = torch.zeros_like(sim, dtype=torch.float64)
     for c in range(len(lrs)):
-        F_c = cnn_index.features(c).double()
-        ref += lrs[c] / lrs.sum() * F.normalize(T[c].double(), dim=1) @ F.normalize(F_c, dim=1).T
+        ref += lrs[c] / lrs.sum() * F.normalize(g_test[c].double(), dim=1) @ F.normalize(g_train[c].double(), dim=1).T
     assert rel_err(sim, ref) < 1e-5
     assert sim.abs().max() <= 1 + 1e-6
 
@@ -125,6 +127,19 @@ def test_data_forms_agree(cnn_run, small_digits):
     ]
     for index in forms:
         assert torch.allclose(index.influence(test), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_hook_features_are_smaller_and_exact(cnn_run, small_digits):
+    """The factored (a, g) rows of Linear layers give the same scores as flat vmap gradients."""
+    model, ckpts = cnn_run
+    test = (small_digits.test[0][:5], small_digits.test[1][:5])
+    hooks = te.TracIn(model, ckpts, loss_fn=F.cross_entropy)
+    flat = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, per_example="vmap")
+    assert hooks.featurizer.mode == "hooks" and hooks.dim < flat.dim / 2
+    a, b = hooks.index(small_digits.train, progress=False), flat.index(small_digits.train, progress=False)
+    assert rel_err(a.influence(test), b.influence(test)) < 1e-5
+    assert rel_err(a.self_influence(), b.self_influence()) < 1e-5
+    assert rel_err(a.similarity(test), b.similarity(test)) < 1e-5
 
 
 def test_checkpoints_loaded_once_per_pass(cnn_run, small_digits, monkeypatch):

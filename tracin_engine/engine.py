@@ -30,13 +30,15 @@ class TracIn:
     loss_fn(output (1, ...), target (1, ...)) -> one value (any reduction; it sees one example).
     layers: None (all trainable parameters), "last", or module names.
     proj_dim: None for exact gradients (dim = P), or an int for a seeded random projection.
-    device: None picks CUDA when present, else CPU. per_example: "vmap" (fast) or "loop".
+    device: None picks CUDA when present, else CPU.
+    per_example: "auto" (batched hooks for Linear/Conv2d models, exact and about as fast as a
+    training step; torch.func vmap otherwise), "hooks", "vmap", or "loop" (slow reference).
     """
 
     def __init__(self, model: torch.nn.Module, checkpoints: Checkpoints, loss_fn: Callable | None = None,
                  layers: str | Sequence[str] | None = None, proj_dim: int | None = None,
                  device: str | torch.device | None = None, seed: int = 0, projection: str = "gaussian",
-                 per_example: str = "vmap", train_mode: bool = False):
+                 per_example: str = "auto", train_mode: bool = False):
         if not isinstance(model, torch.nn.Module):
             raise TracInError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not isinstance(checkpoints, Checkpoints):
@@ -72,7 +74,17 @@ class TracIn:
             "checkpoints": self.checkpoints.fingerprint(),
             "learning_rates": self.checkpoints.learning_rates.tolist(),
             "proj_dim": self.proj_dim, "seed": self.seed, "projection": self.projection_kind,
+            "per_example": "loop" if self.featurizer.mode == "loop" else self.featurizer.mode,
+            "layout": self.featurizer.layout.to_dict(),
         }
+
+    def _resolve(self, source) -> None:
+        """Settle the per-example path on the first examples before any feature is stored."""
+        if not self.featurizer.resolved:
+            _, x, _ = next(iter(source.batches(2)))
+            state = self.state(len(self.checkpoints) - 1)
+            preds = self.featurizer.grads.predictions(state, x)
+            self.featurizer.resolve(state, x, preds, "prediction")
 
     def state(self, c: int) -> dict:
         """Checkpoint c's state dict, validated and on the device (kept while the model is small)."""
@@ -98,6 +110,7 @@ class TracIn:
             model_dtype = self.featurizer.grads.dtype
             dtype = torch.float16 if (store is not None and self.proj_dim) else model_dtype
         n, C = len(source), len(self.checkpoints)
+        self._resolve(source)
         if store is None:
             fs = FeatureStore(n, C, self.dim, dtype)
         else:
@@ -121,6 +134,7 @@ class TracIn:
         """
         source = as_source(data, batch_fn)
         preds = self.predictions(source) if isinstance(target, str) and target == "prediction" else None
+        self._resolve(source)
         out = torch.empty(len(self.checkpoints), len(source), self.dim, device=self.device,
                           dtype=torch.float64 if self.featurizer.grads.dtype == torch.float64 else torch.float32)
         for c in range(len(self.checkpoints)):

@@ -13,33 +13,74 @@ import torch
 from .checkpoints import Checkpoints
 from .data import DataSource
 from .errors import TracInError
+from . import hooks
 from .gradients import GradientComputer, Target
+from .layout import Layout
 from .projection import RandomProjection
 from .store import FeatureStore
 
 
 class Featurizer:
-    """Per-example features at one checkpoint: exact gradients (dim = P) or projected (dim = proj_dim).
+    """Per-example features at one checkpoint, as rows of `layout` (see layout.py).
 
-    features(state, x, y) = G or G R / sqrt(proj_dim), G: (B, P) per-example gradients.
+    per_example: "auto" (hooks when every selected layer is a plain Linear/Conv2d, else vmap),
+    "hooks", "vmap" (torch.func) or "loop" (slow reference). With a projection the rows are
+    G R / sqrt(proj_dim) of the flat gradients G (B, P); without, exact gradients (dense or factored).
     """
 
+    MODES = ("auto", "hooks", "vmap", "loop")
+
     def __init__(self, grads: GradientComputer, projection: RandomProjection | None = None,
-                 per_example: str = "vmap"):
-        if per_example not in ("vmap", "loop"):
-            raise TracInError(f"per_example must be 'vmap' or 'loop', got {per_example!r}.")
-        self.grads, self.projection, self.per_example = grads, projection, per_example
+                 per_example: str = "auto"):
+        if per_example not in self.MODES:
+            raise TracInError(f"per_example must be one of {self.MODES}, got {per_example!r}.")
+        self.grads, self.projection, self.requested = grads, projection, per_example
+        self.hooks = hooks.build(grads) if per_example in ("auto", "hooks") else None
+        if per_example == "hooks" and self.hooks is None:
+            raise TracInError("per_example='hooks' needs every selected layer to be a plain Linear or "
+                              "Conv2d (groups=1, zero padding); use per_example='vmap'.")
+        self.mode = "hooks" if self.hooks else ("vmap" if per_example == "auto" else per_example)
+        self.resolved = self.mode != "hooks"
+
+    @property
+    def layout(self) -> Layout:
+        if self.projection:
+            return Layout.dense_of(self.projection.proj_dim)
+        return self.hooks.layout if self.mode == "hooks" else Layout.dense_of(self.grads.num_params)
 
     @property
     def dim(self) -> int:
-        return self.projection.proj_dim if self.projection else self.grads.num_params
+        return self.layout.dim
+
+    def sq_norms(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B,) squared norms of the gradients that rows `feats` (B, dim) represent."""
+        return self.layout.sq_norms(feats)
 
     def prepare(self, state: dict, name: str = "checkpoint") -> dict:
         return self.grads.prepare(state, name)
 
+    def resolve(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss") -> None:
+        """Try the hook path on a couple of examples; under "auto" fall back to vmap if it cannot run."""
+        if self.resolved:
+            return
+        try:
+            self.hooks(state, x[:2], None if y is None else y[:2], target)
+        except hooks.Unsupported as exc:
+            if self.requested == "hooks":
+                raise TracInError(f"per_example='hooks' cannot run on this model: {exc}; use 'vmap'.") from exc
+            self.hooks, self.mode = None, "vmap"
+        self.resolved = True
+
+    def adopt(self, mode: str) -> None:
+        """Use the mode an existing index was built with (when this featurizer was left on "auto")."""
+        if self.requested == "auto" and mode == "vmap":
+            self.hooks, self.mode = None, "vmap"
+        self.resolved = True
+
     def __call__(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss") -> torch.Tensor:
         """Tensor (B, dim) in float32 (or float64 for a float64 model)."""
-        compute = self.grads.per_example if self.per_example == "vmap" else self.grads.reference
+        self.resolve(state, x, y, target)
+        compute = {"hooks": self.hooks, "vmap": self.grads.per_example, "loop": self.grads.reference}[self.mode]
         while True:
             try:
                 g = compute(state, x, y, target)
@@ -50,9 +91,14 @@ class Featurizer:
                 self.grads.memory_budget //= 2  # back off and retry with smaller chunks
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+            except hooks.Unsupported as exc:
+                raise TracInError(f"the hook path stopped working on this data ({exc}); "
+                                  "pass per_example='vmap' to TracIn.") from exc
         if g.dtype not in (torch.float32, torch.float64):
             g = g.float()
-        return self.projection(g) if self.projection else g
+        if self.projection is None:
+            return g
+        return self.projection(self.hooks.expand(g) if self.mode == "hooks" else g)
 
 
 def check_finite(feats: torch.Tensor, start: int, checkpoint_name: str) -> None:
@@ -92,7 +138,7 @@ def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSour
                 a, b = max(start, lo) - start, min(start + x.shape[0], hi) - start
                 feats = featurizer(state, x[a:b], None if y is None else y[a:b], target)
                 check_finite(feats, start + a, name)
-                store.write(c, start + a, feats)
+                store.write(c, start + a, feats, featurizer.sq_norms(feats))
                 computed += 1
                 bar.update(1)
             bar.update(n_batches - computed)

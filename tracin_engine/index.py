@@ -55,6 +55,11 @@ class GradientIndex:
         """Tensor (C,) float64: eta_c, the weight of checkpoint c."""
         return self.tracin.checkpoints.learning_rates
 
+    @property
+    def layout(self):
+        """How a stored row represents a gradient (tracin_engine.layout.Layout)."""
+        return self.tracin.featurizer.layout
+
     def features(self, c: int) -> torch.Tensor:
         """Stored training features of checkpoint c: Tensor (n_train, dim)."""
         return self.store.features(c)
@@ -72,14 +77,14 @@ class GradientIndex:
                   *, features: torch.Tensor | None = None) -> torch.Tensor:
         """TracInCP scores: Tensor (n_test, n_train); positive = proponent (lowered the test loss)."""
         t = self._test(test_data, target, batch_fn, features)
-        return full_scores(t, self.store, self.learning_rates)
+        return full_scores(t, self.store, self.learning_rates, self.layout)
 
     def influence_per_checkpoint(self, test_data: Any = None, target: Target = "loss",
                                  batch_fn: BatchFn | None = None, *,
                                  features: torch.Tensor | None = None) -> torch.Tensor:
         """Per-checkpoint terms eta_c <g_c(z), g_c(z')>: Tensor (C, n_test, n_train); sums to influence."""
         t = self._test(test_data, target, batch_fn, features)
-        return full_scores(t, self.store, self.learning_rates, per_checkpoint=True)
+        return full_scores(t, self.store, self.learning_rates, self.layout, per_checkpoint=True)
 
     def top_k(self, test_data: Any = None, k: int = 10, target: Target = "loss",
               batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None,
@@ -92,14 +97,14 @@ class GradientIndex:
         if k < 1:
             raise TracInError(f"k must be at least 1, got {k}.")
         t = self._test(test_data, target, batch_fn, features)
-        return streaming_top_k(score_blocks(t, self.store, self.learning_rates, block_size=block_size), k)
+        return streaming_top_k(score_blocks(t, self.store, self.learning_rates, self.layout, block_size=block_size), k)
 
     def similarity(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None,
                    *, features: torch.Tensor | None = None) -> torch.Tensor:
         """lr-weighted mean cosine of gradients: Tensor (n_test, n_train) in [-1, 1]."""
         t = self._test(test_data, target, batch_fn, features)
         w = self.learning_rates / self.learning_rates.sum()
-        return full_scores(t, self.store, w, normalize=True)
+        return full_scores(t, self.store, w, self.layout, normalize=True)
 
     def self_influence(self, weights: torch.Tensor | None = None) -> torch.Tensor:
         """sum_c eta_c ||g_c(z)||^2 for every training example: Tensor (n_train,) float64.
@@ -142,6 +147,7 @@ class GradientIndex:
     def load(cls, path: str | Path, tracin: "TracIn") -> "GradientIndex":
         """Reopen a saved index; the metadata must match `tracin` (model, checkpoints, proj_dim, ...)."""
         store = FeatureStore.load(path)
+        tracin.featurizer.adopt(store.metadata.get("per_example", "vmap"))
         FeatureStore.open_or_create(path, store.n, store.n_checkpoints, store.dim, store.dtype,
                                     tracin.metadata())  # raises on any mismatch
         return cls(tracin, store)

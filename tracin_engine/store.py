@@ -113,15 +113,19 @@ class FeatureStore:
     def complete(self) -> bool:
         return bool(self.done_mask.all())
 
-    def write(self, c: int, start: int, feats: torch.Tensor) -> None:
-        """Store rows start..start+B of checkpoint c. feats: (B, dim), float32 or float64."""
+    def write(self, c: int, start: int, feats: torch.Tensor, sq_norms: torch.Tensor | None = None) -> None:
+        """Store rows start..start+B of checkpoint c. feats: (B, dim), float32 or float64.
+
+        sq_norms: (B,) squared norms of the gradients the rows represent (default: sum of squares).
+        """
         stop = start + feats.shape[0]
         feats = feats.detach().cpu()
         if self.dtype == torch.float16 and feats.abs().max() > torch.finfo(torch.float16).max:
             raise TracInError("gradient features overflow float16 (values above 65504); "
                               "build the index with dtype=torch.bfloat16 or torch.float32.")
         self._features[c][start:stop] = feats.to(self.dtype)
-        self.sq_norms[c, start:stop] = feats.double().pow(2).sum(1)
+        self.sq_norms[c, start:stop] = (feats.double().pow(2).sum(1) if sq_norms is None
+                                        else sq_norms.detach().cpu().double())
         if self.path is None:
             self._done_u8[c, start:stop] = 1
             return

@@ -1,0 +1,84 @@
+"""How a stored feature row represents a per-example gradient, exactly, in fewer numbers.
+
+Example:
+    >>> lay = Layout.dense(P)                       # row = the flat gradient (or its projection)
+    >>> lay = Layout([Segment("dense", 0, 80), Segment("outer", 80, 577, 32)])
+    >>> lay.dots(T, F)                              # (m, b) exact <g(z'), g(z)>
+    >>> lay.sq_norms(F)                             # (b,) ||g(z)||^2
+
+A Linear layer's per-example weight gradient is the outer product g a^T of its output gradient g
+(out,) and input a (in,) (bias: append 1 to a). Storing a and g ("outer" segment: a_dim + g_dim
+numbers instead of a_dim * g_dim) keeps inner products exact:
+    <g1 a1^T, g2 a2^T> = (g1 . g2) (a1 . a2),   ||g a^T||^2 = ||g||^2 ||a||^2.
+Dense segments store gradient entries as they are. Inner products of rows add over segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Segment:
+    """kind "dense": columns [start, start + a_dim). kind "outer": a in [start, start + a_dim),
+    g in [start + a_dim, start + a_dim + g_dim)."""
+
+    kind: str
+    start: int
+    a_dim: int
+    g_dim: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.a_dim + self.g_dim
+
+
+class Layout:
+    """A list of segments covering a feature row of length `dim`."""
+
+    def __init__(self, segments: list[Segment]):
+        self.segments = list(segments)
+        self.dim = sum(s.size for s in self.segments)
+        self.outer = [s for s in self.segments if s.kind == "outer"]
+        self.dense = [s for s in self.segments if s.kind == "dense"]
+
+    @classmethod
+    def dense_of(cls, dim: int) -> "Layout":
+        return cls([Segment("dense", 0, dim)])
+
+    @property
+    def is_dense(self) -> bool:
+        return not self.outer
+
+    def __repr__(self) -> str:
+        return f"Layout(dim={self.dim}, dense={sum(s.a_dim for s in self.dense)}, outer={len(self.outer)})"
+
+    def to_dict(self) -> list[list]:
+        return [[s.kind, s.start, s.a_dim, s.g_dim] for s in self.segments]
+
+    def dots(self, t: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """Exact inner products of represented gradients: t (m, dim), f (b, dim) -> (m, b)."""
+        if self.is_dense:
+            return t @ f.T
+        out = torch.zeros(t.shape[0], f.shape[0], dtype=t.dtype, device=t.device)
+        for s in self.dense:
+            out.addmm_(t[:, s.start:s.start + s.a_dim], f[:, s.start:s.start + s.a_dim].T)
+        for s in self.outer:
+            a0, g0, g1 = s.start, s.start + s.a_dim, s.start + s.size
+            out.add_((t[:, a0:g0] @ f[:, a0:g0].T) * (t[:, g0:g1] @ f[:, g0:g1].T))
+        return out
+
+    def sq_norms(self, f: torch.Tensor) -> torch.Tensor:
+        """||g||^2 of each represented gradient: f (b, dim) -> (b,) float64."""
+        f = f.double()
+        if self.is_dense:
+            return f.pow(2).sum(1)
+        total = torch.zeros(f.shape[0], dtype=torch.float64, device=f.device)
+        for s in self.dense:
+            total += f[:, s.start:s.start + s.a_dim].pow(2).sum(1)
+        for s in self.outer:
+            a0, g0, g1 = s.start, s.start + s.a_dim, s.start + s.size
+            total += f[:, a0:g0].pow(2).sum(1) * f[:, g0:g1].pow(2).sum(1)
+        return total
