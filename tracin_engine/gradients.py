@@ -120,31 +120,43 @@ class GradientComputer:
     def _forward(self, state: dict, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, state, (x,))
 
-    def _check(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target) -> None:
-        """Run one example eagerly so that bad labels or losses fail with a clear message."""
+    def check_args(self, y: torch.Tensor | None, target: Target) -> None:
+        """Fail early when the objective cannot be formed (no loss_fn, no labels)."""
         if isinstance(target, str) and target == "loss":
             if self.loss_fn is None:
                 raise TracInError("no loss_fn was given; pass loss_fn=... to TracIn or use target='prediction'.")
             if y is None:
                 raise TracInError("the data has no labels; pass (X, y) or use target='prediction' for unlabeled data.")
-        with torch.no_grad():
-            out = self._forward(state, x[:1])
+
+    def check_outputs(self, out: torch.Tensor, y: torch.Tensor | None, target: Target) -> None:
+        """Class-index labels must lie in 0..C-1 for a (B, C) output; names the bad positions."""
         if y is not None and isinstance(target, str) and target == "loss" and out.dim() == 2 \
                 and not y.is_floating_point() and y.dim() == 1:
             bad = ((y < 0) | (y >= out.shape[1])).nonzero().flatten().tolist()
             if bad:
                 raise TracInError(f"labels out of range for {out.shape[1]} classes at positions {bad[:10]} "
                                   f"(values {y[bad[:10]].tolist()}); labels must be class indices 0..{out.shape[1] - 1}.")
+
+    @staticmethod
+    def loss_error(exc: Exception, out: torch.Tensor, y: torch.Tensor | None) -> TracInError:
+        """A clear error for a loss_fn that raised on the model's output and the targets."""
+        ydesc = "None" if y is None else f"dtype {y.dtype}, shape {tuple(y.shape)}"
+        return TracInError(
+            f"loss_fn failed: {exc}. Model output has shape {tuple(out.shape)}, targets {ydesc}. "
+            "For classification pass int64 class indices; for regression float targets shaped like the output.")
+
+    def _check(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target) -> None:
+        """Run one example eagerly so that bad labels or losses fail with a clear message."""
+        self.check_args(y, target)
+        with torch.no_grad():
+            out = self._forward(state, x[:1])
+        self.check_outputs(out, y, target)
         try:
             self._objective(out, None if y is None else y[:1], target)
         except TracInError:
             raise
         except Exception as exc:  # noqa: BLE001
-            ydesc = "None" if y is None else f"dtype {y.dtype}, shape {tuple(y.shape)}"
-            raise TracInError(
-                f"loss_fn failed on the first example: {exc}. Model output has shape {tuple(out.shape)}, "
-                f"targets {ydesc}. For classification pass int64 class indices; for regression float "
-                "targets shaped like the output.") from exc
+            raise self.loss_error(exc, out, y) from exc
 
     # -- gradients --------------------------------------------------------------------------------
     def _split(self, state: dict) -> tuple[dict, dict]:

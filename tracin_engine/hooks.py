@@ -70,7 +70,7 @@ class HookFeaturizer:
         gc = self.grads
         x = gc._cast(inputs)
         y = None if targets is None else targets.to(gc.device)
-        gc._check(state, x, y, target)
+        gc.check_args(y, target)
         names = set(gc.param_names)
         params = {k: (v.detach().requires_grad_(True) if k in names else v) for k, v in state.items()}
         seen: dict[str, list] = {name: [] for name, *_ in self.plan}
@@ -79,7 +79,13 @@ class HookFeaturizer:
         try:
             with _mode(gc.model, gc.train_mode), torch.enable_grad():
                 out = functional_call(gc.model, params, (x,))
-                losses = self._losses(out, y, target)
+                gc.check_outputs(out, y, target)
+                try:
+                    losses = self._losses(out, y, target)
+                except TracInError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    raise gc.loss_error(exc, out, y) from exc
         finally:
             for h in handles:
                 h.remove()
@@ -97,6 +103,8 @@ class HookFeaturizer:
     def _losses(self, out: torch.Tensor, y: torch.Tensor | None, target: Target) -> torch.Tensor:
         """Per-example objectives (B,), each from its own output row."""
         obj = self.grads._objective
+        if out.shape[0] == 1:
+            return obj(out, y, target).reshape(1)
         if y is None:
             return vmap(lambda o: obj(o.unsqueeze(0), None, target))(out)
         return vmap(lambda o, t: obj(o.unsqueeze(0), t.unsqueeze(0), target))(out, y)
