@@ -232,7 +232,9 @@ class _mode:
 
     def __enter__(self):
         self.was = self.model.training
-        self.model.train(self.train)
+        if self.was != self.train:
+            self.model.train(self.train)
 
     def __exit__(self, *exc):
-        self.model.train(self.was)
+        if self.was != self.train:
+            self.model.train(self.was)
