@@ -151,3 +151,22 @@ def test_checkpoints_loaded_once_per_pass(cnn_run, small_digits, monkeypatch):
     tracin = te.TracIn(model, fresh, loss_fn=F.cross_entropy, layers="last")
     tracin.index(small_digits.train, batch_size=10, progress=False)  # 30 batches x 4 checkpoints
     assert len(calls) == len(fresh)
+
+
+def test_batchnorm_buffers_and_eval_mode_via_vmap():
+    """Models with buffers (BatchNorm running stats) and dropout take the vmap path, in eval mode."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 3)).double()
+    model.train()
+    for _ in range(3):  # give the running statistics non-trivial values
+        model(torch.randn(16, 5, dtype=torch.float64))
+    ckpts = te.Checkpoints.from_state_dicts([model.state_dict()], [0.3])
+    X, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy)
+    assert tracin.featurizer.mode == "vmap"
+    index = tracin.index((X, y), progress=False)
+    test = (X[:4], y[:4])
+    assert rel_err(index.influence(test), loop_influence(tracin, (X, y), test)) <= 1e-6
+    assert model.training  # the user's mode is restored

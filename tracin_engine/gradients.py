@@ -148,7 +148,7 @@ class GradientComputer:
     def _check(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target) -> None:
         """Run one example eagerly so that bad labels or losses fail with a clear message."""
         self.check_args(y, target)
-        with torch.no_grad():
+        with torch.no_grad(), _mode(self.model, self.train_mode):
             out = self._forward(state, x[:1])
         self.check_outputs(out, y, target)
         try:
