@@ -9,16 +9,25 @@
 
 from . import examples
 from .checkpoints import Checkpoint, CheckpointRecorder, Checkpoints
+from .clustering import Clusters
 from .data import DataSource
+from .distributed import index_distributed
 from .engine import TracIn
+from .ensemble import EnsembleIndex, dropout_ensemble
 from .errors import TracInError
+from .factored import FactoredProjection
+from .ideal import TracInIdealRecorder
 from .index import GradientIndex
+from .outliers import Outliers
 from .projection import RandomProjection
+from .source import SourceIndex
 from .store import FeatureStore
 from .topk import Neighbors, TopK
 
 __all__ = [
-    "Checkpoint", "CheckpointRecorder", "Checkpoints", "DataSource", "FeatureStore", "GradientIndex",
-    "Neighbors", "RandomProjection", "TopK", "TracIn", "TracInError",
+    "Checkpoint", "CheckpointRecorder", "Checkpoints", "Clusters", "DataSource", "EnsembleIndex",
+    "FactoredProjection", "FeatureStore", "GradientIndex", "Neighbors", "Outliers", "RandomProjection",
+    "SourceIndex", "TopK", "TracIn", "TracInError", "TracInIdealRecorder", "dropout_ensemble",
+    "index_distributed",
 ]
 __version__ = "0.1.0"

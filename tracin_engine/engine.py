@@ -20,7 +20,7 @@ from .errors import TracInError
 from .featurize import Featurizer, check_finite, featurize
 from .gradients import GradientComputer, Target
 from .index import GradientIndex
-from .projection import RandomProjection
+from .projection import build_projection
 from .store import FeatureStore
 
 
@@ -30,6 +30,9 @@ class TracIn:
     loss_fn(output (1, ...), target (1, ...)) -> one value (any reduction; it sees one example).
     layers: None (all trainable parameters), "last", or module names.
     proj_dim: None for exact gradients (dim = P), or an int for a seeded random projection.
+    projection: "gaussian" / "rademacher" (dense G R / sqrt(proj_dim) of the flat gradient) or
+    "factored" (per-layer P_g^T dW P_a of Linear/Conv2d layers from one batched forward+backward,
+    never forming per-example gradients: about a training step's cost; see factored.py).
     device: None picks CUDA when present, else CPU.
     per_example: "auto" (batched hooks for Linear/Conv2d models, exact and about as fast as a
     training step; torch.func vmap otherwise), "hooks", "vmap", or "loop" (slow reference).
@@ -47,7 +50,7 @@ class TracIn:
         self.model, self.checkpoints, self.loss_fn = model, checkpoints, loss_fn
         self.layers, self.proj_dim, self.seed, self.projection_kind = layers, proj_dim, seed, projection
         grads = GradientComputer(model, loss_fn, layers, device, train_mode)
-        proj = RandomProjection(grads.num_params, proj_dim, seed, projection) if proj_dim else None
+        proj = build_projection(projection, grads, proj_dim, seed)
         self.featurizer = Featurizer(grads, proj, per_example)
         self.device = grads.device
         self._prepared: dict[int, dict] = {}
@@ -98,12 +101,31 @@ class TracIn:
     # -- featurize once ----------------------------------------------------------------------------
     def index(self, train_data: Any, store: str | Path | None = None, batch_size: int | None = None,
               progress: bool = True, batch_fn: BatchFn | None = None, dtype: torch.dtype | None = None,
-              rows: tuple[int, int] | None = None) -> GradientIndex:
+              method: str = "tracin", segments: int = 1, **source_options: Any) -> GradientIndex:
         """Featurize the training set: GradientIndex over n_train examples x C checkpoints.
 
         store: None keeps features in memory; a folder path writes them memory-mapped to disk and
         resumes an interrupted run. dtype: storage dtype (default: the model's dtype in memory and for
-        exact features on disk; float16 for projected features on disk).
+        exact features on disk; float16 for projected features on disk). batch_size None: automatic.
+        method="source": a SourceIndex (same queries) scoring with SOURCE over `segments` segments of
+        the checkpoints; source_options: steps=[K_1..K_L], curvature="gn"|"mc"|"empirical" (source.py).
+        """
+        if method == "source":
+            from .source import build_source_index
+
+            return build_source_index(self, train_data, segments, store=store, batch_size=batch_size,
+                                      progress=progress, batch_fn=batch_fn, dtype=dtype, **source_options)
+        if method != "tracin" or source_options:
+            raise TracInError(f"method must be 'tracin' or 'source' (got {method!r}); options "
+                              f"{sorted(source_options)} apply to method='source' only.")
+        return GradientIndex(self, self.featurize_rows(train_data, store, None, batch_size, progress, batch_fn, dtype))
+
+    def featurize_rows(self, train_data: Any, store: str | Path | None = None, rows: tuple[int, int] | None = None,
+                       batch_size: int | None = None, progress: bool = True, batch_fn: BatchFn | None = None,
+                       dtype: torch.dtype | None = None) -> FeatureStore:
+        """Featurize examples rows=(lo, hi) (default: all) into the store: one shard of a distributed run.
+
+        Returns the FeatureStore (complete only when every shard is done); see distributed.py.
         """
         source = as_source(train_data, batch_fn)
         if dtype is None:
@@ -115,8 +137,8 @@ class TracIn:
             fs = FeatureStore(n, C, self.dim, dtype)
         else:
             fs = FeatureStore.open_or_create(store, n, C, self.dim, dtype, self.metadata())
-        featurize(self.featurizer, self.checkpoints, source, fs, batch_size or 256, "loss", progress, rows)
-        return GradientIndex(self, fs) if rows is None else fs
+        featurize(self.featurizer, self.checkpoints, source, fs, batch_size, "loss", progress, rows)
+        return fs
 
     # -- query side --------------------------------------------------------------------------------
     def predictions(self, data: Any, batch_fn: BatchFn | None = None, checkpoint: int = -1) -> torch.Tensor:

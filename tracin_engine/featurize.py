@@ -16,6 +16,7 @@ from .errors import TracInError
 from . import hooks
 from .gradients import GradientComputer, Target
 from .layout import Layout
+from .factored import FactoredProjection
 from .projection import RandomProjection
 from .store import FeatureStore
 
@@ -24,17 +25,22 @@ class Featurizer:
     """Per-example features at one checkpoint, as rows of `layout` (see layout.py).
 
     per_example: "auto" (hooks when every selected layer is a plain Linear/Conv2d, else vmap),
-    "hooks", "vmap" (torch.func) or "loop" (slow reference). With a projection the rows are
-    G R / sqrt(proj_dim) of the flat gradients G (B, P); without, exact gradients (dense or factored).
+    "hooks", "vmap" (torch.func) or "loop" (slow reference). With a RandomProjection the rows are
+    G R / sqrt(proj_dim) of the flat gradients G (B, P); with a FactoredProjection (mode "factored")
+    they are per-layer factored projections from one batched pass (see factored.py); without a
+    projection, exact gradients (dense or factored).
     """
 
     MODES = ("auto", "hooks", "vmap", "loop")
 
-    def __init__(self, grads: GradientComputer, projection: RandomProjection | None = None,
+    def __init__(self, grads: GradientComputer, projection: RandomProjection | FactoredProjection | None = None,
                  per_example: str = "auto"):
         if per_example not in self.MODES:
             raise TracInError(f"per_example must be one of {self.MODES}, got {per_example!r}.")
         self.grads, self.projection, self.requested = grads, projection, per_example
+        if isinstance(projection, FactoredProjection):
+            self.hooks, self.mode, self.resolved = None, "factored", True
+            return
         self.hooks = hooks.build(grads) if per_example in ("auto", "hooks") else None
         if per_example == "hooks" and self.hooks is None:
             raise TracInError("per_example='hooks' needs every selected layer to be a plain Linear or "
@@ -44,6 +50,8 @@ class Featurizer:
 
     @property
     def layout(self) -> Layout:
+        if isinstance(self.projection, FactoredProjection):
+            return self.projection.layout
         if self.projection:
             return Layout.dense_of(self.projection.proj_dim)
         return self.hooks.layout if self.mode == "hooks" else Layout.dense_of(self.grads.num_params)
@@ -73,30 +81,34 @@ class Featurizer:
 
     def adopt(self, mode: str) -> None:
         """Use the mode an existing index was built with (when this featurizer was left on "auto")."""
-        if self.requested == "auto" and mode == "vmap":
+        if self.requested == "auto" and mode == "vmap" and self.mode != "factored":
             self.hooks, self.mode = None, "vmap"
         self.resolved = True
 
     def __call__(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss") -> torch.Tensor:
         """Tensor (B, dim) in float32 (or float64 for a float64 model)."""
         self.resolve(state, x, y, target)
-        compute = {"hooks": self.hooks, "vmap": self.grads.per_example, "loop": self.grads.reference}[self.mode]
+        compute = {"hooks": self.hooks, "vmap": self.grads.per_example, "loop": self.grads.reference,
+                   "factored": self.projection}[self.mode]
         while True:
             try:
                 g = compute(state, x, y, target)
                 break
             except torch.OutOfMemoryError:
-                if self.grads.memory_budget < 2**20:
-                    raise
+                if self.mode != "vmap" or self.grads.memory_budget < 2**20:
+                    raise  # featurize() halves the batch
                 self.grads.memory_budget //= 2  # back off and retry with smaller chunks
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             except hooks.Unsupported as exc:
+                if self.mode == "factored":
+                    raise TracInError(f"projection='factored' cannot handle this model ({exc}); "
+                                      "use projection='gaussian'.") from exc
                 raise TracInError(f"the hook path stopped working on this data ({exc}); "
                                   "pass per_example='vmap' to TracIn.") from exc
         if g.dtype not in (torch.float32, torch.float64):
             g = g.float()
-        if self.projection is None:
+        if self.projection is None or self.mode == "factored":
             return g
         return self.projection(self.hooks.expand(g) if self.mode == "hooks" else g)
 
@@ -112,13 +124,46 @@ def check_finite(feats: torch.Tensor, start: int, checkpoint_name: str) -> None:
             "checkpoint's weights are finite; rows computed so far are kept.")
 
 
+def auto_batch_size(featurizer: Featurizer) -> int:
+    """Starting batch size when none is given: 1024 on CUDA, 256 elsewhere (halved on out-of-memory)."""
+    return 1024 if featurizer.grads.device.type == "cuda" else 256
+
+
+class _Chunk:
+    """The micro-batch size in use; halves for good after an out-of-memory error."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def compute(self, featurizer: Featurizer, state: dict, x: torch.Tensor, y: torch.Tensor | None,
+                target: Target) -> torch.Tensor:
+        while True:
+            try:
+                return torch.cat([featurizer(state, x[s:s + self.size], None if y is None else y[s:s + self.size],
+                                             target) for s in range(0, x.shape[0], self.size)])
+            except torch.OutOfMemoryError as exc:
+                if self.size == 1:
+                    raise TracInError("out of memory featurizing a single example; select fewer layers "
+                                      "(layers=[...]) or set proj_dim / projection='factored'.") from exc
+                self.size = max(1, self.size // 2)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+
 def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSource, store: FeatureStore,
-              batch_size: int, target: Target = "loss", progress: bool = True,
+              batch_size: int | None = None, target: Target = "loss", progress: bool = True,
               rows: tuple[int, int] | None = None) -> FeatureStore:
     """Fill `store` with features of every example at every checkpoint; skip rows already done.
 
-    rows=(lo, hi) restricts the work to examples lo..hi-1 (one shard of a distributed run).
+    batch_size None: auto_batch_size; on out-of-memory the batch is split in halves (and stays
+    smaller). rows=(lo, hi) restricts the work to examples lo..hi-1 (one shard of a distributed run).
+    Rows are written (and flushed, on disk) batch by batch, so an interruption loses at most the
+    batch in flight.
     """
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise TracInError(f"batch_size must be a positive integer or None (automatic), got {batch_size!r}.")
+    batch_size = batch_size or auto_batch_size(featurizer)
+    chunk = _Chunk(batch_size)
     lo, hi = rows or (0, len(source))
     n_batches = len(source.data) if source.is_loader else math.ceil(len(source) / batch_size)
     bar = _progress(len(checkpoints) * n_batches, progress)
@@ -136,7 +181,7 @@ def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSour
 
             for start, x, y in source.batches(batch_size, skip=skip):
                 a, b = max(start, lo) - start, min(start + x.shape[0], hi) - start
-                feats = featurizer(state, x[a:b], None if y is None else y[a:b], target)
+                feats = chunk.compute(featurizer, state, x[a:b], None if y is None else y[a:b], target)
                 check_finite(feats, start + a, name)
                 store.write(c, start + a, feats, featurizer.sq_norms(feats))
                 computed += 1

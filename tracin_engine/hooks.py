@@ -29,7 +29,8 @@ class Unsupported(TracInError):
     """The model (or a layer's input) does not fit the hook path; use vmap instead."""
 
 
-def _conv_ok(m: nn.Conv2d) -> bool:
+def conv_supported(m: nn.Conv2d) -> bool:
+    """Conv2d layers whose per-example gradients unfold exactly: groups=1, zero padding given as numbers."""
     return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
 
@@ -49,7 +50,7 @@ class HookFeaturizer:
             mod = modules[mod_name]
             prefix = f"{mod_name}." if mod_name else ""
             has_w, has_b = prefix + "weight" in sel, prefix + "bias" in sel
-            ok_type = isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and _conv_ok(mod))
+            ok_type = isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and conv_supported(mod))
             if not ok_type or len(sel) != has_w + has_b:
                 raise Unsupported(f"layer {mod_name!r} ({type(mod).__name__}) is not a plain Linear/Conv2d")
             if isinstance(mod, nn.Linear) and has_w:

@@ -64,13 +64,21 @@ class GradientIndex:
         """Stored training features of checkpoint c: Tensor (n_train, dim)."""
         return self.store.features(c)
 
+    def test_features(self, test_data: Any, target: Target = "loss", batch_fn: BatchFn | None = None
+                      ) -> torch.Tensor:
+        """Query-side features of test examples, as every scoring method takes them: (C, m, dim).
+
+        Compute once and pass as features= to query repeatedly (widgets do).
+        """
+        return self.tracin.features(test_data, target=target, batch_fn=batch_fn)
+
     def _test(self, test_data: Any, target: Target, batch_fn: BatchFn | None,
               features: torch.Tensor | None) -> torch.Tensor:
         if features is not None:
             return features
         if test_data is None:
-            raise TracInError("pass test_data (or features= from tracin.features(...)).")
-        return self.tracin.features(test_data, target=target, batch_fn=batch_fn)
+            raise TracInError("pass test_data (or features= from index.test_features(...)).")
+        return self.test_features(test_data, target, batch_fn)
 
     # -- queries ----------------------------------------------------------------------------------
     def influence(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None,
@@ -88,16 +96,20 @@ class GradientIndex:
 
     def top_k(self, test_data: Any = None, k: int = 10, target: Target = "loss",
               batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None,
-              block_size: int = 65536) -> TopK:
+              block_size: int | None = None, test_chunk: int = 1024) -> TopK:
         """k proponents (highest scores) and k opponents (lowest) per test example, streamed over blocks.
 
         Returns TopK: .proponents.indices / .scores (n_test, k), best first; .opponents likewise,
-        most negative first.
+        most negative first. Memory stays bounded: test examples go in chunks of `test_chunk`,
+        training rows in blocks of `block_size` (default: about 256 MB of scores).
         """
         if k < 1:
             raise TracInError(f"k must be at least 1, got {k}.")
         t = self._test(test_data, target, batch_fn, features)
-        return streaming_top_k(score_blocks(t, self.store, self.learning_rates, self.layout, block_size=block_size), k)
+        parts = [streaming_top_k(score_blocks(t[:, s:s + test_chunk], self.store, self.learning_rates,
+                                              self.layout, block_size=block_size), k)
+                 for s in range(0, t.shape[1], test_chunk)]
+        return parts[0] if len(parts) == 1 else TopK.concat(parts)
 
     def similarity(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None,
                    *, features: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,6 +143,24 @@ class GradientIndex:
         from .clustering import cluster
 
         return cluster(self, n_clusters, **kwargs)
+
+    def outliers(self, weights: torch.Tensor | None = None, checkpoints: Any = None,
+                 normalize: str = "none"):
+        """Training examples ranked by self-influence: Outliers (.indices, .scores, .per_checkpoint).
+
+        normalize "none" (default: sum_c eta_c ||g_c||^2), "checkpoint" (each checkpoint's ||g_c||^2
+        over its training mean) or "log"; checkpoints=[0] ranks by the first checkpoint only.
+        """
+        from .outliers import rank_outliers
+
+        return rank_outliers(self, weights, checkpoints, normalize)
+
+    def renormalized_top_k(self, test_data: Any = None, k: int = 10, target: Target = "loss",
+                           batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None) -> TopK:
+        """Proponents / opponents by ReTrac-style scores sum_c eta_c <g_c(z'), g_c(z)> / |g_c(z)|."""
+        from .outliers import renormalized_top_k
+
+        return renormalized_top_k(self, test_data, k, target, batch_fn, features=features)
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -9,6 +9,11 @@ Z = G R / sqrt(proj_dim), R (P, proj_dim) with i.i.d. N(0, 1) (kind="gaussian") 
 inner products of unit vectors are kept within eps with proj_dim ~ 8 log(n) / eps^2).
 R is generated in row blocks of `block_rows` from (seed, block) so it is never held whole unless
 it is small enough to cache (cache_bytes); train and test use the same seed and get the same R.
+Blocks are drawn on the CPU from (seed, block), so R does not depend on the device.
+
+build_projection(kind, grads, proj_dim, seed) picks this dense projection ("gaussian",
+"rademacher") or the per-layer FactoredProjection ("factored", see factored.py), which is much
+faster for Linear/Conv2d models because it never forms the flat per-example gradient.
 """
 
 from __future__ import annotations
@@ -48,6 +53,16 @@ class RandomProjection:
             self._cache[key] = r
         return r
 
+    @property
+    def dim(self) -> int:
+        return self.proj_dim
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """R / sqrt(proj_dim) whole: Tensor (in_dim, proj_dim) (slow reference, small in_dim only)."""
+        blocks = [self.block(b, torch.device("cpu"), torch.float32)
+                  for b in range(-(-self.in_dim // self.block_rows))]
+        return torch.cat(blocks).to(dtype) / self.proj_dim ** 0.5
+
     def __call__(self, grads: torch.Tensor) -> torch.Tensor:
         """grads (B, in_dim) -> (B, proj_dim), accumulated in the input dtype (float32 or wider)."""
         if grads.shape[1] != self.in_dim:
@@ -58,3 +73,18 @@ class RandomProjection:
             stop = min(start + self.block_rows, self.in_dim)
             out.addmm_(grads[:, start:stop].to(dtype), self.block(b, grads.device, dtype))
         return out.div_(self.proj_dim ** 0.5)
+
+
+def build_projection(kind: str, grads, proj_dim: int | None, seed: int = 0):
+    """None (exact), a RandomProjection ("gaussian" / "rademacher") or a FactoredProjection ("factored")."""
+    if kind not in ("gaussian", "rademacher", "factored"):
+        raise TracInError(f"unknown projection {kind!r}; use 'gaussian', 'rademacher' or 'factored'.")
+    if proj_dim is None:
+        return None
+    if not isinstance(proj_dim, int) or isinstance(proj_dim, bool) or proj_dim <= 0:
+        raise TracInError(f"proj_dim must be None (exact) or a positive integer, got {proj_dim!r}.")
+    if kind == "factored":
+        from .factored import FactoredProjection
+
+        return FactoredProjection(grads, proj_dim, seed)
+    return RandomProjection(grads.num_params, proj_dim, seed, kind)

@@ -27,15 +27,22 @@ def _inv_norms(sq_norms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return sq_norms.sqrt().to(dtype).clamp_min(torch.finfo(dtype).tiny).reciprocal()
 
 
+def default_block_size(m: int, n_checkpoints: int, per_checkpoint: bool, budget_bytes: int = 2**28) -> int:
+    """Training rows per block so that one block of scores stays near `budget_bytes` (>= 1024 rows)."""
+    per_row = 4 * max(m, 1) * (n_checkpoints + 1 if per_checkpoint else 2)
+    return max(1024, budget_bytes // per_row)
+
+
 def score_blocks(test_feats: torch.Tensor, store: FeatureStore, weights: torch.Tensor, layout: Layout,
-                 normalize: bool = False, block_size: int = 65536, per_checkpoint: bool = False,
+                 normalize: bool = False, block_size: int | None = None, per_checkpoint: bool = False,
                  ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (start, scores) for training rows start..start+b.
 
     test_feats: (C, m, D) rows of `layout`. weights: (C,). scores: (m, b), or (C, m, b) when
     per_checkpoint. normalize=True divides each term by |g_c(z')| |g_c(z)| (cosines; the weights
-    should then sum to 1 for a similarity).
+    should then sum to 1 for a similarity). block_size None: about 256 MB of scores per block.
     """
+    block_size = block_size or default_block_size(test_feats.shape[1], store.n_checkpoints, per_checkpoint)
     dtype = accum_dtype(store.dtype)
     device = test_feats.device
     t = test_feats.to(dtype)
@@ -43,14 +50,15 @@ def score_blocks(test_feats: torch.Tensor, store: FeatureStore, weights: torch.T
     w = weights.to(device=device, dtype=dtype)
     for start in range(0, store.n, block_size):
         stop = min(start + block_size, store.n)
-        parts = []
+        total = torch.zeros(store.n_checkpoints if per_checkpoint else 1, t.shape[1], stop - start,
+                            dtype=dtype, device=device)
         for c in range(store.n_checkpoints):
             f = store.features(c)[start:stop].to(device=device, dtype=dtype)
             d = layout.dots(t[c], f)
             if normalize:
                 d = d * t_inv[c].unsqueeze(1) * _inv_norms(store.sq_norms[c, start:stop].to(device), dtype)
-            parts.append(w[c] * d)
-        yield start, (torch.stack(parts) if per_checkpoint else sum(parts[1:], parts[0]))
+            total[c if per_checkpoint else 0].add_(d, alpha=float(w[c]))
+        yield start, (total if per_checkpoint else total[0])
 
 
 def full_scores(test_feats: torch.Tensor, store: FeatureStore, weights: torch.Tensor, layout: Layout,

@@ -134,6 +134,18 @@ class FeatureStore:
         self._done_u8[c, start:stop] = 1
         self._maps[-1].flush()
 
+    def resident(self, device: str | torch.device) -> "FeatureStore":
+        """An in-memory copy whose features live on `device` (e.g. "cuda"), for fast queries.
+
+        Example: GradientIndex(tracin, index.store.resident("cuda")). Norms and done flags stay on the CPU.
+        """
+        out = FeatureStore.__new__(FeatureStore)
+        out.n, out.n_checkpoints, out.dim, out.dtype = self.n, self.n_checkpoints, self.dim, self.dtype
+        out.path, out.metadata, out._maps = None, dict(self.metadata), []
+        out._features = [f.to(device) for f in self._features]
+        out.sq_norms, out._done_u8 = self.sq_norms.clone(), self._done_u8.clone()
+        return out
+
     def copy_to(self, path: str | Path, metadata: dict) -> "FeatureStore":
         """A complete copy of this store in folder `path` (created fresh)."""
         dst = FeatureStore.open_or_create(path, self.n, self.n_checkpoints, self.dim, self.dtype, metadata)

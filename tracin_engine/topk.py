@@ -29,6 +29,13 @@ class TopK:
     proponents: Neighbors
     opponents: Neighbors
 
+    @staticmethod
+    def concat(parts: list["TopK"]) -> "TopK":
+        """Stack results of consecutive chunks of test examples."""
+        cat = lambda xs: torch.cat(xs)  # noqa: E731
+        return TopK(Neighbors(cat([p.proponents.indices for p in parts]), cat([p.proponents.scores for p in parts])),
+                    Neighbors(cat([p.opponents.indices for p in parts]), cat([p.opponents.scores for p in parts])))
+
     def __getitem__(self, row: int) -> "TopK":
         """The result for test example `row`, with shapes (1, k)."""
         sl = slice(row, row + 1)

@@ -1,0 +1,114 @@
+"""EK-FAC (ekfac.py) against exact Gauss-Newton matrices and exact per-example gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import hessian
+
+from tracin_engine.data import as_source
+from tracin_engine.ekfac import KronLayers, fit_ekfac
+from tracin_engine.errors import TracInError
+from tracin_engine.gradients import GradientComputer
+
+
+def _linear(d_in=5, d_out=3, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(d_in, d_out).double()
+
+
+def _exact_gn_linear(model: nn.Linear, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Hessian (= Gauss-Newton: the model is linear) of the mean CE loss w.r.t. [W | b], row-major."""
+    d_in = model.in_features
+
+    def loss(theta):
+        return F.cross_entropy(X @ theta[:, :d_in].T + theta[:, d_in], y)
+
+    theta = torch.cat([model.weight.detach(), model.bias.detach()[:, None]], 1)
+    P = theta.numel()
+    return hessian(loss)(theta).reshape(P, P)
+
+
+def _fit(model, X, y, curvature="gn"):
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    layers = KronLayers(gc)
+    state = gc.prepare(model.state_dict())
+    return layers, fit_ekfac(layers, [state], as_source((X, y)), curvature, batch_size=7)
+
+
+def test_single_example_ekfac_and_kfac_equal_exact_gn():
+    model = _linear()
+    X, y = torch.randn(1, 5, dtype=torch.float64), torch.tensor([2])
+    exact = _exact_gn_linear(model, X, y)
+    _, (curv,) = _fit(model, X, y)
+    assert torch.allclose(curv.dense(), exact, atol=1e-10, rtol=1e-8)
+    assert torch.allclose(curv.dense(kfac=True), exact, atol=1e-10, rtol=1e-8)
+
+
+def test_eigenvalue_correction_beats_kfac_on_a_batch():
+    model = _linear(6, 4, seed=1)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 6, generator=g, dtype=torch.float64) * torch.linspace(0.3, 2.0, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (40,), generator=g)
+    exact = _exact_gn_linear(model, X, y)
+    _, (curv,) = _fit(model, X, y)
+    err_ek = (curv.dense() - exact).norm()
+    err_k = (curv.dense(kfac=True) - exact).norm()
+    assert err_ek < 0.95 * err_k, (err_ek, err_k)
+    assert err_ek / exact.norm() < 0.5
+    # the diagonal in the eigenbasis is exact: Lambda_ij = q^T H q
+    Q = torch.kron(curv.QS, curv.QA)
+    assert torch.allclose(torch.diagonal(Q.T @ exact @ Q), curv.lam.flatten(), atol=1e-10)
+
+
+def test_mc_curvature_is_unbiased_estimate_of_gn():
+    model = _linear(4, 3, seed=2)
+    X = torch.randn(300, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (300,), generator=torch.Generator().manual_seed(2))
+    _, (gn,) = _fit(model, X, y, "gn")
+    _, (mc,) = _fit(model, X, y, "mc")
+    rel = (mc.dense() - gn.dense()).norm() / gn.dense().norm()
+    assert rel < 0.3, rel
+
+
+class _Conv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1, stride=2)
+        self.fc = nn.Linear(3 * 3 * 3, 4, bias=False)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_captured_factors_rebuild_exact_per_example_gradients_conv_and_linear():
+    torch.manual_seed(0)
+    model = _Conv().double()
+    X = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (5,))
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    layers = KronLayers(gc)
+    state = gc.prepare(model.state_dict())
+    captured = layers.capture(state, X, y, "empirical")
+    mats = [torch.einsum("bkto,bti->boi", g, a) for a, g in captured]
+    ref = layers.to_mats(gc.reference(state, X, y))
+    for m, r in zip(mats, ref):
+        assert torch.allclose(m, r, atol=1e-10)
+    flat = gc.reference(state, X, y)
+    assert torch.equal(layers.from_mats(layers.to_mats(flat)), flat)
+
+
+def test_unsupported_layers_are_named():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    with pytest.raises(TracInError, match=r"1 \(LayerNorm\)"):
+        KronLayers(gc)
+
+
+def test_bad_curvature_name():
+    model = _linear()
+    X, y = torch.randn(3, 5, dtype=torch.float64), torch.tensor([0, 1, 2])
+    with pytest.raises(TracInError, match="curvature must be one of"):
+        _fit(model, X, y, "fisherish")

@@ -1,0 +1,226 @@
+"""SOURCE (source.py): the influence-function limit, matrix-exponential segment products, sign, API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad, hessian, vmap
+
+import tracin_engine as te
+from tracin_engine.data import as_source
+from tracin_engine.ekfac import KronLayers, fit_ekfac
+from tracin_engine.source import SourceIndex, spectral
+
+D, K, N, M = 3, 2, 200, 30
+
+
+def _blobs(n, seed):
+    """Two weakly separated Gaussian classes: the regime where EK-FAC is close to the exact Hessian
+    (with a well separated 3-class problem EK-FAC itself limits the agreement to Pearson ~0.92)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, K, (n,), generator=g)
+    means = 0.5 * torch.randn(K, D, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    return means[y] + torch.randn(n, D, generator=g, dtype=torch.float64), y
+
+
+def _fit(theta, X, y, iters=25):
+    """Newton's method to the minimum of the mean CE loss (pseudo-inverse: softmax leaves a null space)."""
+    theta = theta.clone()
+    for _ in range(iters):
+        H = hessian(_mean_loss)(theta, X, y).reshape(theta.numel(), -1)
+        step = torch.linalg.pinv(H, rtol=1e-10) @ grad(_mean_loss)(theta, X, y).flatten()
+        theta -= step.reshape(theta.shape)
+    return theta
+
+
+def _mean_loss(theta, X, y):
+    return F.cross_entropy(X @ theta[:, :D].T + theta[:, D], y)
+
+
+def _as_model(theta):
+    model = nn.Linear(D, K).double()
+    with torch.no_grad():
+        model.weight.copy_(theta[:, :D])
+        model.bias.copy_(theta[:, D])
+    return model
+
+
+@pytest.fixture(scope="module")
+def logreg():
+    X, y = _blobs(N, 0)
+    Xt, yt = _blobs(M, 1)
+    theta = _fit(torch.zeros(K, D + 1, dtype=torch.float64), X, y)
+    assert grad(_mean_loss)(theta, X, y).norm() < 1e-10
+    model = _as_model(theta)
+    ckpts = te.Checkpoints([te.Checkpoint(model.state_dict(), 1.0, 10**6)])
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
+    index = tracin.index((X, y), method="source", segments=1, progress=False)
+    return dict(X=X, y=y, Xt=Xt, yt=yt, theta=theta, tracin=tracin, index=index)
+
+
+def _per_example_grads(theta, X, y):
+    return vmap(grad(lambda t, x, yy: _mean_loss(t, x[None], yy[None])), (None, 0, 0))(theta, X, y).flatten(1)
+
+
+def test_long_horizon_single_segment_matches_exact_influence_function(logreg):
+    theta, X, y = logreg["theta"], logreg["X"], logreg["y"]
+    H = hessian(_mean_loss)(theta, X, y).reshape(K * (D + 1), -1)
+    G, Gt = _per_example_grads(theta, X, y), _per_example_grads(theta, logreg["Xt"], logreg["yt"])
+    exact = Gt @ torch.linalg.pinv(H, rtol=1e-10) @ G.T / N
+    scores = logreg["index"].influence((logreg["Xt"], logreg["yt"]))
+    r = np.corrcoef(scores.flatten().numpy(), exact.flatten().numpy())[0, 1]
+    assert r >= 0.99, r
+    assert 0.8 < (scores * exact).sum() / exact.pow(2).sum() < 1.2   # same scale, not only correlated
+
+
+def test_positive_score_means_removal_raises_test_loss(logreg):
+    X, y, theta = logreg["X"], logreg["y"], logreg["theta"]
+    xt, yt = logreg["Xt"][:1], logreg["yt"][:1]
+    scores = logreg["index"].influence((xt, yt))[0]
+    order = scores.argsort()
+    picks = order[-3:].tolist() + order[:3].tolist()           # top proponents, top opponents
+    base = _mean_loss(theta, xt, yt)
+    actual = []
+    for z in picks:
+        keep = torch.arange(N) != z
+        actual.append(float(_mean_loss(_fit(theta, X[keep], y[keep], 10), xt, yt) - base))
+    actual = torch.tensor(actual)
+    assert (actual[:3] > 0).all() and (actual[3:] < 0).all(), (scores[picks], actual)
+    assert np.corrcoef(scores[picks].numpy(), actual.numpy())[0, 1] > 0.9
+
+
+def test_self_influence_is_diagonal_of_scores_on_training_data(logreg):
+    index = logreg["index"]
+    S = index.influence((logreg["X"], logreg["y"]))
+    assert torch.allclose(torch.diagonal(S).double(), index.self_influence(), rtol=1e-6, atol=1e-12)
+    assert index.self_influence_per_checkpoint().shape == (1, N)
+
+
+def test_top_k_and_prediction_target_and_save_load(logreg, tmp_path):
+    index, test = logreg["index"], (logreg["Xt"], logreg["yt"])
+    S = index.influence(test)
+    top = index.top_k(test, k=4)
+    assert torch.equal(top.proponents.indices, S.topk(4, dim=1).indices)
+    assert index.influence((logreg["Xt"],), target="prediction").shape == (M, N)
+    index.save(tmp_path / "src")
+    again = SourceIndex.load(tmp_path / "src", logreg["tracin"])
+    assert torch.allclose(again.influence(test), S)
+    assert torch.allclose(again.self_influence(), index.self_influence())
+    on_disk = logreg["tracin"].index((logreg["X"], logreg["y"]), method="source", store=tmp_path / "disk",
+                                     progress=False)
+    assert torch.allclose(SourceIndex.load(tmp_path / "disk", logreg["tracin"]).influence(test), S)
+
+
+def test_projected_source_approximates_exact(logreg):
+    tr = logreg["tracin"]
+    proj = te.TracIn(tr.model, tr.checkpoints, loss_fn=F.cross_entropy, proj_dim=4000, device="cpu")
+    pidx = proj.index((logreg["X"], logreg["y"]), method="source", progress=False)
+    test = (logreg["Xt"], logreg["yt"])
+    r = np.corrcoef(pidx.influence(test).flatten(), logreg["index"].influence(test).flatten())[0, 1]
+    assert r > 0.97, r
+
+
+# -- several segments against a direct matrix-exponential computation ------------------------------
+
+def _tiny_run():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    items = []
+    for c, (step, lr) in enumerate([(5, 0.5), (10, 0.5), (20, 0.3), (30, 0.3)]):
+        sd = {k: v + 0.2 * c * torch.randn_like(v) for k, v in model.state_dict().items()}
+        items.append(te.Checkpoint(sd, lr, step, {"momentum": 0.5, "optimizer": "SGD"}))
+    X = torch.randn(12, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    return model, te.Checkpoints(items), X, y
+
+
+def test_segment_products_match_matrix_exponential():
+    model, ckpts, X, y = _tiny_run()
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
+    index = tracin.index((X, y), method="source", segments=2, progress=False, batch_size=5)
+    assert index.settings["steps"] == [10, 20]
+    gc = tracin.featurizer.grads
+    layers = KronLayers(gc)
+    P = gc.num_params
+    to_layer = [m.reshape(P, -1) for m in layers.to_mats(torch.eye(P, dtype=torch.float64))]
+    v = torch.zeros(P, len(X), dtype=torch.float64)
+    for seg, (steps, lr) in zip([(0, 1), (2, 3)], [(10, 0.5), (20, 0.3)]):
+        states = [gc.prepare(ckpts.load(c)) for c in seg]
+        curv = fit_ekfac(layers, states, as_source((X, y)), "gn", batch_size=5)
+        H = sum(T @ cv.dense() @ T.T for T, cv in zip(to_layer, curv))            # flat parameter order
+        c = lr * steps / (1 - 0.5)
+        S = torch.linalg.matrix_exp(-c * H)
+        aug = torch.zeros(2 * P, 2 * P, dtype=torch.float64)
+        aug[:P, :P], aug[:P, P:] = -H, torch.eye(P, dtype=torch.float64)
+        R = torch.linalg.matrix_exp(c * aug)[:P, P:]        # int_0^c exp(-tH) dt = (I - exp(-cH)) H^-1
+        g = sum(gc.reference(s, X, y) for s in states).T / len(seg)
+        v = S @ v + R @ g / len(X)
+    assert torch.allclose(index.features(0), v.T, rtol=1e-7, atol=1e-12)
+
+
+def test_spectral_functions_are_stable():
+    s = torch.tensor([0.0, 1e-300, 1e-12, 1.0, 1e6], dtype=torch.float64)
+    decay, gain = spectral(s, 50.0)
+    assert torch.isfinite(gain).all() and torch.isfinite(decay).all()
+    assert gain[0] == 50.0 and torch.isclose(gain[1], torch.tensor(50.0, dtype=torch.float64))
+    assert torch.isclose(gain[2], torch.tensor(50.0, dtype=torch.float64), rtol=1e-9)
+    assert torch.isclose(gain[3], torch.tensor(1 - np.exp(-50.0), dtype=torch.float64))
+    assert gain[4] == 1e-6 and decay[4] == 0 and decay[0] == 1
+
+
+def test_errors():
+    model, ckpts, X, y = _tiny_run()
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
+    with pytest.raises(te.TracInError, match="not divisible by segments=3; use one of \\[1, 2, 4\\]"):
+        tracin.index((X, y), method="source", segments=3, progress=False)
+    with pytest.raises(te.TracInError, match="method must be 'tracin' or 'source'"):
+        tracin.index((X, y), method="sauce", progress=False)
+    no_steps = te.Checkpoints([te.Checkpoint(ckpts.load(0), 0.1, None)])
+    with pytest.raises(te.TracInError, match="step of every checkpoint"):
+        te.TracIn(model, no_steps, loss_fn=F.cross_entropy).index((X, y), method="source", progress=False)
+    with pytest.raises(te.TracInError, match="positive integers"):
+        tracin.index((X, y), method="source", segments=2, steps=[3, 0], progress=False)
+
+
+def test_regression_loss_and_mc_curvature_run():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    X, Y = torch.randn(20, 3), torch.randn(20, 2)
+    ckpts = te.Checkpoints([te.Checkpoint(model.state_dict(), 0.1, 50)])
+    tracin = te.TracIn(model, ckpts, loss_fn=F.mse_loss, device="cpu")
+    for curvature in ("gn", "mc", "empirical"):
+        S = tracin.index((X, Y), method="source", curvature=curvature, progress=False).influence((X[:4], Y[:4]))
+        assert S.shape == (4, 20) and torch.isfinite(S).all()
+        assert (torch.diagonal(S[:, :4]) > 0).all()   # an example supports its own fit
+
+
+def test_cnn_end_to_end_conv_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+    states = [{k: v + 0.1 * c * torch.randn_like(v) for k, v in model.state_dict().items()} for c in range(2)]
+    ckpts = te.Checkpoints.from_state_dicts(states, [0.1, 0.1], steps=[20, 40])
+    X, y = torch.randn(60, 1, 8, 8), torch.randint(0, 5, (60,))
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
+    index = tracin.index((X, y), method="source", segments=2, progress=False)
+    S = index.influence((X[:20], y[:20]))
+    assert S.shape == (20, 60) and torch.isfinite(S).all()
+    assert torch.allclose(torch.diagonal(S[:, :20]).double(), index.self_influence()[:20], rtol=1e-4, atol=1e-9)
+    assert (index.self_influence() > 0).float().mean() > 0.9
+
+
+def test_steps_learning_rates_and_momentum_come_from_the_recorder(tmp_path):
+    from tracin_engine.examples import MLP, train
+
+    torch.manual_seed(0)
+    model = MLP(6, 3, hidden=5)
+    X, y = torch.randn(100, 6), torch.randint(0, 3, (100,))
+    train(model, (X, y), tmp_path, epochs=2, n_checkpoints=2, lr=0.1, momentum=0.5, batch_size=25, lr_decay=0.5)
+    ckpts = te.Checkpoints.from_dir(tmp_path)
+    index = te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X, y), method="source", segments=2,
+                                                                    progress=False)
+    assert index.settings["steps"] == [4, 4]
+    assert index.settings["horizons"] == pytest.approx([0.1 * 4 / 0.5, 0.05 * 4 / 0.5])

@@ -1,0 +1,49 @@
+"""InfluenceExplorer's method switch: TracIn and SOURCE rankings of the same query."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tracin_engine as te
+import tracin_widgets as tw
+
+
+@pytest.fixture(scope="module")
+def two_methods(cnn_run, small_digits):
+    model, ckpts = cnn_run
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy)
+    return tracin.index(small_digits.train, progress=False), tracin.index(small_digits.train, method="source",
+                                                                          progress=False)
+
+
+def _strip_indices(explorer, key):
+    return [t["index"] for s in explorer.gallery.strips if s["key"] == key for t in s["tiles"]]
+
+
+def test_method_switch_reranks_with_source(two_methods, small_digits):
+    tracin_index, source_index = two_methods
+    ex = tw.InfluenceExplorer(tracin_index, small_digits.train, small_digits.test, k=5,
+                              methods={"SOURCE": source_index})
+    query = (small_digits.test[0][:1], small_digits.test[1][:1])
+    assert _strip_indices(ex, "proponents") == tracin_index.top_k(query, k=5).proponents.indices[0].tolist()
+    ex.method = "SOURCE"
+    assert ex.method_picker.value == "SOURCE"
+    expected = source_index.top_k(query, k=5)
+    assert _strip_indices(ex, "proponents") == expected.proponents.indices[0].tolist()
+    assert _strip_indices(ex, "opponents") == expected.opponents.indices[0].tolist()
+    assert ex._detail_rows(expected.proponents.indices[0, 0].item())[0][0] == "SOURCE score (sum)"
+    ex.method_picker.value = "TracIn"  # the dropdown drives the trait too
+    assert ex.method == "TracIn" and ex.index is tracin_index
+
+
+def test_unknown_method_and_mismatched_training_set(two_methods, small_digits):
+    tracin_index, source_index = two_methods
+    ex = tw.InfluenceExplorer(tracin_index, small_digits.train, small_digits.test, k=3)
+    with pytest.raises(te.TracInError, match="unknown method 'SOURCE'"):
+        ex.method = "SOURCE"
+    small = tracin_index.tracin.index((small_digits.train[0][:50], small_digits.train[1][:50]), progress=False)
+    with pytest.raises(te.TracInError, match="another training set"):
+        tw.InfluenceExplorer(tracin_index, small_digits.train, small_digits.test, methods={"small": small})
+    assert torch.isfinite(source_index.self_influence()).all()

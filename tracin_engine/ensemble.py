@@ -1,0 +1,171 @@
+"""Dropout ensembles (Deng et al. 2024): several attribution members from one training run, averaged.
+
+Example:
+    >>> ens = dropout_ensemble(tracin, (X_train, y_train), n_members=4)               # TracIn members
+    >>> ens = dropout_ensemble(tracin, (X_train, y_train), 4, method="source", segments=2)
+    >>> ens.influence((X_test, y_test))         # Tensor (n_test, n_train): mean over members
+    >>> ens.top_k((X_test, y_test), k=10)       # TopK of the averaged scores
+
+Member m is the model with a fixed dropout mask drawn from seed + m: every nn.Dropout (Dropout1d/2d/3d:
+per channel) multiplies its input by keep / (1 - p), keep ~ Bernoulli(1 - p) of the per-example
+shape, the SAME mask for every example, train and test alike, at every checkpoint. So a member is a
+sub-network and the ensemble averages over (checkpoint, mask) pairs:
+    score(z', z) = 1/M sum_m score_m(z', z)
+Masks come from numpy generators (not torch's), so they are identical inside torch.func.vmap, the
+batched hook path and the loop reference. The model's own dropout randomness is replaced, whatever
+its train/eval mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import BatchFn
+from .errors import TracInError
+from .gradients import Target
+from .index import GradientIndex
+from .topk import TopK, streaming_top_k
+from .scoring import score_blocks
+
+if TYPE_CHECKING:
+    from .engine import TracIn
+
+_CHANNEL = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def dropout_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every dropout layer; raises for alpha dropout and for models without any."""
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    alpha = [n for n, m in mods if isinstance(m, (nn.AlphaDropout, nn.FeatureAlphaDropout))]
+    if alpha:
+        raise TracInError(f"alpha dropout layers {alpha} are not supported by dropout ensembles; "
+                          "use nn.Dropout or nn.Dropout1d/2d/3d.")
+    if not mods:
+        raise TracInError("the model has no nn.Dropout layers, so a dropout ensemble has nothing to vary; "
+                          "add dropout to the model or use a single index.")
+    return mods
+
+
+class fixed_dropout:
+    """Context manager: every dropout layer of `model` applies the fixed mask of `seed`.
+
+    mask(module i, per-example shape s) = keep / (1 - p), keep = U[0, 1) >= p from
+    numpy.random.default_rng([seed, i, *s]); Dropout1d/2d/3d draw one value per channel.
+    """
+
+    def __init__(self, model: nn.Module, seed: int):
+        self.model, self.seed = model, int(seed)
+        self.modules = dropout_modules(model)
+        self._masks: dict[tuple, torch.Tensor] = {}
+        self._handles: list = []
+
+    def mask(self, i: int, module: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+        """Mask for per-example input shape `shape` (the batch dimension removed), float64 on the CPU."""
+        if isinstance(module, _CHANNEL):
+            shape = (shape[0],) + (1,) * (len(shape) - 1)
+        key = (i, shape)
+        if key not in self._masks:
+            rng = np.random.default_rng([self.seed, i, *shape])
+            p = float(module.p)
+            keep = rng.random(shape) >= p
+            self._masks[key] = torch.from_numpy(keep / (1.0 - p) if p < 1 else np.zeros(shape))
+        return self._masks[key]
+
+    def __enter__(self) -> "fixed_dropout":
+        for i, (_, mod) in enumerate(self.modules):
+            def hook(m, args, out, i=i):
+                x = args[0]
+                return x * self.mask(i, m, tuple(x.shape[1:])).to(device=x.device, dtype=x.dtype)
+            self._handles.append(mod.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class EnsembleIndex:
+    """Member indexes (one per dropout seed) of the same training set; queries average their scores."""
+
+    def __init__(self, tracin: "TracIn", members: list[tuple[int, GradientIndex]]):
+        if not members:
+            raise TracInError("an ensemble needs at least one member.")
+        self.tracin, self.members = tracin, members
+
+    def __repr__(self) -> str:
+        return f"EnsembleIndex(members={len(self.members)}, first={self.members[0][1]!r})"
+
+    @property
+    def n_train(self) -> int:
+        return self.members[0][1].n_train
+
+    def _mean(self, fn) -> torch.Tensor:
+        total = None
+        for seed, idx in self.members:
+            with fixed_dropout(self.tracin.model, seed):
+                s = fn(idx)
+            total = s if total is None else total + s
+        return total / len(self.members)
+
+    def influence(self, test_data: Any, target: Target = "loss", batch_fn: BatchFn | None = None) -> torch.Tensor:
+        """Mean member scores: Tensor (n_test, n_train); positive = proponent."""
+        return self._mean(lambda idx: idx.influence(test_data, target, batch_fn))
+
+    def member_influence(self, test_data: Any, target: Target = "loss",
+                         batch_fn: BatchFn | None = None) -> torch.Tensor:
+        """Scores of each member: Tensor (M, n_test, n_train)."""
+        out = []
+        for seed, idx in self.members:
+            with fixed_dropout(self.tracin.model, seed):
+                out.append(idx.influence(test_data, target, batch_fn))
+        return torch.stack(out)
+
+    def similarity(self, test_data: Any, target: Target = "loss", batch_fn: BatchFn | None = None) -> torch.Tensor:
+        """Mean member cosine similarity: Tensor (n_test, n_train) in [-1, 1]."""
+        return self._mean(lambda idx: idx.similarity(test_data, target, batch_fn))
+
+    def self_influence(self) -> torch.Tensor:
+        """Mean member self-influence: Tensor (n_train,) float64."""
+        return self._mean(lambda idx: idx.self_influence())
+
+    def top_k(self, test_data: Any, k: int = 10, target: Target = "loss", batch_fn: BatchFn | None = None,
+              block_size: int = 65536) -> TopK:
+        """k proponents / opponents of the averaged scores, streamed over training blocks."""
+        if k < 1:
+            raise TracInError(f"k must be at least 1, got {k}.")
+        feats = []
+        for seed, idx in self.members:
+            with fixed_dropout(self.tracin.model, seed):
+                feats.append(idx.test_features(test_data, target, batch_fn))
+
+        def blocks() -> Iterator[tuple[int, torch.Tensor]]:
+            gens = [score_blocks(t, idx.store, idx.learning_rates, idx.layout, block_size=block_size)
+                    for t, (_, idx) in zip(feats, self.members)]
+            for parts in zip(*gens):
+                yield parts[0][0], sum(p for _, p in parts) / len(parts)
+
+        return streaming_top_k(blocks(), k)
+
+
+def dropout_ensemble(tracin: "TracIn", train_data: Any, n_members: int = 4, seed: int = 0,
+                     method: str = "tracin", store: str | Path | None = None, **index_kwargs: Any) -> EnsembleIndex:
+    """Build one index per dropout mask (seeds seed .. seed + n_members - 1): EnsembleIndex.
+
+    index_kwargs go to tracin.index (method="source" takes segments=..., etc.). store: a folder gets
+    one subfolder member_<m> per member.
+    """
+    if not isinstance(n_members, int) or n_members < 1:
+        raise TracInError(f"n_members must be a positive integer, got {n_members!r}.")
+    dropout_modules(tracin.model)
+    members = []
+    for m in range(n_members):
+        with fixed_dropout(tracin.model, seed + m):
+            where = None if store is None else Path(store) / f"member_{m}"
+            members.append((seed + m, tracin.index(train_data, store=where, method=method, **index_kwargs)))
+    return EnsembleIndex(tracin, members)

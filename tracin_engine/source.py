@@ -1,0 +1,263 @@
+"""SOURCE (Bae, Lin, Lorraine, Grosse 2024): segment-wise unrolled influence, served by a GradientIndex.
+
+Example:
+    >>> index = tracin.index((X_train, y_train), method="source", segments=2)   # SourceIndex
+    >>> index.influence((X_test, y_test))       # Tensor (n_test, n_train); positive = proponent
+    >>> index.top_k((X_test, y_test), k=10)     # TopK, as for TracIn
+    >>> index.self_influence()                  # Tensor (n_train,): SOURCE(z, z)
+
+The C checkpoints form L segments of C / L consecutive checkpoints. Segment l has K_l optimizer
+steps (from Checkpoint.step: the last step of the segment minus the last step of the one before),
+mean learning rate eta_l, momentum beta_l (Checkpoint.extra["momentum"]), EK-FAC curvature H_l fitted
+on its checkpoints (ekfac.py) and g_l(z), the loss gradient averaged over its checkpoints. With
+c_l = eta_l K_l / (1 - beta_l), in the eigenbasis of H_l (eigenvalue s):
+    S_l = exp(-c_l H_l)                        -> exp(-c_l s)
+    r_l(z) = (I - S_l) H_l^{-1} g_l(z) / N     -> -expm1(-c_l s) / s  (= c_l at s = 0)
+    v(z) = sum_l (prod_{l' > l} S_l') r_l(z)   (Horner: v_1 = r_1, v_l = S_l v_{l-1} + r_l)
+    SOURCE(z', z) = <grad f(z', w_final), v(z)>
+v(z) approximates the change of the final weights when z is removed from training, so a positive
+score means removing z raises the test loss: z is a proponent, as in TracIn. The index stores v(z)
+as a single "checkpoint" of weight 1 (projected like the test gradients when proj_dim is set); test
+features are gradients at the final checkpoint only. self_influence(z) = <grad l(z, w_final), v(z)>,
+the score of z on its own loss (computed from the exact vectors).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from .data import BatchFn, as_source
+from .ekfac import KronLayers, LayerCurvature, fit_ekfac
+from .errors import TracInError
+from .featurize import _progress, check_finite
+from .gradients import Target
+from .index import GradientIndex
+from .layout import Layout
+from .projection import RandomProjection
+from .store import FeatureStore
+
+if TYPE_CHECKING:
+    from .engine import TracIn
+
+_SELF_FILE = "source_self_influence.npy"
+
+
+@dataclass(frozen=True)
+class SourceSegment:
+    """Checkpoints c (indices), K steps, mean learning rate eta, momentum beta."""
+
+    checkpoints: tuple[int, ...]
+    steps: int
+    learning_rate: float
+    momentum: float
+
+    @property
+    def horizon(self) -> float:
+        """c = eta K / (1 - beta): the time the segment's linearized dynamics run for."""
+        return self.learning_rate * self.steps / (1.0 - self.momentum)
+
+
+def plan_segments(checkpoints, segments: int, steps: Sequence[int] | None = None) -> list[SourceSegment]:
+    """Split C checkpoints into `segments` groups; K_l from Checkpoint.step unless `steps` is given."""
+    C = len(checkpoints)
+    if not isinstance(segments, int) or isinstance(segments, bool) or segments < 1:
+        raise TracInError(f"segments must be a positive integer, got {segments!r}.")
+    if C % segments:
+        divisors = [d for d in range(1, C + 1) if C % d == 0]
+        raise TracInError(f"SOURCE splits the {C} checkpoints into equal segments, but {C} is not divisible "
+                          f"by segments={segments}; use one of {divisors}.")
+    m = C // segments
+    groups = [tuple(range(l * m, (l + 1) * m)) for l in range(segments)]
+    if steps is None:
+        recorded = [checkpoints[c].step for c in range(C)]
+        if any(s is None for s in recorded):
+            raise TracInError("SOURCE needs the optimizer step of every checkpoint (K steps per segment); "
+                              "record checkpoints with CheckpointRecorder, or pass steps=[K_1, ..., K_L].")
+        ends = [int(recorded[g[-1]]) for g in groups]
+        steps = [e - b for e, b in zip(ends, [0] + ends[:-1])]
+    steps = [int(k) for k in steps]
+    if len(steps) != segments or any(k <= 0 for k in steps):
+        raise TracInError(f"steps per segment must be {segments} positive integers, got {steps}; checkpoint "
+                          "steps must increase (pass steps=[K_1, ..., K_L] to override).")
+    opt = {str(checkpoints[c].extra.get("optimizer", "SGD")) for c in range(C)}
+    if opt - {"SGD"}:
+        warnings.warn(f"SOURCE's step model is SGD (with momentum); these checkpoints come from {sorted(opt)}, "
+                      "so its horizon eta K is only a rough approximation.", stacklevel=3)
+    out = []
+    for g, k in zip(groups, steps):
+        lr = float(np.mean([checkpoints[c].learning_rate for c in g]))
+        beta = float(np.mean([float(checkpoints[c].extra.get("momentum", 0.0) or 0.0) for c in g]))
+        if not 0.0 <= beta < 1.0:
+            raise TracInError(f"momentum must lie in [0, 1), checkpoints {g} record {beta}.")
+        out.append(SourceSegment(g, k, lr, beta))
+    return out
+
+
+def spectral(lam: torch.Tensor, horizon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp(-c s), (1 - exp(-c s)) / s) elementwise, with the s -> 0 limit c; expm1 for accuracy."""
+    s = lam.clamp_min(0)
+    decay = torch.exp(-horizon * s)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    gain = torch.where(s > 0, -torch.expm1(-horizon * s) / safe, torch.full_like(s, horizon))
+    return decay, gain
+
+
+def source_update(layers: KronLayers, curv: list[LayerCurvature], horizon: float, v: torch.Tensor | None,
+                  g: torch.Tensor, n_train: int) -> torch.Tensor:
+    """One Horner step v <- S_l v + r_l(g) on flat (B, P) float64 tensors (v None: 0)."""
+    vm = None if v is None else layers.to_mats(v)
+    out = []
+    for j, (c, G) in enumerate(zip(curv, layers.to_mats(g))):
+        decay, gain = spectral(c.lam, horizon)
+        t = gain * (c.QS.T @ G @ c.QA) / n_train
+        if vm is not None:
+            t = t + decay * (c.QS.T @ vm[j] @ c.QA)
+        out.append(c.QS @ t @ c.QA.T)
+    return layers.from_mats(out)
+
+
+def flat_gradients(tracin: "TracIn", state: dict, x: torch.Tensor, y: torch.Tensor | None,
+                   target: Target = "loss") -> torch.Tensor:
+    """Exact per-example gradients (B, P) of the objective at one checkpoint (never projected)."""
+    fz = tracin.featurizer
+    if fz.mode == "hooks":
+        return fz.hooks.expand(fz.hooks(state, x, y, target))
+    if fz.mode == "loop":
+        return fz.grads.reference(state, x, y, target)
+    return fz.grads.per_example(state, x, y, target)
+
+
+def _projection(tracin: "TracIn") -> RandomProjection | None:
+    proj = tracin.featurizer.projection
+    if proj is not None and not isinstance(proj, RandomProjection):
+        raise TracInError("SOURCE supports exact gradients (proj_dim=None) or a dense projection "
+                          "(projection='gaussian' or 'rademacher'), not projection='factored'.")
+    return proj
+
+
+class SourceIndex(GradientIndex):
+    """A GradientIndex whose one stored "checkpoint" holds v(z) (weight 1); queries use final gradients."""
+
+    def __init__(self, tracin: "TracIn", store: FeatureStore, settings: dict, self_scores: torch.Tensor):
+        super().__init__(tracin, store)
+        self.settings = settings
+        self._self = self_scores.double()
+
+    def __repr__(self) -> str:
+        return (f"SourceIndex(n_train={self.n_train}, segments={self.settings['segments']}, "
+                f"dim={self.store.dim}, proj_dim={self.tracin.proj_dim})")
+
+    @property
+    def learning_rates(self) -> torch.Tensor:
+        return torch.ones(1, dtype=torch.float64)
+
+    @property
+    def layout(self) -> Layout:
+        return Layout.dense_of(self.store.dim)
+
+    def test_features(self, test_data: Any, target: Target = "loss", batch_fn: BatchFn | None = None,
+                      batch_size: int = 256) -> torch.Tensor:
+        """Gradients at the final checkpoint (projected like v when proj_dim is set): (1, m, dim)."""
+        tr = self.tracin
+        source = as_source(test_data, batch_fn)
+        preds = tr.predictions(source) if isinstance(target, str) and target == "prediction" else None
+        tr._resolve(source)
+        proj, state = _projection(tr), tr.state(len(tr.checkpoints) - 1)
+        rows = []
+        for start, x, y in source.batches(batch_size):
+            if preds is not None:
+                y = preds[start:start + x.shape[0]]
+            g = flat_gradients(tr, state, x, y, target)
+            check_finite(g, start, "the final checkpoint (test data)")
+            rows.append(proj(g) if proj is not None else g)
+        out = torch.cat(rows)
+        return out.to(torch.float64 if out.dtype == torch.float64 else torch.float32).unsqueeze(0)
+
+    def self_influence(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """SOURCE(z, z) = <grad l(z, w_final), v(z)>: Tensor (n_train,) float64 (weights: (1,) scale)."""
+        return self._self * self._weights(weights)[0]
+
+    def self_influence_per_checkpoint(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The single SOURCE term: Tensor (1, n_train) float64."""
+        return self.self_influence(weights).unsqueeze(0)
+
+    def metadata(self) -> dict:
+        return {**self.tracin.metadata(), **self.settings, "layout": self.layout.to_dict()}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if self.store.path is None or Path(self.store.path).resolve() != path.resolve():
+            if path.exists():
+                import shutil
+
+                shutil.rmtree(path)
+            self.store.copy_to(path, self.metadata())
+        np.save(path / _SELF_FILE, self._self.numpy())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, tracin: "TracIn") -> "SourceIndex":
+        """Reopen a saved SOURCE index; its settings and `tracin` must match what built it."""
+        store = FeatureStore.load(path)
+        if store.metadata.get("method") != "source" or not (Path(path) / _SELF_FILE).exists():
+            raise TracInError(f"{path} does not hold a SOURCE index; use GradientIndex.load for TracIn indexes.")
+        settings = {k: store.metadata[k] for k in ("method", "segments", "steps", "curvature", "horizons")}
+        meta = {**tracin.metadata(), **settings, "layout": Layout.dense_of(store.dim).to_dict()}
+        FeatureStore.open_or_create(path, store.n, store.n_checkpoints, store.dim, store.dtype, meta)
+        return cls(tracin, store, settings, torch.from_numpy(np.load(Path(path) / _SELF_FILE)))
+
+
+def build_source_index(tracin: "TracIn", train_data: Any, segments: int = 1, steps: Sequence[int] | None = None,
+                       curvature: str = "gn", store: str | Path | None = None, batch_size: int | None = None,
+                       progress: bool = True, batch_fn: BatchFn | None = None,
+                       dtype: torch.dtype | None = None) -> SourceIndex:
+    """Fit EK-FAC per segment, compute v(z) for every training example, store it: SourceIndex.
+
+    Cost: 2 curvature passes per checkpoint (each one backward per output dimension with
+    curvature="gn"), plus one gradient per example per checkpoint.
+    """
+    source = as_source(train_data, batch_fn)
+    plan = plan_segments(tracin.checkpoints, segments, steps)
+    layers = KronLayers(tracin.featurizer.grads)
+    proj = _projection(tracin)
+    tracin._resolve(source)
+    bs = batch_size or 256
+    n = len(source)
+    bar = _progress(len(tracin.checkpoints), progress)
+    curv = []
+    for seg in plan:
+        curv.append(fit_ekfac(layers, [tracin.state(c) for c in seg.checkpoints], source, curvature, bs, tracin.seed))
+        bar.update(len(seg.checkpoints))
+    bar.close()
+    settings = {"method": "source", "segments": segments, "steps": [s.steps for s in plan],
+                "curvature": curvature, "horizons": [s.horizon for s in plan]}
+    dim = proj.proj_dim if proj is not None else layers.num_params
+    dtype = dtype or (torch.float64 if tracin.featurizer.grads.dtype == torch.float64 else torch.float32)
+    meta = {**tracin.metadata(), **settings, "layout": Layout.dense_of(dim).to_dict()}
+    fs = FeatureStore(n, 1, dim, dtype) if store is None else FeatureStore.open_or_create(store, n, 1, dim, dtype, meta)
+    selfs = torch.zeros(n, dtype=torch.float64)
+    last = len(tracin.checkpoints) - 1
+    for start, x, y in source.batches(bs):
+        v, g_final = None, None
+        for seg, cv in zip(plan, curv):
+            g_sum = 0
+            for c in seg.checkpoints:
+                g = flat_gradients(tracin, tracin.state(c), x, y).double()
+                check_finite(g, start, f"checkpoint {c}")
+                g_sum = g_sum + g
+                if c == last:
+                    g_final = g
+            v = source_update(layers, cv, seg.horizon, v, g_sum / len(seg.checkpoints), n)
+        selfs[start:start + x.shape[0]] = (g_final * v).sum(1).cpu()
+        f = proj(v.to(torch.float64 if dtype == torch.float64 else torch.float32)) if proj is not None else v
+        fs.write(0, start, f, f.double().pow(2).sum(1))
+    index = SourceIndex(tracin, fs, settings, selfs)
+    if store is not None:
+        np.save(Path(store) / _SELF_FILE, selfs.numpy())
+    return index
