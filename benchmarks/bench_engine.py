@@ -56,7 +56,7 @@ def main() -> None:
 
     featurize_s, index = timed(lambda: tracin.index(data.train, progress=False), 3)
     index.top_k(one, k=10)  # warm the checkpoint cache
-    q_one, _ = timed(lambda: index.top_k(one, k=10), max(20, args.repeats))
+    q_one, _ = timed(lambda: index.top_k(one, k=10), max(200, args.repeats))
     q_all, _ = timed(lambda: index.top_k(data.test, k=10), args.repeats)
 
     def load(m, path):

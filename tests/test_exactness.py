@@ -170,3 +170,12 @@ def test_batchnorm_buffers_and_eval_mode_via_vmap():
     test = (X[:4], y[:4])
     assert rel_err(index.influence(test), loop_influence(tracin, (X, y), test)) <= 1e-6
     assert model.training  # the user's mode is restored
+
+
+def test_query_path_and_batch_path_give_the_same_features(cnn_index, small_digits):
+    """Small queries take all checkpoints in one backward pass; larger ones go checkpoint by checkpoint."""
+    X, y = small_digits.train
+    big = cnn_index.tracin.features((X[:70], y[:70]))       # > 64 examples: per-checkpoint batches
+    small = cnn_index.tracin.features((X[:9], y[:9]))       # a query: TracIn.featurizer.many
+    assert big.shape == (4, 70, cnn_index.tracin.dim)
+    assert torch.allclose(big[:, :9], small, rtol=1e-5, atol=1e-7)

@@ -94,9 +94,14 @@ class TracIn:
         if c in self._prepared:
             return self._prepared[c]
         state = self.featurizer.prepare(self.checkpoints.load(c), f"checkpoint {c} ({self.checkpoints[c].name})")
-        if self.num_params * 4 * len(self.checkpoints) <= 2**29:
+        if self._states_cached:
             self._prepared[c] = state
         return state
+
+    @property
+    def _states_cached(self) -> bool:
+        """Whether every checkpoint's state stays in memory (small models: up to 512 MB of weights)."""
+        return self.num_params * 4 * len(self.checkpoints) <= 2**29
 
     # -- featurize once ----------------------------------------------------------------------------
     def index(self, train_data: Any, store: str | Path | None = None, batch_size: int | None = None,
@@ -159,7 +164,14 @@ class TracIn:
         self._resolve(source)
         out = torch.empty(len(self.checkpoints), len(source), self.dim, device=self.device,
                           dtype=torch.float64 if self.featurizer.grads.dtype == torch.float64 else torch.float32)
-        for c in range(len(self.checkpoints)):
+        C = len(self.checkpoints)
+        if len(source) <= 64 and self._states_cached:  # a query: all checkpoints in one backward pass
+            _, x, y = next(iter(source.batches(len(source))))
+            out[:] = self.featurizer.many([self.state(c) for c in range(C)], x, y if preds is None else preds, target)
+            for c in range(C):
+                check_finite(out[c], 0, f"checkpoint {c} (test data)")
+            return out
+        for c in range(C):
             state = self.state(c)
             for start, x, y in source.batches(batch_size):
                 if preds is not None:

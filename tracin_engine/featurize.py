@@ -113,6 +113,16 @@ class Featurizer:
         return self.projection(self.hooks.expand(g) if self.mode == "hooks" else g)
 
 
+    def many(self, states: list[dict], x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss"
+             ) -> torch.Tensor:
+        """Tensor (S, B, dim): one batch at S checkpoints (one backward pass on the exact hook path)."""
+        self.resolve(states[-1], x, y, target)
+        if self.mode == "hooks" and self.projection is None:
+            g = self.hooks.many(states, x, y, target)
+            return g if g.dtype in (torch.float32, torch.float64) else g.float()
+        return torch.stack([self(state, x, y, target) for state in states])
+
+
 def check_finite(feats: torch.Tensor, start: int, checkpoint_name: str) -> None:
     """Raise naming the example indices whose features are NaN or infinite."""
     bad = (~torch.isfinite(feats).all(1)).nonzero().flatten()

@@ -68,38 +68,51 @@ class HookFeaturizer:
     def __call__(self, state: dict, inputs: torch.Tensor, targets: torch.Tensor | None,
                  target: Target = "loss") -> torch.Tensor:
         """Rows (B, layout.dim) for a batch; same objective as GradientComputer.per_example."""
+        return self.many([state], inputs, targets, target)[0]
+
+    def many(self, states: list[dict], inputs: torch.Tensor, targets: torch.Tensor | None,
+             target: Target = "loss") -> torch.Tensor:
+        """Rows (S, B, layout.dim) of one batch at S checkpoints, from a single backward pass.
+
+        The objectives of different checkpoints share no weights, so backpropagating their sum
+        gives each checkpoint's own output gradients (cheaper than S backward calls for queries).
+        """
         gc = self.grads
         x = gc._cast(inputs)
         y = None if targets is None else targets.to(gc.device)
         gc.check_args(y, target)
         names = set(gc.param_names)
-        params = {k: (v.detach().requires_grad_(True) if k in names else v) for k, v in state.items()}
         seen: dict[str, list] = {name: [] for name, *_ in self.plan}
         handles = [mod.register_forward_hook(lambda m, i, o, n=name: seen[n].append((i[0].detach(), o)))
                    for name, mod, *_ in self.plan]
+        total = None
         try:
             with _mode(gc.model, gc.train_mode), torch.enable_grad():
-                out = functional_call(gc.model, params, (x,))
-                gc.check_outputs(out, y, target)
-                try:
-                    losses = self._losses(out, y, target)
-                except TracInError:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    raise gc.loss_error(exc, out, y) from exc
+                for state in states:
+                    params = {k: (v.detach().requires_grad_(True) if k in names else v) for k, v in state.items()}
+                    out = functional_call(gc.model, params, (x,))
+                    gc.check_outputs(out, y, target)
+                    try:
+                        loss = self._losses(out, y, target).sum()
+                    except TracInError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001
+                        raise gc.loss_error(exc, out, y) from exc
+                    total = loss if total is None else total + loss
         finally:
             for h in handles:
                 h.remove()
-        if any(len(v) != 1 for v in seen.values()):
+        if any(len(v) != len(states) for v in seen.values()):
             raise Unsupported("a layer ran more than once per forward pass (shared weights)")
-        outs = [seen[name][0][1] for name, *_ in self.plan]
-        gouts = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
-        rows = []
-        for (name, mod, has_w, has_b), g in zip(self.plan, gouts):
-            a = seen[name][0][0]
-            g = torch.zeros_like(seen[name][0][1]) if g is None else g.detach()
-            rows.append(self._layer_rows(mod, a, g, has_w, has_b))
-        return torch.cat(rows, 1)
+        outs = [o for name, *_ in self.plan for _, o in seen[name]]
+        gouts = iter(torch.autograd.grad(total, outs, allow_unused=True))
+        rows: list[list[torch.Tensor]] = [[] for _ in states]
+        for name, mod, has_w, has_b in self.plan:
+            for s, (a, o) in enumerate(seen[name]):
+                g = next(gouts)
+                g = torch.zeros_like(o) if g is None else g.detach()
+                rows[s].append(self._layer_rows(mod, a, g, has_w, has_b))
+        return torch.stack([torch.cat(r, 1) for r in rows])
 
     def _losses(self, out: torch.Tensor, y: torch.Tensor | None, target: Target) -> torch.Tensor:
         """Per-example objectives (B,), each from its own output row."""

@@ -1,7 +1,7 @@
 """How a stored feature row represents a per-example gradient, exactly, in fewer numbers.
 
 Example:
-    >>> lay = Layout.dense(P)                       # row = the flat gradient (or its projection)
+    >>> lay = Layout.dense_of(P)                    # row = the flat gradient (or its projection)
     >>> lay = Layout([Segment("dense", 0, 80), Segment("outer", 80, 577, 32)])
     >>> lay.dots(T, F)                              # (m, b) exact <g(z'), g(z)>
     >>> lay.sq_norms(F)                             # (b,) ||g(z)||^2
@@ -42,7 +42,7 @@ class Layout:
         self.segments = list(segments)
         self.dim = sum(s.size for s in self.segments)
         self.outer = [s for s in self.segments if s.kind == "outer"]
-        self.dense = [s for s in self.segments if s.kind == "dense"]
+        self.dense = _merge_adjacent([s for s in self.segments if s.kind == "dense"])
 
     @classmethod
     def dense_of(cls, dim: int) -> "Layout":
@@ -82,3 +82,14 @@ class Layout:
             a0, g0, g1 = s.start, s.start + s.a_dim, s.start + s.size
             total += f[:, a0:g0].pow(2).sum(1) * f[:, g0:g1].pow(2).sum(1)
         return total
+
+
+def _merge_adjacent(dense: list[Segment]) -> list[Segment]:
+    """Contiguous dense segments as one (fewer, larger products in `dots`)."""
+    merged: list[Segment] = []
+    for s in dense:
+        if merged and merged[-1].start + merged[-1].a_dim == s.start:
+            merged[-1] = Segment("dense", merged[-1].start, merged[-1].a_dim + s.a_dim)
+        else:
+            merged.append(s)
+    return merged
