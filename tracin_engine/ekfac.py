@@ -34,8 +34,8 @@ from torch.func import functional_call, grad, hessian, vmap
 
 from .data import DataSource
 from .errors import TracInError
-from .gradients import GradientComputer, _mode, parameter_groups
-from .hooks import conv_supported
+from .gradients import GradientComputer, _mode
+from .hooks import selected_layers
 
 CURVATURES = ("gn", "mc", "empirical")
 
@@ -83,30 +83,22 @@ class KronLayers:
 
     def __init__(self, grads: GradientComputer):
         self.grads = grads
-        modules = dict(grads.model.named_modules())
         offsets, pos = {}, 0
         for n in grads.param_names:
             offsets[n] = pos
             pos += int(np.prod(grads.shapes[n]))
-        selected = set(grads.param_names)
         self.plans: list[LayerPlan] = []
         bad = []
-        for mod_name, names in parameter_groups(grads.model).items():
-            sel = [n for n in names if n in selected]
-            if not sel:
-                continue
-            mod = modules[mod_name]
-            prefix = f"{mod_name}." if mod_name else ""
-            w, b = prefix + "weight", prefix + "bias"
-            ok = isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and conv_supported(mod))
-            if not ok or w not in sel or len(sel) != 1 + (b in sel):
+        for mod_name, mod, has_w, has_b, plain in selected_layers(grads):
+            if not (plain and has_w):
                 bad.append(f"{mod_name or '<model>'} ({type(mod).__name__})")
                 continue
+            prefix = f"{mod_name}." if mod_name else ""
             in_dim = mod.in_features if isinstance(mod, nn.Linear) else \
                 mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
             out_dim = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
-            self.plans.append(LayerPlan(mod_name, mod, out_dim, in_dim, b in sel, offsets[w],
-                                        offsets[b] if b in sel else None))
+            self.plans.append(LayerPlan(mod_name, mod, out_dim, in_dim, has_b, offsets[prefix + "weight"],
+                                        offsets[prefix + "bias"] if has_b else None))
         if bad:
             raise TracInError(
                 f"SOURCE's EK-FAC curvature supports Linear and Conv2d layers (groups=1, numeric zero "

@@ -15,6 +15,8 @@ with Linear gradients never materialized).
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,24 +36,31 @@ def conv_supported(m: nn.Conv2d) -> bool:
     return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
 
+def selected_layers(grads: GradientComputer) -> Iterator[tuple[str, nn.Module, bool, bool, bool]]:
+    """Per layer with selected parameters: (module name, module, has weight, has bias, plain), where
+    plain = a Linear or supported Conv2d of which only weight and/or bias are selected."""
+    modules = dict(grads.model.named_modules())
+    selected = set(grads.param_names)
+    for mod_name, names in parameter_groups(grads.model).items():
+        sel = [n for n in names if n in selected]
+        if not sel:
+            continue
+        mod = modules[mod_name]
+        prefix = f"{mod_name}." if mod_name else ""
+        has_w, has_b = prefix + "weight" in sel, prefix + "bias" in sel
+        ok_type = isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and conv_supported(mod))
+        yield mod_name, mod, has_w, has_b, ok_type and len(sel) == has_w + has_b
+
+
 class HookFeaturizer:
     """Exact features for models whose selected parameters all sit in Linear or Conv2d layers."""
 
     def __init__(self, grads: GradientComputer):
         self.grads = grads
-        modules = dict(grads.model.named_modules())
-        selected = set(grads.param_names)
         self.plan: list[tuple[str, nn.Module, bool, bool]] = []
         segments, start = [], 0
-        for mod_name, names in parameter_groups(grads.model).items():
-            sel = [n for n in names if n in selected]
-            if not sel:
-                continue
-            mod = modules[mod_name]
-            prefix = f"{mod_name}." if mod_name else ""
-            has_w, has_b = prefix + "weight" in sel, prefix + "bias" in sel
-            ok_type = isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and conv_supported(mod))
-            if not ok_type or len(sel) != has_w + has_b:
+        for mod_name, mod, has_w, has_b, plain in selected_layers(grads):
+            if not plain:
                 raise Unsupported(f"layer {mod_name!r} ({type(mod).__name__}) is not a plain Linear/Conv2d")
             if isinstance(mod, nn.Linear) and has_w:
                 seg = Segment("outer", start, mod.in_features + has_b, mod.out_features)
