@@ -109,8 +109,8 @@ def test_top_k_and_prediction_target_and_save_load(logreg, tmp_path):
     again = SourceIndex.load(tmp_path / "src", logreg["tracin"])
     assert torch.allclose(again.influence(test), S)
     assert torch.allclose(again.self_influence(), index.self_influence())
-    on_disk = logreg["tracin"].index((logreg["X"], logreg["y"]), method="source", store=tmp_path / "disk",
-                                     progress=False)
+    logreg["tracin"].index((logreg["X"], logreg["y"]), method="source", store=tmp_path / "disk",
+                           progress=False)
     assert torch.allclose(SourceIndex.load(tmp_path / "disk", logreg["tracin"]).influence(test), S)
 
 
