@@ -2,6 +2,7 @@
 examples, self-influence, Captum TracInCP, and projection quality against exact mode.
 
 Prints one JSON object. Run: .venv/bin/python benchmarks/bench_scale.py [--device cuda|cpu] [--seeds N]
+[--only query] (the query and self-influence only, after the short training that writes the checkpoints)
 On CUDA: a CIFAR-shaped convnet of ~4.2M parameters (width 64) on synthetic 3x32x32 inputs. On CPU a
 smaller case (width 16, 266k parameters, fewer examples) so the run stays under 5 minutes on 2 cores.
 Measures, in the same run:
@@ -146,6 +147,38 @@ def digits_overlap(device, seeds: int) -> dict:
     return out
 
 
+def query_latency(model, paths, X, y, proj_dim, n_query, repeats, device) -> dict:
+    """top-10 of one test example over n_query stored rows x 4 checkpoints (random values in the
+    factored layout, float16: timing only), split into test gradients and scoring; self-influence."""
+    gpu = device.type == "cuda"
+    ckpts = te.Checkpoints.from_files(paths)
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=proj_dim, projection="factored",
+                       device=device)
+    store = te.FeatureStore(n_query, 4, tracin.dim, torch.float16)
+    block = torch.randn(5000, tracin.dim, generator=torch.Generator().manual_seed(1)) * 1e-2
+    block_norms = tracin.featurizer.sq_norms(block)
+    for c in range(4):  # the same random block repeated (values do not matter for timing)
+        for s in range(0, n_query, len(block)):
+            b = min(len(block), n_query - s)
+            store.write(c, s, block[:b], block_norms[:b])
+    if gpu:  # keep the stored features on the GPU, as a GPU-resident index would
+        store = store.resident(device)
+    index = te.GradientIndex(tracin, store)
+    one = (X[:1], y[:1])
+    index.top_k(one, k=10)  # warm-up (loads and caches the 4 checkpoints)
+    q_total, _ = clock(lambda: index.top_k(one, k=10), device, repeats)
+    q_grad, t = clock(lambda: tracin.features(one), device, repeats)
+    q_score, _ = clock(lambda: index.top_k(features=t, k=10), device, repeats)
+    si, _ = clock(lambda: index.self_influence(), device, 5)
+    log("query and self-influence done")
+    return {"factored_row_dim": tracin.dim, "query_n_stored": n_query, "query_checkpoints": 4,
+            "store_dtype": "float16",
+            "query_top10_total_ms": round(q_total * 1e3, 2),
+            "query_test_gradients_ms": round(q_grad * 1e3, 2),
+            "query_scoring_top10_ms": round(q_score * 1e3, 2),
+            "self_influence_ms": round(si * 1e3, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -153,6 +186,9 @@ def main() -> None:
     ap.add_argument("--n-query", type=int, default=50000)
     ap.add_argument("--seeds", type=int, default=None, help="projection seeds per overlap figure "
                     "(default 3 on CUDA, 1 on CPU)")
+    ap.add_argument("--only", choices=["query"], default=None, help="query: train only to write the 4 "
+                    "checkpoints, then measure the query and self-influence (skips featurization, Captum, "
+                    "digits overlap)")
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -168,9 +204,18 @@ def main() -> None:
     run = tempfile.mkdtemp(prefix="bench_scale_")
     train_rate, paths = train_throughput(model, X, y, cfg["batch"], device, run)
     log("training throughput done")
+    head = {"machine": (torch.cuda.get_device_name(device) if gpu else
+                        f"{platform.machine()} CPU, {torch.get_num_threads()} threads (2-core container, no GPU)")
+                       + f", torch {torch.__version__}",
+            "model": f"CifarNet(width={cfg['width']}), {n_params} parameters, synthetic 3x32x32, 10 classes",
+            "proj_dim": args.proj_dim}
+    if args.only == "query":
+        query = query_latency(model, paths, X, y, args.proj_dim, args.n_query, cfg["repeats"], device)
+        print(json.dumps({**head, **query}, indent=1))
+        return
     # training and factored featurization alternate `rounds` times; best of each (robust to other load)
-    fact_rate, fact_dim = featurize_rate(model, paths[-1], X[:cfg["n_feat"]], y[:cfg["n_feat"]], args.proj_dim,
-                                         "factored", cfg["batch"], device)
+    fact_rate, _ = featurize_rate(model, paths[-1], X[:cfg["n_feat"]], y[:cfg["n_feat"]], args.proj_dim,
+                                  "factored", cfg["batch"], device)
     for _ in range(cfg["rounds"] - 1):
         train_rate = max(train_rate, train_throughput(copy.deepcopy(model), X, y, cfg["batch"], device,
                                                       tempfile.mkdtemp(prefix="bench_scale_"), 0)[0])
@@ -181,29 +226,7 @@ def main() -> None:
                                    "gaussian", cfg["gauss_batch"], device, warm=False)
 
     log("gaussian featurization done")
-    # query latency: n_query stored rows x 4 checkpoints (random values in the factored layout, float16)
-    ckpts = te.Checkpoints.from_files(paths)
-    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=args.proj_dim, projection="factored",
-                       device=device)
-    store = te.FeatureStore(args.n_query, 4, tracin.dim, torch.float16)
-    block = torch.randn(5000, tracin.dim, generator=torch.Generator().manual_seed(1)) * 1e-2
-    block_norms = tracin.featurizer.sq_norms(block)
-    for c in range(4):  # the same random block repeated (values do not matter for timing)
-        for s in range(0, args.n_query, len(block)):
-            b = min(len(block), args.n_query - s)
-            store.write(c, s, block[:b], block_norms[:b])
-    if gpu:  # keep the stored features on the GPU, as a GPU-resident index would
-        store = store.resident(device)
-    index = te.GradientIndex(tracin, store)
-    one = (X[:1], y[:1])
-    index.top_k(one, k=10)  # warm-up (loads and caches the 4 checkpoints)
-    r = cfg["repeats"]
-    q_total, _ = clock(lambda: index.top_k(one, k=10), device, r)
-    q_grad, t = clock(lambda: tracin.features(one), device, r)
-    q_score, _ = clock(lambda: index.top_k(features=t, k=10), device, r)
-    si, _ = clock(lambda: index.self_influence(), device, 5)
-
-    log("query and self-influence done")
+    query = query_latency(model, paths, X, y, args.proj_dim, args.n_query, cfg["repeats"], device)
     # Captum TracInCP over a subset, extrapolated linearly in the number of training examples
     def load(m, path):
         payload = torch.load(path, weights_only=True)
@@ -222,27 +245,19 @@ def main() -> None:
 
     log("captum done")
     out = {
-        "machine": (torch.cuda.get_device_name(device) if gpu else
-                    f"{platform.machine()} CPU, {torch.get_num_threads()} threads (2-core container, no GPU)")
-                   + f", torch {torch.__version__}",
-        "model": f"CifarNet(width={cfg['width']}), {n_params} parameters, synthetic 3x32x32, 10 classes",
-        "proj_dim": args.proj_dim, "factored_row_dim": fact_dim,
+        **head,
         "train_examples_per_s": round(train_rate, 1),
         "featurize_factored_examples_per_s": round(fact_rate, 1),
         "featurize_gaussian_examples_per_s": round(gauss_rate, 2),
         "ratio_factored_to_training": round(fact_rate / train_rate, 3),
         "ratio_gaussian_to_training": round(gauss_rate / train_rate, 4),
         "featurize_examples": {"factored": cfg["n_feat"], "gaussian": cfg["n_gauss"]},
-        "query_n_stored": args.n_query, "query_checkpoints": 4, "store_dtype": "float16",
-        "query_top10_total_ms": round(q_total * 1e3, 2),
-        "query_test_gradients_ms": round(q_grad * 1e3, 2),
-        "query_scoring_top10_ms": round(q_score * 1e3, 2),
-        "self_influence_ms": round(si * 1e3, 3),
+        **query,
         "captum_subset_examples": cfg["n_captum"],
         "captum_one_query_topk_subset_s": round(c_sub, 3),
         "captum_one_query_topk_extrapolated_s": round(c_ext, 2),
         "captum_note": f"measured on {cfg['n_captum']} training examples, extrapolated linearly to {args.n_query}",
-        "speedup_query_vs_captum_extrapolated": round(c_ext / q_total, 1),
+        "speedup_query_vs_captum_extrapolated": round(c_ext / (query["query_top10_total_ms"] / 1e3), 1),
         "digits_overlap": digits_overlap(device, args.seeds or cfg["seeds"]),
     }
     print(json.dumps(out, indent=1))

@@ -5,16 +5,20 @@
 10% of the training labels are flipped to another class (seeded). Each model is trained with plain
 SGD (tracin_engine.examples.train) saving checkpoints evenly over training, then every training
 example is ranked by:
-  - tracin self-influence (rank_outliers, normalize "none" = the default, the paper's
-    sum_c eta_c ||g_c||^2; "checkpoint"; "log"), all checkpoints, first checkpoint only, last only,
-    last layer only (normalize="checkpoint");
+  - tracin self-influence (rank_outliers): output space (the default, sum_c eta_c ||dl/df_c||^2),
+    parameter space (the paper's sum_c eta_c ||g_c||^2; also normalize="checkpoint"), first
+    checkpoint only, last checkpoint only, last layer only;
+  - reference: the loss trajectory sum_c eta_c l_c(z) recorded while featurizing (an
+    area-under-the-loss-curve ranking, like AUM; not TracIn, shown for comparison);
   - final loss: the final model's cross-entropy on the (noisy) label;
   - cleanlab: cleanlab.filter.find_label_issues on out-of-fold predicted probabilities (5-fold,
     the same model and schedule trained on each 4/5); flagged examples first (lowest self-confidence
     first), then the rest by self-confidence.
 Metrics: fraction of the flipped examples found in the top 5 / 10 / 20 % of the ranking, and ROC AUC.
 Regimes: "early" (stopped before the flipped labels are fitted) and "memorize" (trained until every
-training label, flipped ones included, is fitted). Models: DigitsCNN on sklearn digits (1500 train),
+training label, flipped ones included, is fitted); the tabular MLP also with 20 checkpoints. Every
+regime runs for each seed of --seeds (the seed picks the flipped labels, the initialization and the
+batch order, and the cleanlab folds); the report has each seed and the mean. Models: DigitsCNN on sklearn digits (1500 train),
 MLP on sklearn breast_cancer (569, standardized).
 Task "ideal": a clean DigitsCNN run with TracInIdealRecorder (tracin_engine.ideal) on 60 test
 examples; Pearson correlation of TracInCP (5 checkpoints) with TracInIdeal, and the label agreement
@@ -27,6 +31,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import tempfile
 import time
 
@@ -70,13 +75,13 @@ def fit(make, data, cfg, seed=0):
     return model, te.Checkpoints.from_dir(run)
 
 
-def out_of_fold_probs(make, X, y, cfg, folds=5):
+def out_of_fold_probs(make, X, y, cfg, folds=5, seed=0):
     from sklearn.model_selection import StratifiedKFold
 
     probs = torch.zeros(len(y), int(y.max()) + 1)
-    for k, (tr, te_) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=0).split(X, y)):
+    for k, (tr, te_) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y)):
         tr, te_ = torch.as_tensor(tr), torch.as_tensor(te_)
-        model, _ = fit(make, (X[tr], y[tr]), cfg, seed=100 + k)
+        model, _ = fit(make, (X[tr], y[tr]), cfg, seed=100 * (seed + 1) + k)
         with torch.no_grad():
             probs[te_] = F.softmax(model(X[te_]), 1)
     return probs
@@ -92,9 +97,9 @@ def cleanlab_scores(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(flagged.astype(np.float64) + (1 - quality))
 
 
-def run_regime(make, X, y_noisy, flipped, cfg) -> dict:
+def run_regime(make, X, y_noisy, flipped, cfg, seed: int = 0) -> dict:
     t0 = time.time()
-    model, ckpts = fit(make, (X, y_noisy), cfg)
+    model, ckpts = fit(make, (X, y_noisy), cfg, seed=seed)
     with torch.no_grad():
         out = model(X)
     pred = out.argmax(1)
@@ -105,21 +110,27 @@ def run_regime(make, X, y_noisy, flipped, cfg) -> dict:
     last = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, layers="last").index((X, y_noisy), progress=False)
     C = len(ckpts)
     rankings = {
-        "tracin_self_influence normalize=checkpoint": rank_outliers(index, normalize="checkpoint").scores,
-        "tracin_self_influence (default: normalize=none, the paper)": rank_outliers(index).scores,
-        "tracin_self_influence normalize=log": rank_outliers(index, normalize="log").scores,
-        "tracin first checkpoint only": rank_outliers(index, checkpoints=[0]).scores,
-        "tracin last checkpoint only": rank_outliers(index, checkpoints=[C - 1]).scores,
-        "tracin last layer only (normalize=checkpoint)": rank_outliers(last, normalize="checkpoint").scores,
+        "tracin self-influence, output space (default)": rank_outliers(index).scores,
+        "tracin self-influence, parameter space (the paper)": rank_outliers(index, space="parameters").scores,
+        "tracin parameter space, normalize=checkpoint": rank_outliers(index, space="parameters",
+                                                                      normalize="checkpoint").scores,
+        "tracin output space, first checkpoint only": rank_outliers(index, checkpoints=[0]).scores,
+        "tracin parameter space, first checkpoint only": rank_outliers(index, checkpoints=[0],
+                                                                       space="parameters").scores,
+        "tracin parameter space, last checkpoint only": rank_outliers(index, checkpoints=[C - 1],
+                                                                      space="parameters").scores,
+        "tracin parameter space, last layer only": rank_outliers(last, space="parameters").scores,
+        "reference: loss trajectory sum_c eta_c l_c(z)": (index.learning_rates.unsqueeze(1)
+                                                          * index.store.losses).sum(0),
     }
     tracin_s = time.time() - t0
     t0 = time.time()
     rankings["baseline final loss"] = F.cross_entropy(out, y_noisy, reduction="none").double()
-    probs = out_of_fold_probs(make, X, y_noisy, cfg)
+    probs = out_of_fold_probs(make, X, y_noisy, cfg, seed=seed)
     rankings["baseline cleanlab find_label_issues (5-fold out-of-fold)"] = cleanlab_scores(probs, y_noisy)
     base_s = time.time() - t0
     return {
-        "config": cfg,
+        "seed": seed,
         "final model fits: clean labels": round(float((pred[~flipped] == y_noisy[~flipped]).float().mean()), 4),
         "final model fits: flipped labels": round(float((pred[flipped] == y_noisy[flipped]).float().mean()), 4),
         "checkpoint steps": [c.step for c in ckpts],
@@ -127,6 +138,13 @@ def run_regime(make, X, y_noisy, flipped, cfg) -> dict:
         "seconds": {"train": round(train_s, 1), "tracin (index + rankings)": round(tracin_s, 1),
                     "cleanlab 5-fold training": round(base_s, 1)},
     }
+
+
+def mean_over_seeds(runs: list[dict]) -> dict:
+    """Per ranking and metric, the mean over seeds (rounded)."""
+    names = runs[0]["results"]
+    return {name: {m: round(float(np.mean([r["results"][name][m] for r in runs])), 4) for m in runs[0]["results"][name]}
+            for name in names}
 
 
 def digits_task():
@@ -144,7 +162,8 @@ def tabular_task():
     y = torch.tensor(d.target, dtype=torch.int64)
     return "breast_cancer MLP", (lambda: MLP(30, 2, hidden=32)), X, y, 2, {
         "early": dict(epochs=5, lr=0.05, momentum=0.0, batch_size=32, n_checkpoints=5),
-        "memorize": dict(epochs=400, lr=0.02, momentum=0.9, batch_size=32, n_checkpoints=5)}
+        "memorize": dict(epochs=400, lr=0.02, momentum=0.9, batch_size=32, n_checkpoints=5),
+        "memorize, 20 checkpoints": dict(epochs=400, lr=0.02, momentum=0.9, batch_size=32, n_checkpoints=20)}
 
 
 def ideal_task(n_test: int = 60, epochs: int = 10, n_checkpoints: int = 5, lr: float = 0.1) -> dict:
@@ -206,6 +225,7 @@ def ideal_task(n_test: int = 60, epochs: int = 10, n_checkpoints: int = 5, lr: f
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", default="digits,tabular,ideal")
+    ap.add_argument("--seeds", default="0,1,2", help="label-flip and training seeds; results per seed and mean")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     report = {"machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, "
@@ -218,9 +238,13 @@ def main() -> None:
             report["tracin_cp_vs_ideal"] = ideal_task()
             continue
         name, make, X, y, n_classes, regimes = tasks[key]()
-        noisy, flipped = flip_labels(y, n_classes)
-        report["tasks"][name] = {"n_train": len(y), "n_flipped": int(flipped.sum()),
-                                 **{r: run_regime(make, X, noisy, flipped, cfg) for r, cfg in regimes.items()}}
+        seeds = [int(v) for v in args.seeds.split(",")]
+        flips = {seed: flip_labels(y, n_classes, seed=seed) for seed in seeds}
+        task = report["tasks"][name] = {"n_train": len(y), "n_flipped": int(flips[seeds[0]][1].sum())}
+        for r, cfg in regimes.items():
+            runs = [run_regime(make, X, *flips[seed], cfg, seed=seed) for seed in seeds]
+            task[r] = {"config": cfg, "mean over seeds": mean_over_seeds(runs), "per seed": runs}
+            print(f"done {name} {r}: {round(time.time() - t_all)} s", file=sys.stderr, flush=True)
     report["total seconds"] = round(time.time() - t_all, 1)
     print(json.dumps(report, indent=1))
 

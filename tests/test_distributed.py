@@ -47,10 +47,10 @@ def _worker(rank: int, world: int, port: int, run_dir: str, data_file: str, stor
         tracin = te.TracIn(te.examples.DigitsCNN(width=4, hidden=16), te.Checkpoints.from_dir(run_dir),
                            loss_fn=F.cross_entropy, proj_dim=128, projection="factored", device="cpu")
         seen = []
-        inner = tracin.featurizer.__class__.__call__
+        inner = tracin.featurizer.__class__.rows
 
         class Spy(tracin.featurizer.__class__):
-            def __call__(self, state, x, yy, target="loss"):
+            def rows(self, state, x, yy, target="loss"):  # what featurize() calls for every micro-batch
                 seen.append(int(x.shape[0]))
                 return inner(self, state, x, yy, target)
 
@@ -89,6 +89,8 @@ def test_two_gloo_processes_equal_one(cnn_run, small_digits, tmp_path):
     for c in range(len(ckpts)):
         assert torch.allclose(shared.features(c), single.features(c), rtol=1e-5, atol=1e-7)
     assert torch.allclose(shared.sq_norms, single.store.sq_norms, rtol=1e-5)
+    assert torch.allclose(shared.out_sq_norms, single.store.out_sq_norms, rtol=1e-5)
+    assert torch.allclose(shared.losses, single.store.losses, rtol=1e-5)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     # each rank featurized only its shard (rows 0..39 and 40..69, per checkpoint) and sees the whole index
     assert [r["rows"] for r in reports] == [40 * len(ckpts), 30 * len(ckpts)]

@@ -19,20 +19,20 @@ class Counting:
 
     def __init__(self, inner, fail_at: int | None = None, max_batch: int | None = None):
         self.inner, self.fail_at, self.max_batch = inner, fail_at, max_batch
-        self.calls, self.rows, self.sizes = 0, 0, []
+        self.calls, self.examples, self.sizes = 0, 0, []
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def __call__(self, state, x, y, target="loss"):
+    def rows(self, state, x, y, target="loss"):  # what featurize() calls for every micro-batch
         self.calls += 1
         self.sizes.append(x.shape[0])
         if self.fail_at is not None and self.calls == self.fail_at:
             raise KeyboardInterrupt
         if self.max_batch is not None and x.shape[0] > self.max_batch:
             raise torch.OutOfMemoryError("fake: CUDA out of memory")
-        self.rows += x.shape[0]
-        return self.inner(state, x, y, target)
+        self.examples += x.shape[0]
+        return self.inner.rows(state, x, y, target)
 
 
 def _tracin(cnn_run, **kw):
@@ -67,6 +67,7 @@ def test_disk_index_half_precision(cnn_run, small_digits, tmp_path, dtype):
     again = te.GradientIndex.load(tmp_path / "ix", _tracin(cnn_run))
     assert torch.equal(again.influence(test), a)
     assert torch.equal(again.self_influence(), disk.self_influence())
+    assert torch.equal(again.outliers().scores, mem.outliers().scores)  # output norms kept in float64 on disk
     # an in-memory copy (on the CPU here; "cuda" on a GPU) answers the same queries
     copy = te.GradientIndex(_tracin(cnn_run), disk.store.resident("cpu"))
     assert copy.store.path is None and torch.equal(copy.influence(test), a)
@@ -100,7 +101,7 @@ def test_interrupted_featurization_resumes_without_recomputing(cnn_run, small_di
     first.featurizer = Counting(first.featurizer, fail_at=11)  # Ctrl-C during the 11th batch
     with pytest.raises(KeyboardInterrupt):
         first.index(train, store=tmp_path / "ix", progress=False, batch_size=10)
-    assert first.featurizer.rows == 100
+    assert first.featurizer.examples == 100
     with pytest.raises(te.TracInError, match="incomplete"):
         te.GradientIndex.load(tmp_path / "ix", _tracin(cnn_run))
     done = te.FeatureStore.load(tmp_path / "ix").done_mask
@@ -109,10 +110,12 @@ def test_interrupted_featurization_resumes_without_recomputing(cnn_run, small_di
     second = _tracin(cnn_run)  # a new session
     second.featurizer = Counting(second.featurizer)
     index = second.index(train, store=tmp_path / "ix", progress=False, batch_size=10)
-    assert second.featurizer.rows == 240 - 100  # nothing written before the interrupt is recomputed
+    assert second.featurizer.examples == 240 - 100  # nothing written before the interrupt is recomputed
     for c in range(4):
         assert torch.equal(index.features(c), full.features(c))
     assert torch.equal(index.store.sq_norms, full.store.sq_norms)
+    assert torch.equal(index.store.out_sq_norms, full.store.out_sq_norms)  # recorded, resumed, complete
+    assert torch.equal(index.store.losses, full.store.losses) and not index.store.losses.isnan().any()
     # a third run finds everything done and computes nothing
     third = _tracin(cnn_run)
     third.featurizer = Counting(third.featurizer)

@@ -162,7 +162,7 @@ def outliers(cnn_index, small_digits):
 
 
 def test_pages_follow_the_self_influence_ranking(outliers, cnn_index):
-    s = cnn_index.self_influence()
+    s = cnn_index.outliers().scores                                          # default: output space
     order = sorted(range(len(s)), key=lambda j: -float(s[j]))
     assert ids(outliers, "page") == order[:16]
     outliers.next_btn.click()
@@ -175,7 +175,7 @@ def test_pages_follow_the_self_influence_ranking(outliers, cnn_index):
 
 def test_label_filter_keeps_the_ranking_within_one_label(outliers, cnn_index, small_digits):
     y = small_digits.train[1]
-    s = cnn_index.self_influence()
+    s = cnn_index.outliers().scores
     outliers.page = 2
     outliers.label_box.index = 1 + 7                                         # options: all labels, 0..9
     assert outliers.label_filter == 7 and outliers.page == 0
@@ -196,12 +196,22 @@ def test_marks_selected_and_dataframe(outliers, cnn_index):
     df = outliers.to_dataframe()
     assert list(df["index"]) == [top[0], top[1], top[3]] and list(df["rank"]) == [1, 2, 4]
     assert list(df["mark"]) == ["suspicious", "fine", "fine"] and list(df["selected"]) == [False, True, True]
-    assert df["self_influence"].iloc[0] == pytest.approx(float(cnn_index.self_influence()[top[0]]))
+    assert df["self_influence"].iloc[0] == pytest.approx(float(cnn_index.outliers().scores[top[0]]))
     outliers.gallery.send_action({"action": "mark", "index": top[0], "mark": "clear"})
     assert top[0] not in outliers.marks
     with pytest.raises(TracInError, match="mark must be one of"):
         outliers.mark([1], "odd")
     assert len(outliers.to_dataframe(all_examples=True)) == 300
+
+
+def test_parameter_space_ranking_and_per_checkpoint_detail(cnn_index, small_digits):
+    g = tw.SelfInfluenceGallery(cnn_index, small_digits.train, page_size=8, space="parameters")
+    s = cnn_index.self_influence()
+    assert ids(g, "page") == sorted(range(len(s)), key=lambda j: -float(s[j]))[:8]
+    top = ids(g, "page")[0]
+    rows = dict(g._detail_rows(top))
+    per = cnn_index.self_influence_per_checkpoint()[:, top]
+    assert [float(rows[f"checkpoint {c}"]) for c in range(len(per))] == pytest.approx(per.tolist(), rel=1e-3)
 
 
 def test_thumbnails_are_cached(outliers, monkeypatch):
@@ -219,7 +229,7 @@ def test_outlier_detail_and_static_views(outliers, cnn_index):
     i = ids(outliers, "page")[0]
     outliers.gallery.active = i
     rows = dict(outliers.gallery.detail["rows"])
-    per = cnn_index.self_influence_per_checkpoint()[:, i]
+    per = cnn_index.outliers().per_checkpoint[:, i]
     assert rows["rank"] == "1 of 300" and float(rows["checkpoint 1"]) == pytest.approx(float(per[1]), rel=1e-3)
     assert outliers._repr_html_().count("<figure") == 16
     assert len([ax for ax in outliers.to_figure(max_cols=8).axes if ax.images]) == 8

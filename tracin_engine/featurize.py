@@ -7,6 +7,7 @@ so an interrupted featurization resumes where it stopped.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -87,12 +88,24 @@ class Featurizer:
 
     def __call__(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss") -> torch.Tensor:
         """Tensor (B, dim) in float32 (or float64 for a float64 model)."""
+        return self._rows(state, x, y, target, with_outputs=False).features
+
+    def rows(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss") -> "Rows":
+        """Features (B, dim) with each example's output-gradient norm and objective: Rows."""
+        return self._rows(state, x, y, target, with_outputs=True)
+
+    def _rows(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target,
+              with_outputs: bool) -> "Rows":
         self.resolve(state, x, y, target)
-        compute = {"hooks": self.hooks, "vmap": self.grads.per_example, "loop": self.grads.reference,
-                   "factored": self.projection}[self.mode]
+        out_sq = losses = None
         while True:
             try:
-                g = compute(state, x, y, target)
+                if self.mode in ("hooks", "factored"):
+                    g, out_sq, losses = (t[0] for t in self._hook_path.many_with_outputs([state], x, y, target))
+                else:
+                    g = (self.grads.per_example if self.mode == "vmap" else self.grads.reference)(state, x, y, target)
+                    if with_outputs:
+                        out_sq, losses = self.grads.output_stats(state, x, y, target)
                 break
             except torch.OutOfMemoryError:
                 if self.mode != "vmap" or self.grads.memory_budget < 2**20:
@@ -108,10 +121,13 @@ class Featurizer:
                                   "pass per_example='vmap' to TracIn.") from exc
         if g.dtype not in (torch.float32, torch.float64):
             g = g.float()
-        if self.projection is None or self.mode == "factored":
-            return g
-        return self.projection(self.hooks.expand(g) if self.mode == "hooks" else g)
+        if self.projection is not None and self.mode != "factored":
+            g = self.projection(self.hooks.expand(g) if self.mode == "hooks" else g)
+        return Rows(g, out_sq, losses)
 
+    @property
+    def _hook_path(self) -> hooks.HookFeaturizer:
+        return self.projection if self.mode == "factored" else self.hooks
 
     def many(self, states: list[dict], x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss"
              ) -> torch.Tensor:
@@ -121,6 +137,25 @@ class Featurizer:
             g = self.hooks.many(states, x, y, target)
             return g if g.dtype in (torch.float32, torch.float64) else g.float()
         return torch.stack([self(state, x, y, target) for state in states])
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One batch featurized at one checkpoint.
+
+    features (B, dim): rows of the layout; out_sq_norms (B,) float64: ||dl(f(z), y)/df(z)||^2 with f the
+    model output (the gradient of an output-layer bias); losses (B,) float64: the objective l(z).
+    The last two are None when not asked for (Featurizer.__call__).
+    """
+
+    features: torch.Tensor
+    out_sq_norms: torch.Tensor | None
+    losses: torch.Tensor | None
+
+    @staticmethod
+    def cat(parts: list["Rows"]) -> "Rows":
+        return Rows(torch.cat([p.features for p in parts]), torch.cat([p.out_sq_norms for p in parts]),
+                    torch.cat([p.losses for p in parts]))
 
 
 def check_finite(feats: torch.Tensor, start: int, checkpoint_name: str) -> None:
@@ -146,11 +181,11 @@ class _Chunk:
         self.size = size
 
     def compute(self, featurizer: Featurizer, state: dict, x: torch.Tensor, y: torch.Tensor | None,
-                target: Target) -> torch.Tensor:
+                target: Target) -> Rows:
         while True:
             try:
-                return torch.cat([featurizer(state, x[s:s + self.size], None if y is None else y[s:s + self.size],
-                                             target) for s in range(0, x.shape[0], self.size)])
+                return Rows.cat([featurizer.rows(state, x[s:s + self.size], None if y is None else y[s:s + self.size],
+                                                 target) for s in range(0, x.shape[0], self.size)])
             except torch.OutOfMemoryError as exc:
                 if self.size == 1:
                     raise TracInError("out of memory featurizing a single example; select fewer layers "
@@ -191,9 +226,10 @@ def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSour
 
             for start, x, y in source.batches(batch_size, skip=skip):
                 a, b = max(start, lo) - start, min(start + x.shape[0], hi) - start
-                feats = chunk.compute(featurizer, state, x[a:b], None if y is None else y[a:b], target)
-                check_finite(feats, start + a, name)
-                store.write(c, start + a, feats, featurizer.sq_norms(feats))
+                rows = chunk.compute(featurizer, state, x[a:b], None if y is None else y[a:b], target)
+                check_finite(rows.features, start + a, name)
+                store.write(c, start + a, rows.features, featurizer.sq_norms(rows.features),
+                            out_sq_norms=rows.out_sq_norms, losses=rows.losses)
                 computed += 1
                 bar.update(1)
             bar.update(n_batches - computed)

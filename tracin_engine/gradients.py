@@ -215,6 +215,36 @@ class GradientComputer:
                                        for n, g in zip(self.param_names, grads)]))
         return torch.stack(rows)
 
+    def objectives(self, out: torch.Tensor, y: torch.Tensor | None, target: Target) -> torch.Tensor:
+        """Per-example objectives (B,) of a batch output, each computed from its own output row."""
+        obj = self._objective
+        if out.shape[0] == 1:
+            return obj(out, y, target).reshape(1)
+        if y is None:
+            return vmap(lambda o: obj(o.unsqueeze(0), None, target))(out)
+        return vmap(lambda o, t: obj(o.unsqueeze(0), t.unsqueeze(0), target))(out, y)
+
+    def output_stats(self, state: dict, inputs: torch.Tensor, targets: torch.Tensor | None,
+                     target: Target = "loss") -> tuple[torch.Tensor, torch.Tensor]:
+        """(||dl_b/df_b||^2, l_b): two Tensors (B,) float64, f_b the model output of example b.
+
+        One forward pass and a backward to the output only (no parameter gradients). For the
+        hook paths the same numbers come out of their own pass (HookFeaturizer.many_with_outputs).
+        """
+        x = self._cast(inputs)
+        y = None if targets is None else targets.to(self.device)
+        with _mode(self.model, self.train_mode), torch.enable_grad():
+            out = self._forward(state, x).detach().requires_grad_(True)
+            self.check_outputs(out, y, target)
+            try:
+                losses = self.objectives(out, y, target)
+            except TracInError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise self.loss_error(exc, out, y) from exc
+            (g,) = torch.autograd.grad(losses.sum(), out)
+        return output_sq_norms(g), losses.detach().double()
+
     def predictions(self, state: dict, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """Predicted class (argmax of the output) per example: Tensor (B,) int64."""
         x = self._cast(inputs)
@@ -222,6 +252,11 @@ class GradientComputer:
             outs = [self._forward(state, x[s:s + batch_size]) for s in range(0, x.shape[0], batch_size)]
         out = torch.cat(outs)
         return out.reshape(out.shape[0], -1).argmax(1)
+
+
+def output_sq_norms(g_out: torch.Tensor) -> torch.Tensor:
+    """||dl_b/df_b||^2 per example from output gradients (B, ...): Tensor (B,) float64."""
+    return g_out.detach().double().reshape(g_out.shape[0], -1).pow(2).sum(1)
 
 
 class _mode:

@@ -20,10 +20,10 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
 from .errors import TracInError
-from .gradients import GradientComputer, Target, _mode, parameter_groups
+from .gradients import GradientComputer, Target, _mode, output_sq_norms, parameter_groups
 from .layout import Layout, Segment
 
 
@@ -81,7 +81,12 @@ class HookFeaturizer:
 
     def many(self, states: list[dict], inputs: torch.Tensor, targets: torch.Tensor | None,
              target: Target = "loss") -> torch.Tensor:
-        """Rows (S, B, layout.dim) of one batch at S checkpoints, from a single backward pass.
+        """Rows (S, B, layout.dim) of one batch at S checkpoints, from a single backward pass."""
+        return self.many_with_outputs(states, inputs, targets, target)[0]
+
+    def many_with_outputs(self, states: list[dict], inputs: torch.Tensor, targets: torch.Tensor | None,
+                          target: Target = "loss") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows (S, B, layout.dim), ||dl_b/df_b||^2 (S, B) and l_b (S, B) (float64), f_b the output.
 
         The objectives of different checkpoints share no weights, so backpropagating their sum
         gives each checkpoint's own output gradients (cheaper than S backward calls for queries).
@@ -94,7 +99,7 @@ class HookFeaturizer:
         seen: dict[str, list] = {name: [] for name, *_ in self.plan}
         handles = [mod.register_forward_hook(lambda m, i, o, n=name: seen[n].append((i[0].detach(), o)))
                    for name, mod, *_ in self.plan]
-        total = None
+        model_outs, losses = [], []
         try:
             with _mode(gc.model, gc.train_mode), torch.enable_grad():
                 for state in states:
@@ -102,35 +107,28 @@ class HookFeaturizer:
                     out = functional_call(gc.model, params, (x,))
                     gc.check_outputs(out, y, target)
                     try:
-                        loss = self._losses(out, y, target).sum()
+                        losses.append(gc.objectives(out, y, target))
                     except TracInError:
                         raise
                     except Exception as exc:  # noqa: BLE001
                         raise gc.loss_error(exc, out, y) from exc
-                    total = loss if total is None else total + loss
+                    model_outs.append(out)
         finally:
             for h in handles:
                 h.remove()
         if any(len(v) != len(states) for v in seen.values()):
             raise Unsupported("a layer ran more than once per forward pass (shared weights)")
         outs = [o for name, *_ in self.plan for _, o in seen[name]]
-        gouts = iter(torch.autograd.grad(total, outs, allow_unused=True))
+        grads = torch.autograd.grad(torch.stack(losses).sum(), outs + model_outs, allow_unused=True)
+        gouts = iter(grads[:len(outs)])
         rows: list[list[torch.Tensor]] = [[] for _ in states]
         for name, mod, has_w, has_b in self.plan:
             for s, (a, o) in enumerate(seen[name]):
                 g = next(gouts)
                 g = torch.zeros_like(o) if g is None else g.detach()
                 rows[s].append(self._layer_rows(mod, a, g, has_w, has_b))
-        return torch.stack([torch.cat(r, 1) for r in rows])
-
-    def _losses(self, out: torch.Tensor, y: torch.Tensor | None, target: Target) -> torch.Tensor:
-        """Per-example objectives (B,), each from its own output row."""
-        obj = self.grads._objective
-        if out.shape[0] == 1:
-            return obj(out, y, target).reshape(1)
-        if y is None:
-            return vmap(lambda o: obj(o.unsqueeze(0), None, target))(out)
-        return vmap(lambda o, t: obj(o.unsqueeze(0), t.unsqueeze(0), target))(out, y)
+        out_sq = torch.stack([output_sq_norms(g) for g in grads[len(outs):]])
+        return torch.stack([torch.cat(r, 1) for r in rows]), out_sq, torch.stack(losses).detach().double()
 
     @staticmethod
     def _layer_rows(mod: nn.Module, a: torch.Tensor, g: torch.Tensor, has_w: bool, has_b: bool) -> torch.Tensor:

@@ -145,15 +145,17 @@ class GradientIndex:
         return cluster(self, n_clusters, **kwargs)
 
     def outliers(self, weights: torch.Tensor | None = None, checkpoints: Any = None,
-                 normalize: str = "none"):
+                 normalize: str = "none", space: str = "output"):
         """Training examples ranked by self-influence: Outliers (.indices, .scores, .per_checkpoint).
 
-        normalize "none" (default: sum_c eta_c ||g_c||^2), "checkpoint" (each checkpoint's ||g_c||^2
-        over its training mean) or "log"; checkpoints=[0] ranks by the first checkpoint only.
+        space "output" (default: sum_c eta_c ||dl/df_c(z)||^2, the loss gradient w.r.t. the model
+        output, recorded while featurizing) or "parameters" (sum_c eta_c ||g_c(z)||^2 =
+        self_influence()); normalize "none", "checkpoint" (each checkpoint over its training mean)
+        or "log"; checkpoints=[0] ranks by the first checkpoint only. See tracin_engine/outliers.py.
         """
         from .outliers import rank_outliers
 
-        return rank_outliers(self, weights, checkpoints, normalize)
+        return rank_outliers(self, weights, checkpoints, normalize, space)
 
     def renormalized_top_k(self, test_data: Any = None, k: int = 10, target: Target = "loss",
                            batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None) -> TopK:

@@ -16,8 +16,11 @@ Dense segments store gradient entries as they are. Inner products of rows add ov
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+Matmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -58,16 +61,23 @@ class Layout:
     def to_dict(self) -> list[list]:
         return [[s.kind, s.start, s.a_dim, s.g_dim] for s in self.segments]
 
-    def dots(self, t: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """Exact inner products of represented gradients: t (m, dim), f (b, dim) -> (m, b)."""
+    def dots(self, t: torch.Tensor, f: torch.Tensor, matmul: Matmul | None = None) -> torch.Tensor:
+        """Exact inner products of represented gradients: t (m, dim), f (b, dim) -> (m, b), t's dtype.
+
+        Sum over dense segments of t_s f_s^T plus, over outer segments, (t_a f_a^T) * (t_g f_g^T).
+        matmul(x (m, k), y (b, k)) -> (m, b) computes each of those plain products x y^T of column
+        slices; default x @ y.T (f must then have t's dtype). Scoring passes `half_matmul` to keep
+        float16/bfloat16 rows as they are.
+        """
+        matmul = matmul or _matmul
         if self.is_dense:
-            return t @ f.T
+            return matmul(t, f)
         out = torch.zeros(t.shape[0], f.shape[0], dtype=t.dtype, device=t.device)
         for s in self.dense:
-            out.addmm_(t[:, s.start:s.start + s.a_dim], f[:, s.start:s.start + s.a_dim].T)
+            out.add_(matmul(t[:, s.start:s.start + s.a_dim], f[:, s.start:s.start + s.a_dim]))
         for s in self.outer:
             a0, g0, g1 = s.start, s.start + s.a_dim, s.start + s.size
-            out.add_((t[:, a0:g0] @ f[:, a0:g0].T) * (t[:, g0:g1] @ f[:, g0:g1].T))
+            out.add_(matmul(t[:, a0:g0], f[:, a0:g0]) * matmul(t[:, g0:g1], f[:, g0:g1]))
         return out
 
     def sq_norms(self, f: torch.Tensor) -> torch.Tensor:
@@ -82,6 +92,11 @@ class Layout:
             a0, g0, g1 = s.start, s.start + s.a_dim, s.start + s.size
             total += f[:, a0:g0].pow(2).sum(1) * f[:, g0:g1].pow(2).sum(1)
         return total
+
+
+def _matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x (m, k), y (b, k) -> x @ y.T (m, b)."""
+    return x @ y.T
 
 
 def _merge_adjacent(dense: list[Segment]) -> list[Segment]:

@@ -5,6 +5,9 @@ Layout on disk (one folder):
                              dtype); checked again when the folder is reopened
     features_<c>.bin         raw (n, dim) array of checkpoint c, memory-mapped, dtype float16/bfloat16/float32
     sq_norms.npy             (n_checkpoints, n) float64: ||g_c(z)||^2 of the features before rounding
+    out_sq_norms.npy         (n_checkpoints, n) float64: ||dl/df||^2, the loss gradient w.r.t. the model
+                             output f at checkpoint c (NaN where not recorded)
+    losses.npy               (n_checkpoints, n) float64: the objective l(w_c, z) (NaN where not recorded)
     done.npy                 (n_checkpoints, n) uint8: 1 once row z of checkpoint c is written and flushed
 Rows are flushed before their done flag, so an interrupted run loses nothing it marked done.
 """
@@ -31,8 +34,18 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise TracInError(f"unsupported store dtype {dtype}; use one of {list(_DTYPES)}.")
 
 
+def _open_nan_map(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A float64 .npy memory map; created filled with NaN ("not recorded") when missing."""
+    if path.exists():
+        return np.lib.format.open_memmap(path, mode="r+")
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=shape)
+    mm[:] = np.nan
+    return mm
+
+
 class FeatureStore:
-    """features(c): Tensor (n, dim); sq_norms: Tensor (C, n) float64; done_mask: Tensor (C, n) bool."""
+    """features(c): Tensor (n, dim); sq_norms, out_sq_norms, losses: Tensor (C, n) float64;
+    done_mask: Tensor (C, n) bool."""
 
     def __init__(self, n: int, n_checkpoints: int, dim: int, dtype: torch.dtype,
                  path: Path | None = None, metadata: dict | None = None):
@@ -43,6 +56,8 @@ class FeatureStore:
         if path is None:
             self._features = [torch.zeros(n, dim, dtype=dtype) for _ in range(n_checkpoints)]
             self.sq_norms = torch.zeros(n_checkpoints, n, dtype=torch.float64)
+            self.out_sq_norms = torch.full((n_checkpoints, n), float("nan"), dtype=torch.float64)
+            self.losses = torch.full((n_checkpoints, n), float("nan"), dtype=torch.float64)
             self._done_u8 = torch.zeros(n_checkpoints, n, dtype=torch.uint8)
         else:
             self._open_files(create=not (path / "metadata.json").exists())
@@ -61,10 +76,12 @@ class FeatureStore:
             feats.append(t.view(tdtype) if tdtype == torch.bfloat16 else t)
         open_mm = np.lib.format.open_memmap
         norms = open_mm(p / "sq_norms.npy", mode=mode, dtype=np.float64, shape=(self.n_checkpoints, self.n))
+        outputs = [_open_nan_map(p / f"{name}.npy", (self.n_checkpoints, self.n)) for name in ("out_sq_norms", "losses")]
         done = open_mm(p / "done.npy", mode=mode, dtype=np.uint8, shape=(self.n_checkpoints, self.n))
-        self._maps += [norms, done]
+        self._maps += [norms, *outputs, done]
         self._features = feats
         self.sq_norms = torch.from_numpy(norms)
+        self.out_sq_norms, self.losses = (torch.from_numpy(m) for m in outputs)
         self._done_u8 = torch.from_numpy(done)
         if create:
             (p / "metadata.json").write_text(json.dumps(self.metadata, indent=1, sort_keys=True))
@@ -113,10 +130,12 @@ class FeatureStore:
     def complete(self) -> bool:
         return bool(self.done_mask.all())
 
-    def write(self, c: int, start: int, feats: torch.Tensor, sq_norms: torch.Tensor | None = None) -> None:
+    def write(self, c: int, start: int, feats: torch.Tensor, sq_norms: torch.Tensor | None = None,
+              out_sq_norms: torch.Tensor | None = None, losses: torch.Tensor | None = None) -> None:
         """Store rows start..start+B of checkpoint c. feats: (B, dim), float32 or float64.
 
         sq_norms: (B,) squared norms of the gradients the rows represent (default: sum of squares).
+        out_sq_norms, losses: (B,) output-gradient squared norms and objectives (left NaN if None).
         """
         stop = start + feats.shape[0]
         feats = feats.detach().cpu()
@@ -126,11 +145,14 @@ class FeatureStore:
         self._features[c][start:stop] = feats.to(self.dtype)
         self.sq_norms[c, start:stop] = (feats.double().pow(2).sum(1) if sq_norms is None
                                         else sq_norms.detach().cpu().double())
+        for dst, src in ((self.out_sq_norms, out_sq_norms), (self.losses, losses)):
+            if src is not None:
+                dst[c, start:stop] = src.detach().cpu().double()
         if self.path is None:
             self._done_u8[c, start:stop] = 1
             return
-        self._maps[c].flush()
-        self._maps[-2].flush()
+        for m in (self._maps[c], *self._maps[self.n_checkpoints:-1]):  # rows, then norms and outputs
+            m.flush()
         self._done_u8[c, start:stop] = 1
         self._maps[-1].flush()
 
@@ -144,6 +166,7 @@ class FeatureStore:
         out.path, out.metadata, out._maps = None, dict(self.metadata), []
         out._features = [f.to(device) for f in self._features]
         out.sq_norms, out._done_u8 = self.sq_norms.clone(), self._done_u8.clone()
+        out.out_sq_norms, out.losses = self.out_sq_norms.clone(), self.losses.clone()
         return out
 
     def copy_to(self, path: str | Path, metadata: dict) -> "FeatureStore":
@@ -152,6 +175,8 @@ class FeatureStore:
         for c in range(self.n_checkpoints):
             dst._features[c][:] = self._features[c]
         dst.sq_norms[:] = self.sq_norms
+        dst.out_sq_norms[:] = self.out_sq_norms
+        dst.losses[:] = self.losses
         dst._done_u8[:] = self._done_u8
         for m in dst._maps:
             m.flush()

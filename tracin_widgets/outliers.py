@@ -7,8 +7,10 @@ Example:
     >>> g.selected                              # training indices clicked
     >>> g.to_dataframe()                        # the selected and marked examples, with scores
 
-Self-influence: s(z) = sum_c eta_c ||g_c(z)||^2 (index.self_influence()); high values are examples the
-model found hard to fit (mislabelled, ambiguous or rare). Only one page of tiles is rendered and sent
+Ranking: index.outliers(weights, space=space).scores. space="output" (default) is the self-influence
+of the model output, s(z) = sum_c eta_c ||dl/df_c(z)||^2; space="parameters" the paper's
+sum_c eta_c ||g_c(z)||^2 (index.self_influence()); see tracin_engine/outliers.py. High values are
+examples the model found hard to fit (mislabelled, ambiguous or rare). Only one page of tiles is rendered and sent
 (page_size), so 50k examples stay as quick as 500: ranking and filtering are index arithmetic.
 """
 
@@ -34,16 +36,20 @@ class SelfInfluenceGallery(GalleryBase):
     label_filter = traitlets.Any(None)
 
     def __init__(self, index: Any, train_data: Any, page_size: int = 48, self_influence: Any = None,
-                 weights: Any = None, **kwargs: Any):
+                 weights: Any = None, space: str = "output", **kwargs: Any):
         if page_size < 1:
             raise TracInError(f"page_size must be at least 1, got {page_size}.")
         self.page_size = int(page_size)
-        scores = index.self_influence(weights) if self_influence is None else torch.as_tensor(self_influence)
+        self._per_checkpoint: torch.Tensor | None = None
+        if self_influence is None:
+            ranked = index.outliers(weights, space=space)
+            scores, self._per_checkpoint = ranked.scores, ranked.per_checkpoint
+        else:
+            scores = torch.as_tensor(self_influence)
         self.scores = scores.double().cpu()
         self.order = torch.argsort(self.scores, descending=True, stable=True)
         self.rank = torch.empty_like(self.order)
         self.rank[self.order] = torch.arange(len(self.order))
-        self._per_checkpoint: torch.Tensor | None = None
         self._filtered: dict[Any, torch.Tensor] = {}
         self.prev_btn = W.Button(description="\u25c0 prev", layout=W.Layout(width="auto"))
         self.next_btn = W.Button(description="next \u25b6", layout=W.Layout(width="auto"))
@@ -170,8 +176,6 @@ class SelfInfluenceGallery(GalleryBase):
                 self.gallery.detail = self.detail(int(msg["index"]))
 
     def _detail_rows(self, i: int) -> list[tuple[str, str]]:
-        if self._per_checkpoint is None and self.index is not None:
-            self._per_checkpoint = self.index.self_influence_per_checkpoint()
         rows = [("rank", f"{int(self.rank[i]) + 1} of {len(self.scores)}"),
                 ("self-influence", f"{float(self.scores[i]):.4g}")]
         if self._per_checkpoint is not None:
