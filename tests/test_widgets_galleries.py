@@ -206,12 +206,17 @@ def test_marks_selected_and_dataframe(outliers, cnn_index):
 
 def test_parameter_space_ranking_and_per_checkpoint_detail(cnn_index, small_digits):
     g = tw.SelfInfluenceGallery(cnn_index, small_digits.train, page_size=8, space="parameters")
+    assert "||g_c(z)||^2 (parameter space)" in g._status()
+    assert "||dl/df_c(z)||^2 (output space)" in tw.SelfInfluenceGallery(cnn_index, small_digits.train)._status()
     s = cnn_index.self_influence()
     assert ids(g, "page") == sorted(range(len(s)), key=lambda j: -float(s[j]))[:8]
     top = ids(g, "page")[0]
     rows = dict(g._detail_rows(top))
     per = cnn_index.self_influence_per_checkpoint()[:, top]
-    assert [float(rows[f"checkpoint {c}"]) for c in range(len(per))] == pytest.approx(per.tolist(), rel=1e-3)
+    assert [float(rows[f"checkpoint {c}"].split()[0]) for c in range(len(per))] == pytest.approx(per.tolist(), rel=1e-3)
+    # each checkpoint's term comes with the example's loss there (recorded while featurizing)
+    losses = [float(rows[f"checkpoint {c}"].split("loss ")[1]) for c in range(len(per))]
+    assert losses == pytest.approx(cnn_index.store.losses[:, top].tolist(), rel=2e-3)
 
 
 def test_thumbnails_are_cached(outliers, monkeypatch):
@@ -230,7 +235,7 @@ def test_outlier_detail_and_static_views(outliers, cnn_index):
     outliers.gallery.active = i
     rows = dict(outliers.gallery.detail["rows"])
     per = cnn_index.outliers().per_checkpoint[:, i]
-    assert rows["rank"] == "1 of 300" and float(rows["checkpoint 1"]) == pytest.approx(float(per[1]), rel=1e-3)
+    assert rows["rank"] == "1 of 300" and float(rows["checkpoint 1"].split()[0]) == pytest.approx(float(per[1]), rel=1e-3)
     assert outliers._repr_html_().count("<figure") == 16
     assert len([ax for ax in outliers.to_figure(max_cols=8).axes if ax.images]) == 8
 

@@ -41,6 +41,7 @@ class SelfInfluenceGallery(GalleryBase):
             raise TracInError(f"page_size must be at least 1, got {page_size}.")
         self.page_size = int(page_size)
         self._per_checkpoint: torch.Tensor | None = None
+        self.space = space if self_influence is None else None
         if self_influence is None:
             ranked = index.outliers(weights, space=space)
             scores, self._per_checkpoint = ranked.scores, ranked.per_checkpoint
@@ -135,7 +136,9 @@ class SelfInfluenceGallery(GalleryBase):
         return [strip]
 
     def _status(self) -> str:
-        return (f"self-influence s(z) = sum_c eta_c ||g_c(z)||^2 over {len(self.scores)} training examples; "
+        formula = {"output": "s(z) = sum_c eta_c ||dl/df_c(z)||^2 (output space)",
+                   "parameters": "s(z) = sum_c eta_c ||g_c(z)||^2 (parameter space)"}.get(self.space, "given scores")
+        return (f"self-influence {formula} over {len(self.scores)} training examples; "
                 f"click: select + details; s / f: suspicious / fine")
 
     def refresh(self) -> None:
@@ -179,7 +182,10 @@ class SelfInfluenceGallery(GalleryBase):
         rows = [("rank", f"{int(self.rank[i]) + 1} of {len(self.scores)}"),
                 ("self-influence", f"{float(self.scores[i]):.4g}")]
         if self._per_checkpoint is not None:
-            rows += [(f"checkpoint {c}", f"{float(v):.4g}") for c, v in enumerate(self._per_checkpoint[:, i].tolist())]
+            losses = getattr(getattr(self.index, "store", None), "losses", None)
+            for c, v in enumerate(self._per_checkpoint[:, i].tolist()):
+                loss = float(losses[c, i]) if losses is not None and c < len(losses) else float("nan")
+                rows.append((f"checkpoint {c}", f"{v:.4g}" + ("" if loss != loss else f" \u00b7 loss {loss:.3g}")))
         rows.append(("mark", self.gallery.marks.get(str(i), "none")))
         return rows
 
