@@ -97,6 +97,11 @@ def test_self_influence_is_diagonal_of_scores_on_training_data(logreg):
     S = index.influence((logreg["X"], logreg["y"]))
     assert torch.allclose(torch.diagonal(S).double(), index.self_influence(), rtol=1e-6, atol=1e-12)
     assert index.self_influence_per_checkpoint().shape == (1, N)
+    # outliers of a SOURCE index rank by SOURCE(z, z); it records no output norms, and says so
+    ranked = index.outliers(space="parameters")
+    assert torch.equal(ranked.indices, torch.argsort(index.self_influence(), descending=True, stable=True))
+    with pytest.raises(te.TracInError, match="space='parameters'"):
+        index.outliers()
 
 
 def test_top_k_and_prediction_target_and_save_load(logreg, tmp_path):

@@ -100,8 +100,8 @@ def squared_norms(index: "GradientIndex", space: str = "output") -> torch.Tensor
     """q_c(z) of the module docstring: Tensor (C, n_train) float64."""
     if space not in SPACES:
         raise TracInError(f"space must be one of {SPACES}, got {space!r}.")
-    if space == "parameters":
-        return index.store.sq_norms.double()
+    if space == "parameters":  # the index's own self-influence terms at unit weights (SOURCE: its v(z) form)
+        return index.self_influence_per_checkpoint(torch.ones(index.store.n_checkpoints, dtype=torch.float64)).double()
     q = index.store.out_sq_norms.double()
     if bool(torch.isnan(q).any()):
         raise TracInError("this index has no output-gradient norms for some rows (it was built before they were "
