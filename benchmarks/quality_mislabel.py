@@ -19,7 +19,8 @@ Regimes: "early" (stopped before the flipped labels are fitted) and "memorize" (
 training label, flipped ones included, is fitted); the tabular MLP also with 20 checkpoints. Every
 regime runs for each seed of --seeds (the seed picks the flipped labels, the initialization and the
 batch order, and the cleanlab folds); the report has each seed and the mean. Models: DigitsCNN on sklearn digits (1500 train),
-MLP on sklearn breast_cancer (569, standardized).
+MLP on sklearn breast_cancer (569, standardized); task "digits_mlp" (not in the default --tasks):
+a 2-hidden-layer MLP (128 units) memorizing the digits, a second architecture on the same data.
 Task "ideal": a clean DigitsCNN run with TracInIdealRecorder (tracin_engine.ideal) on 60 test
 examples; Pearson correlation of TracInCP (5 checkpoints) with TracInIdeal, and the label agreement
 of top-10 neighbours in each view (tracin_engine.neighbors_quality) on all 297 test examples.
@@ -166,6 +167,12 @@ def tabular_task():
         "memorize, 20 checkpoints": dict(epochs=400, lr=0.02, momentum=0.9, batch_size=32, n_checkpoints=20)}
 
 
+def digits_mlp_task():
+    d = load_digits_split(seed=0)
+    return "digits MLP", (lambda: MLP(64, 10, hidden=128)), d.train[0], d.train[1], 10, {
+        "memorize": dict(epochs=150, lr=0.02, momentum=0.9, batch_size=32, n_checkpoints=6)}
+
+
 def ideal_task(n_test: int = 60, epochs: int = 10, n_checkpoints: int = 5, lr: float = 0.1) -> dict:
     """TracInCP (checkpoints) vs TracInIdeal (every step, exact loss changes) on clean digits."""
     from tracin_engine.checkpoints import CheckpointRecorder
@@ -232,7 +239,7 @@ def main() -> None:
                          f"torch {torch.__version__}, no GPU" if not torch.cuda.is_available() else "cuda",
               "flipped fraction": 0.1, "tasks": {}}
     t_all = time.time()
-    tasks = {"digits": digits_task, "tabular": tabular_task}
+    tasks = {"digits": digits_task, "tabular": tabular_task, "digits_mlp": digits_mlp_task}
     for key in args.tasks.split(","):
         if key == "ideal":
             report["tracin_cp_vs_ideal"] = ideal_task()
