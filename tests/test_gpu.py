@@ -19,6 +19,7 @@ def test_cuda_matches_cpu(cnn_run, small_digits):
     gpu = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cuda").index(small_digits.train, progress=False)
     assert rel_err(gpu.influence(test).cpu(), cpu.influence(test)) < 1e-4
     assert rel_err(gpu.self_influence().cpu(), cpu.self_influence()) < 1e-4
+    assert rel_err(gpu.outliers().scores, cpu.outliers().scores) < 1e-4  # output norms recorded on the GPU
     top_c, top_g = cpu.top_k(test, k=10), gpu.top_k(test, k=10)
     for i in range(16):
         assert set(top_c.proponents.indices[i].tolist()) == set(top_g.proponents.indices[i].tolist())

@@ -141,3 +141,23 @@ def test_bad_input(cnn_index):
         rank_outliers(cnn_index, weights=[1.0, 2.0])
     with pytest.raises(te.TracInError, match="sum to zero"):
         rank_outliers(cnn_index, weights=[0.0, 0, 0, 0])
+
+
+def test_output_stats_in_train_mode_leave_the_checkpoint_buffers_alone():
+    from tracin_engine.gradients import GradientComputer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    gc = GradientComputer(model, F.cross_entropy, device="cpu", train_mode=True)
+    state = gc.prepare({k: v.clone() for k, v in model.state_dict().items()})
+    before = {k: v.clone() for k, v in state.items()}
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    out_sq, losses = gc.output_stats(state, x, y)
+    assert all(torch.equal(state[k], before[k]) for k in state)           # running_mean/var untouched
+    with torch.no_grad():                                                   # train-mode forward on a copy
+        ref = copy.deepcopy(model).train()(x)
+    assert torch.allclose(losses, F.cross_entropy(ref, y, reduction="none").double(), atol=1e-6)
+    p = ref.softmax(1) - F.one_hot(y, 3)
+    assert torch.allclose(out_sq, (p.double() ** 2).sum(1), atol=1e-6)
+    with pytest.raises(te.TracInError, match="no labels"):
+        gc.output_stats(state, x, None)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tracin_engine.layout import Layout, Segment
-from tracin_engine.scoring import (HALF_MAX_TEST_ROWS, full_scores, half_matmul, score_blocks,
-                                   uses_half_products)
+from tracin_engine.scoring import (HALF_MAX_TEST_ROWS, HALF_MAX_TEST_ROWS_EMULATED, full_scores,
+                                   half_matmul, score_blocks, uses_half_products)
 from tracin_engine.store import FeatureStore
 from tracin_engine.topk import streaming_top_k
 
@@ -127,10 +127,18 @@ def test_half_matmul_stored_row_above_float16_range_falls_back_to_float32():
     assert torch.equal(out, x @ y.float().T)
 
 
-def test_half_products_only_for_half_stores_on_the_cpu_with_few_test_rows():
+def test_half_products_only_for_half_stores_on_the_cpu_with_few_test_rows(monkeypatch):
+    import tracin_engine.scoring as scoring
+
+    monkeypatch.setattr(scoring, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_fp16"}))
     assert uses_half_products(torch.float16, CPU, 1)
-    assert uses_half_products(torch.bfloat16, CPU, HALF_MAX_TEST_ROWS)
+    assert uses_half_products(torch.float16, CPU, HALF_MAX_TEST_ROWS)
     assert not uses_half_products(torch.float16, CPU, HALF_MAX_TEST_ROWS + 1)
+    assert not uses_half_products(torch.bfloat16, CPU, HALF_MAX_TEST_ROWS)  # no native bfloat16 dots listed
+    assert uses_half_products(torch.bfloat16, CPU, HALF_MAX_TEST_ROWS_EMULATED)
+    monkeypatch.setattr(scoring, "_cpu_flags", lambda: frozenset({"avx2"}))
+    assert uses_half_products(torch.float16, CPU, HALF_MAX_TEST_ROWS_EMULATED)
+    assert not uses_half_products(torch.float16, CPU, HALF_MAX_TEST_ROWS_EMULATED + 1)
     assert not uses_half_products(torch.float32, CPU, 1) and not uses_half_products(torch.float64, CPU, 1)
     assert not uses_half_products(torch.float16, torch.device("cuda"), 1)
 

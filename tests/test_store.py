@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -154,3 +155,31 @@ def test_blocked_top_k_equals_full_sort(cnn_run, small_digits):
     assert torch.equal(blocked.proponents.indices, full.proponents.indices)
     assert torch.equal(blocked.opponents.indices, full.opponents.indices)
     assert torch.allclose(blocked.proponents.scores, full.proponents.scores)
+
+
+def test_a_store_from_before_output_norms_redoes_only_those_rows(cnn_run, small_digits, tmp_path):
+    train = _train(small_digits, 40)
+    full = _tracin(cnn_run).index(train, store=tmp_path / "ix", progress=False, batch_size=10)
+    expected = full.store.out_sq_norms.clone()
+    del full
+    # an older store: no out_sq_norms.npy / losses.npy, every row marked done
+    (tmp_path / "ix" / "out_sq_norms.npy").unlink()
+    (tmp_path / "ix" / "losses.npy").unlink()
+    old = te.GradientIndex.load(tmp_path / "ix", _tracin(cnn_run))
+    assert old.store.out_sq_norms.isnan().all() and old.store.complete
+    with pytest.raises(te.TracInError, match="featurize again into the same store"):
+        old.outliers()
+    assert len(old.outliers(space="parameters").indices) == 40   # the parameter space still works
+    del old
+    again = _tracin(cnn_run)
+    again.featurizer = Counting(again.featurizer)
+    index = again.index(train, store=tmp_path / "ix", progress=False, batch_size=10)  # what the error says
+    assert again.featurizer.examples == 40 * 4                    # the rows were redone, once
+    assert torch.equal(index.store.out_sq_norms, expected) and len(index.outliers().indices) == 40
+
+
+def test_damaged_output_arrays_are_reported(cnn_run, small_digits, tmp_path):
+    _tracin(cnn_run).index(_train(small_digits, 20), store=tmp_path / "ix", progress=False, batch_size=10)
+    np.save(tmp_path / "ix" / "losses.npy", np.zeros((2, 10)))
+    with pytest.raises(te.TracInError, match="losses.npy holds .* shape \\(2, 10\\), expected float64 \\(4, 20\\)"):
+        te.FeatureStore.load(tmp_path / "ix")

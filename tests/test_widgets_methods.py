@@ -47,3 +47,13 @@ def test_unknown_method_and_mismatched_training_set(two_methods, small_digits):
     with pytest.raises(te.TracInError, match="another training set"):
         tw.InfluenceExplorer(tracin_index, small_digits.train, small_digits.test, methods={"small": small})
     assert torch.isfinite(source_index.self_influence()).all()
+
+
+def test_self_influence_gallery_of_a_source_index_ranks_by_source_self_influence(two_methods, small_digits):
+    _, source_index = two_methods
+    g = tw.SelfInfluenceGallery(source_index, small_digits.train, page_size=8)
+    s = source_index.self_influence()
+    assert g.space == "parameters" and "(parameter space)" in g._status()
+    assert g.ranked()[:8].tolist() == torch.argsort(s, descending=True, stable=True)[:8].tolist()
+    with pytest.raises(te.TracInError, match="no output-space self-influence"):
+        tw.SelfInfluenceGallery(source_index, small_digits.train, space="output")

@@ -7,10 +7,11 @@ Example (every rank runs the same script, e.g. `torchrun --nproc_per_node 8 feat
     >>> index = index_distributed(tracin, train_data, store="/shared/index")   # GradientIndex on every rank
 
 Layout: the ranks share ONE store folder (see store.py). Rank 0 creates it (metadata.json, the
-memory-mapped features_<c>.bin, sq_norms.npy, done.npy) and every rank then writes the disjoint
-rows [lo, hi) of its shard into the same files; rows are flushed before their done flags, so an
-interrupted job is resumed by launching it again (each rank skips its rows already done, whatever
-the previous world size). After a barrier every rank reopens the folder as one complete index.
+memory-mapped features_<c>.bin, sq_norms.npy, out_sq_norms.npy, losses.npy, done.npy) and every
+rank then writes the disjoint rows [lo, hi) of its shard into the same files; rows are flushed
+before their done flags, so an interrupted job is resumed by launching it again (each rank skips
+its rows already done, whatever the previous world size). After a barrier every rank reopens the
+folder as one complete index.
 Shard r holds examples [r * s, (r + 1) * s) with s a multiple of batch_size, s ~ n / world_size.
 Across several nodes the folder must be on a filesystem all nodes mount with coherent writes to
 disjoint byte ranges (Lustre, GPFS, BeeGFS, a local disk for one node); the data must list the

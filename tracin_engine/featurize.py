@@ -145,7 +145,8 @@ class Rows:
 
     features (B, dim): rows of the layout; out_sq_norms (B,) float64: ||dl(f(z), y)/df(z)||^2 with f the
     model output (the gradient of an output-layer bias); losses (B,) float64: the objective l(z).
-    The last two are None when not asked for (Featurizer.__call__).
+    The last two can be None where they were not asked for (Featurizer.__call__ on the vmap and
+    loop paths skips their extra pass; the hook paths always have them).
     """
 
     features: torch.Tensor
@@ -203,13 +204,14 @@ def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSour
     batch_size None: auto_batch_size; on out-of-memory the batch is split in halves (and stays
     smaller). rows=(lo, hi) restricts the work to examples lo..hi-1 (one shard of a distributed run).
     Rows are written (and flushed, on disk) batch by batch, so an interruption loses at most the
-    batch in flight.
+    batch in flight. Rows written without output norms or losses (an older store) are redone.
     """
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise TracInError(f"batch_size must be a positive integer or None (automatic), got {batch_size!r}.")
     batch_size = batch_size or auto_batch_size(featurizer)
     chunk = _Chunk(batch_size)
     lo, hi = rows or (0, len(source))
+    store.redo_rows_without_outputs(lo, hi)  # rows of a store written before output norms were recorded
     n_batches = len(source.data) if source.is_loader else math.ceil(len(source) / batch_size)
     bar = _progress(len(checkpoints) * n_batches, progress)
     try:

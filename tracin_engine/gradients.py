@@ -150,13 +150,7 @@ class GradientComputer:
         self.check_args(y, target)
         with torch.no_grad(), _mode(self.model, self.train_mode):
             out = self._forward(state, x[:1])
-        self.check_outputs(out, y, target)
-        try:
-            self._objective(out, None if y is None else y[:1], target)
-        except TracInError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise self.loss_error(exc, out, y) from exc
+        self.checked_objectives(out, None if y is None else y[:1], target)
 
     # -- gradients --------------------------------------------------------------------------------
     def _split(self, state: dict) -> tuple[dict, dict]:
@@ -224,24 +218,35 @@ class GradientComputer:
             return vmap(lambda o: obj(o.unsqueeze(0), None, target))(out)
         return vmap(lambda o, t: obj(o.unsqueeze(0), t.unsqueeze(0), target))(out, y)
 
+    def checked_objectives(self, out: torch.Tensor, y: torch.Tensor | None, target: Target) -> torch.Tensor:
+        """objectives(), after check_outputs, with a loss_fn failure turned into a clear TracInError."""
+        self.check_outputs(out, y, target)
+        try:
+            return self.objectives(out, y, target)
+        except TracInError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self.loss_error(exc, out, y) from exc
+
     def output_stats(self, state: dict, inputs: torch.Tensor, targets: torch.Tensor | None,
                      target: Target = "loss") -> tuple[torch.Tensor, torch.Tensor]:
         """(||dl_b/df_b||^2, l_b): two Tensors (B,) float64, f_b the model output of example b.
 
-        One forward pass and a backward to the output only (no parameter gradients). For the
-        hook paths the same numbers come out of their own pass (HookFeaturizer.many_with_outputs).
+        One extra forward pass and a backward to the output only (no parameter gradients), for the
+        vmap and loop paths; the hook paths take the same numbers from their own pass
+        (HookFeaturizer.many_with_outputs). With train_mode=True this pass draws its own dropout
+        masks (so it can differ from the pass behind the features) and runs on copies of the
+        buffers (BatchNorm statistics of the checkpoint are left as they are).
         """
         x = self._cast(inputs)
         y = None if targets is None else targets.to(self.device)
+        self.check_args(y, target)
+        if self.train_mode:
+            buffers = {name for name, _ in self.model.named_buffers()}
+            state = {k: (v.clone() if k in buffers else v) for k, v in state.items()}
         with _mode(self.model, self.train_mode), torch.enable_grad():
             out = self._forward(state, x).detach().requires_grad_(True)
-            self.check_outputs(out, y, target)
-            try:
-                losses = self.objectives(out, y, target)
-            except TracInError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                raise self.loss_error(exc, out, y) from exc
+            losses = self.checked_objectives(out, y, target)
             (g,) = torch.autograd.grad(losses.sum(), out)
         return output_sq_norms(g), losses.detach().double()
 

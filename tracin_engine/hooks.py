@@ -105,13 +105,7 @@ class HookFeaturizer:
                 for state in states:
                     params = {k: (v.detach().requires_grad_(True) if k in names else v) for k, v in state.items()}
                     out = functional_call(gc.model, params, (x,))
-                    gc.check_outputs(out, y, target)
-                    try:
-                        losses.append(gc.objectives(out, y, target))
-                    except TracInError:
-                        raise
-                    except Exception as exc:  # noqa: BLE001
-                        raise gc.loss_error(exc, out, y) from exc
+                    losses.append(gc.checked_objectives(out, y, target))
                     model_outs.append(out)
         finally:
             for h in handles:

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 class GradientIndex:
     """Stored training features (one FeatureStore) plus the TracIn that made them (for queries)."""
 
+    records_outputs = True  # featurization stores ||dl/df||^2 and losses per row (index.outliers(space="output"))
+
     def __init__(self, tracin: "TracIn", store: FeatureStore):
         if not store.complete:
             missing = int((~store.done_mask).sum())

@@ -12,7 +12,8 @@ Two spaces for the self-influence of z at checkpoint c, q_c(z):
     space="parameters":  q_c(z) = ||g_c(z)||^2, g_c = grad_w l(w_c, z) over the index's layers (the TracIn
                          paper's self-influence; index.self_influence())
     space="output":      q_c(z) = ||dl(f_c(z), y)/df_c(z)||^2, f_c(z) the model output (logits) at
-                         checkpoint c; recorded during featurization at no extra cost. It is the
+                         checkpoint c; recorded during featurization (the hook paths take it
+                         from their own backward pass; vmap/loop do one extra forward). It is the
                          self-influence of an output-layer bias (dl/db = dl/df), and for cross-entropy
                          ||p - onehot(y)||^2. (default)
 Since g_c = J_c(z)^T dl/df with J_c the output Jacobian, the parameter version equals
@@ -96,18 +97,25 @@ def checkpoint_weights(index: "GradientIndex", weights: Any = None,
     return w
 
 
+def has_output_norms(index: "GradientIndex") -> bool:
+    """Whether every training row of the index has its output-gradient norm recorded (space="output")."""
+    return bool(getattr(index, "records_outputs", True)) and not bool(torch.isnan(index.store.out_sq_norms).any())
+
+
 def squared_norms(index: "GradientIndex", space: str = "output") -> torch.Tensor:
     """q_c(z) of the module docstring: Tensor (C, n_train) float64."""
     if space not in SPACES:
         raise TracInError(f"space must be one of {SPACES}, got {space!r}.")
-    if space == "parameters":  # the index's own self-influence terms at unit weights (SOURCE: its v(z) form)
+    if space == "parameters":  # the index's own self-influence terms at unit weights (SOURCE: SOURCE(z, z))
         return index.self_influence_per_checkpoint(torch.ones(index.store.n_checkpoints, dtype=torch.float64)).double()
-    q = index.store.out_sq_norms.double()
-    if bool(torch.isnan(q).any()):
+    if not getattr(index, "records_outputs", True):
+        raise TracInError(f"a {type(index).__name__} has no output-space self-influence; rank by its own "
+                          "self-influence with space='parameters'.")
+    if not has_output_norms(index):
         raise TracInError("this index has no output-gradient norms for some rows (it was built before they were "
-                          "recorded, or its rows were written without them); rebuild it with tracin.index(...), "
-                          "or rank in the parameter space with space='parameters'.")
-    return q
+                          "recorded); featurize again into the same store (tracin.index(data, store=path) redoes "
+                          "only those rows), or rank in the parameter space with space='parameters'.")
+    return index.store.out_sq_norms.double()
 
 
 def self_influence_terms(index: "GradientIndex", weights: Any = None, checkpoints: Sequence[int] | None = None,
@@ -119,6 +127,9 @@ def self_influence_terms(index: "GradientIndex", weights: Any = None, checkpoint
     q = squared_norms(index, space)
     if normalize == "none":
         return w.unsqueeze(1) * q
+    if bool((q < 0).any()):
+        raise TracInError(f"normalize={normalize!r} needs non-negative self-influence terms; this index has "
+                          "negative ones (SOURCE(z, z) can be negative); use normalize='none'.")
     mean = q.mean(1, keepdim=True).clamp_min(1e-300)
     if normalize == "checkpoint":
         return w.unsqueeze(1) * q / mean

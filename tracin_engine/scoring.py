@@ -8,7 +8,7 @@ where <., .> and |.| are those of the gradients the rows represent (Layout.dots 
 Training rows are visited in blocks of `block_size`, so the full (m, n) matrix is never needed by
 top-k; accumulation is float32 (float64 when the features are float64).
 
-Half-precision stores on the CPU (float16/bfloat16, at most HALF_MAX_TEST_ROWS test rows): the
+Half-precision stores on the CPU (float16/bfloat16, at most half_max_test_rows test rows): the
 products are taken in the store's dtype by `half_matmul`, without a float32 copy of the block
 (benchmarks/bench_scale.py, 50,000 x 4096 float16 rows x 4 checkpoints, one CPU thread: scoring
 0.33 s instead of 2 s). Each plain product x . y (a dense segment t_s . f_s, or one factor
@@ -23,6 +23,7 @@ Tests: tests/test_scoring_half.py.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Iterator
 
 import torch
@@ -32,7 +33,26 @@ from .store import FeatureStore
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-HALF_MAX_TEST_ROWS = 32  # measured (2-core AVX512 CPU): beyond this a float32 copy of the block is faster
+HALF_MAX_TEST_ROWS = 32  # measured (2-core AVX512-FP16 CPU): beyond this a float32 copy of the block is faster
+HALF_MAX_TEST_ROWS_EMULATED = 4  # CPUs without native half dot products (AVX2 simulated: break-even ~8)
+
+
+@lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
+def half_max_test_rows(store_dtype: torch.dtype) -> int:
+    """Most test rows for which half products beat a float32 copy: HALF_MAX_TEST_ROWS with native
+    AVX512-FP16 (float16) / AVX512-BF16 or AMX-BF16 (bfloat16) dot products, else
+    HALF_MAX_TEST_ROWS_EMULATED."""
+    native = {"avx512_fp16"} if store_dtype == torch.float16 else {"avx512_bf16", "amx_bf16"}
+    return HALF_MAX_TEST_ROWS if native & _cpu_flags() else HALF_MAX_TEST_ROWS_EMULATED
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,9 +85,9 @@ def half_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def uses_half_products(store_dtype: torch.dtype, device: torch.device, m: int) -> bool:
     """Whether score_blocks multiplies in the store's dtype (half_matmul): float16/bfloat16 rows on
-    the CPU and at most HALF_MAX_TEST_ROWS test rows. Elsewhere the block is converted to float32
+    the CPU and at most half_max_test_rows(dtype) test rows. Elsewhere the block is converted to float32
     (float64 stores: float64; CUDA: float32 products, unchanged)."""
-    return store_dtype in HALF_DTYPES and device.type == "cpu" and m <= HALF_MAX_TEST_ROWS
+    return store_dtype in HALF_DTYPES and device.type == "cpu" and m <= half_max_test_rows(store_dtype)
 
 
 def _inv_norms(sq_norms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -88,7 +108,7 @@ def score_blocks(test_feats: torch.Tensor, store: FeatureStore, weights: torch.T
     test_feats: (C, m, D) rows of `layout`. weights: (C,). scores: (m, b), or (C, m, b) when
     per_checkpoint. normalize=True divides each term by |g_c(z')| |g_c(z)| (cosines; the weights
     should then sum to 1 for a similarity). block_size None: about 256 MB of scores per block.
-    float16/bfloat16 stores on the CPU with m <= HALF_MAX_TEST_ROWS multiply in half precision
+    float16/bfloat16 stores on the CPU with m <= half_max_test_rows(dtype) multiply in half precision
     (half_matmul; error bound in the module docstring); otherwise each block is converted to float32.
     """
     block_size = block_size or default_block_size(test_feats.shape[1], store.n_checkpoints, per_checkpoint)

@@ -144,6 +144,8 @@ def _projection(tracin: "TracIn") -> RandomProjection | None:
 class SourceIndex(GradientIndex):
     """A GradientIndex whose one stored "checkpoint" holds v(z) (weight 1); queries use final gradients."""
 
+    records_outputs = False  # rows are v(z), written by build_source_index; outliers use SOURCE(z, z)
+
     def __init__(self, tracin: "TracIn", store: FeatureStore, settings: dict, self_scores: torch.Tensor):
         super().__init__(tracin, store)
         self.settings = settings

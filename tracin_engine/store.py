@@ -34,10 +34,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise TracInError(f"unsupported store dtype {dtype}; use one of {list(_DTYPES)}.")
 
 
-def _open_nan_map(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """A float64 .npy memory map; created filled with NaN ("not recorded") when missing."""
-    if path.exists():
-        return np.lib.format.open_memmap(path, mode="r+")
+def _open_nan_map(path: Path, shape: tuple[int, int], create: bool) -> np.ndarray:
+    """A float64 .npy memory map; (re)created filled with NaN ("not recorded") when `create` or missing
+    (a store written before these arrays existed)."""
+    if path.exists() and not create:
+        mm = np.lib.format.open_memmap(path, mode="r+")
+        if mm.shape != shape or mm.dtype != np.float64:
+            raise TracInError(f"{path} holds a {mm.dtype} array of shape {mm.shape}, expected float64 {shape}; "
+                              "the store folder is damaged: delete it to rebuild the index.")
+        return mm
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=shape)
     mm[:] = np.nan
     return mm
@@ -76,7 +81,8 @@ class FeatureStore:
             feats.append(t.view(tdtype) if tdtype == torch.bfloat16 else t)
         open_mm = np.lib.format.open_memmap
         norms = open_mm(p / "sq_norms.npy", mode=mode, dtype=np.float64, shape=(self.n_checkpoints, self.n))
-        outputs = [_open_nan_map(p / f"{name}.npy", (self.n_checkpoints, self.n)) for name in ("out_sq_norms", "losses")]
+        outputs = [_open_nan_map(p / f"{name}.npy", (self.n_checkpoints, self.n), create)
+                   for name in ("out_sq_norms", "losses")]
         done = open_mm(p / "done.npy", mode=mode, dtype=np.uint8, shape=(self.n_checkpoints, self.n))
         self._maps += [norms, *outputs, done]
         self._features = feats
@@ -129,6 +135,18 @@ class FeatureStore:
     @property
     def complete(self) -> bool:
         return bool(self.done_mask.all())
+
+    def redo_rows_without_outputs(self, lo: int = 0, hi: int | None = None) -> int:
+        """Mark rows lo..hi-1 written without output norms or losses (NaN) as not done, so that
+        featurizing again computes them (a store from before these were recorded). Returns how many."""
+        done = self._done_u8[:, lo:hi]
+        missing = (done == 1) & (self.out_sq_norms[:, lo:hi].isnan() | self.losses[:, lo:hi].isnan())
+        count = int(missing.sum())
+        if count:
+            done[missing] = 0
+            if self._maps:
+                self._maps[-1].flush()
+        return count
 
     def write(self, c: int, start: int, feats: torch.Tensor, sq_norms: torch.Tensor | None = None,
               out_sq_norms: torch.Tensor | None = None, losses: torch.Tensor | None = None) -> None:

@@ -74,14 +74,14 @@ class ClusterGallery(GalleryBase):
 
     def _status(self) -> str:
         return (f"{len(self.order)} TracIn clusters of {len(self.train)} training examples (largest first); "
-                "bar: self-influence")
+                "bar: self-influence in the parameter space, sum_c eta_c ||g_c(z)||^2")
 
     def _detail_rows(self, i: int) -> list[tuple[str, str]]:
         k = int(self.clusters.labels[i])
         rows = [("cluster", f"{k} ({int(self.clusters.sizes[k])} examples)"),
                 ("representative", "yes" if i in {int(r) for r in self.clusters.representatives[k]} else "no")]
         if self.self_influence is not None:
-            rows.append(("self-influence", f"{float(self.self_influence[i]):.4g}"))
+            rows.append(("self-influence (parameters)", f"{float(self.self_influence[i]):.4g}"))
         return rows
 
     def to_dataframe(self):

@@ -7,8 +7,10 @@ Example:
     >>> g.selected                              # training indices clicked
     >>> g.to_dataframe()                        # the selected and marked examples, with scores
 
-Ranking: index.outliers(weights, space=space).scores. space="output" (default) is the self-influence
-of the model output, s(z) = sum_c eta_c ||dl/df_c(z)||^2; space="parameters" the paper's
+Ranking: index.outliers(weights, space=space).scores. space="output" (the default where the index
+recorded it) is the self-influence of the model output, s(z) = sum_c eta_c ||dl/df_c(z)||^2;
+space="parameters" (the default for a SOURCE index or a store built before output norms were
+recorded; the status line says which) the paper's
 sum_c eta_c ||g_c(z)||^2 (index.self_influence()); see tracin_engine/outliers.py. High values are
 examples the model found hard to fit (mislabelled, ambiguous or rare). Only one page of tiles is rendered and sent
 (page_size), so 50k examples stay as quick as 500: ranking and filtering are index arithmetic.
@@ -36,11 +38,15 @@ class SelfInfluenceGallery(GalleryBase):
     label_filter = traitlets.Any(None)
 
     def __init__(self, index: Any, train_data: Any, page_size: int = 48, self_influence: Any = None,
-                 weights: Any = None, space: str = "output", **kwargs: Any):
+                 weights: Any = None, space: str | None = None, **kwargs: Any):
         if page_size < 1:
             raise TracInError(f"page_size must be at least 1, got {page_size}.")
         self.page_size = int(page_size)
         self._per_checkpoint: torch.Tensor | None = None
+        if self_influence is None and space is None:  # output space where recorded (not for SOURCE, old stores)
+            from tracin_engine.outliers import has_output_norms
+
+            space = "output" if has_output_norms(index) else "parameters"
         self.space = space if self_influence is None else None
         if self_influence is None:
             ranked = index.outliers(weights, space=space)
