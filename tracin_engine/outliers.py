@@ -99,7 +99,7 @@ def checkpoint_weights(index: "GradientIndex", weights: Any = None,
 
 def has_output_norms(index: "GradientIndex") -> bool:
     """Whether every training row of the index has its output-gradient norm recorded (space="output")."""
-    return bool(getattr(index, "records_outputs", True)) and not bool(torch.isnan(index.store.out_sq_norms).any())
+    return index.records_outputs and not bool(torch.isnan(index.store.out_sq_norms).any())
 
 
 def squared_norms(index: "GradientIndex", space: str = "output") -> torch.Tensor:
@@ -108,10 +108,10 @@ def squared_norms(index: "GradientIndex", space: str = "output") -> torch.Tensor
         raise TracInError(f"space must be one of {SPACES}, got {space!r}.")
     if space == "parameters":  # the index's own self-influence terms at unit weights (SOURCE: SOURCE(z, z))
         return index.self_influence_per_checkpoint(torch.ones(index.store.n_checkpoints, dtype=torch.float64)).double()
-    if not getattr(index, "records_outputs", True):
+    if not index.records_outputs:
         raise TracInError(f"a {type(index).__name__} has no output-space self-influence; rank by its own "
                           "self-influence with space='parameters'.")
-    if not has_output_norms(index):
+    if bool(torch.isnan(index.store.out_sq_norms).any()):
         raise TracInError("this index has no output-gradient norms for some rows (it was built before they were "
                           "recorded); featurize again into the same store (tracin.index(data, store=path) redoes "
                           "only those rows), or rank in the parameter space with space='parameters'.")

@@ -10,14 +10,15 @@ Example:
 Ranking: index.outliers(weights, space=space).scores. space="output" (the default where the index
 recorded it) is the self-influence of the model output, s(z) = sum_c eta_c ||dl/df_c(z)||^2;
 space="parameters" (the default for a SOURCE index or a store built before output norms were
-recorded; the status line says which) the paper's
-sum_c eta_c ||g_c(z)||^2 (index.self_influence()); see tracin_engine/outliers.py. High values are
-examples the model found hard to fit (mislabelled, ambiguous or rare). Only one page of tiles is rendered and sent
+recorded; the status line says which) is the paper's sum_c eta_c ||g_c(z)||^2
+(index.self_influence()); see tracin_engine/outliers.py. High values are examples the model found
+hard to fit (mislabelled, ambiguous or rare). Only one page of tiles is rendered and sent
 (page_size), so 50k examples stay as quick as 500: ranking and filtering are index arithmetic.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import ipywidgets as W
@@ -25,6 +26,7 @@ import torch
 import traitlets
 
 from tracin_engine.errors import TracInError
+from tracin_engine.outliers import has_output_norms
 
 from ._base import GalleryBase
 
@@ -44,8 +46,6 @@ class SelfInfluenceGallery(GalleryBase):
         self.page_size = int(page_size)
         self._per_checkpoint: torch.Tensor | None = None
         if self_influence is None and space is None:  # output space where recorded (not for SOURCE, old stores)
-            from tracin_engine.outliers import has_output_norms
-
             space = "output" if has_output_norms(index) else "parameters"
         self.space = space if self_influence is None else None
         if self_influence is None:
@@ -188,10 +188,10 @@ class SelfInfluenceGallery(GalleryBase):
         rows = [("rank", f"{int(self.rank[i]) + 1} of {len(self.scores)}"),
                 ("self-influence", f"{float(self.scores[i]):.4g}")]
         if self._per_checkpoint is not None:
-            losses = getattr(getattr(self.index, "store", None), "losses", None)
+            losses = self.index.store.losses[:, i].tolist()  # NaN where not recorded (SOURCE, older stores)
             for c, v in enumerate(self._per_checkpoint[:, i].tolist()):
-                loss = float(losses[c, i]) if losses is not None and c < len(losses) else float("nan")
-                rows.append((f"checkpoint {c}", f"{v:.4g}" + ("" if loss != loss else f" \u00b7 loss {loss:.3g}")))
+                loss = "" if math.isnan(losses[c]) else f" \u00b7 loss {losses[c]:.3g}"
+                rows.append((f"checkpoint {c}", f"{v:.4g}{loss}"))
         rows.append(("mark", self.gallery.marks.get(str(i), "none")))
         return rows
 
