@@ -11,7 +11,7 @@ import torch
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
-from tracin_engine.topk import Neighbors, TopK
+from tracin_engine.store.topk import Neighbors, TopK
 from tracin_widgets import extension as ext
 
 EXT_FILE = Path(ext.__file__)

@@ -11,8 +11,8 @@ from torch.func import grad, hessian, vmap
 
 import tracin_engine as te
 from tracin_engine.data import as_source
-from tracin_engine.ekfac import KronLayers, fit_ekfac
-from tracin_engine.source import SourceIndex, spectral
+from tracin_engine.methods.ekfac import KronLayers, fit_ekfac
+from tracin_engine.methods.source import SourceIndex, spectral
 
 D, K, N, M = 3, 2, 200, 30
 

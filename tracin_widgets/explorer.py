@@ -154,7 +154,7 @@ class InfluenceExplorer(GalleryBase):
         else:
             self._results.move_to_end(key)
         if self.show_embeddings and res["embedding"] is None:
-            from tracin_engine.embeddings import embed, nearest_neighbors
+            from tracin_engine.analysis.embeddings import embed, nearest_neighbors
             if self._emb_train is None:
                 self._emb_train = embed(self.index.tracin, self.train)
             res["embedding"] = nearest_neighbors(self._emb_train, embed(self.index.tracin, res["data"]), self.k)

@@ -11,7 +11,7 @@ Ranking: index.outliers(weights, space=space).scores. space="output" (the defaul
 recorded it) is the self-influence of the model output, s(z) = sum_c eta_c ||dl/df_c(z)||^2;
 space="parameters" (the default for a SOURCE index or a store built before output norms were
 recorded; the status line says which) is the paper's sum_c eta_c ||g_c(z)||^2
-(index.self_influence()); see tracin_engine/outliers.py. High values are examples the model found
+(index.self_influence()); see tracin_engine/analysis/outliers.py. High values are examples the model found
 hard to fit (mislabelled, ambiguous or rare). Only one page of tiles is rendered and sent
 (page_size), so 50k examples stay as quick as 500: ranking and filtering are index arithmetic.
 """
@@ -26,7 +26,7 @@ import torch
 import traitlets
 
 from tracin_engine.errors import TracInError
-from tracin_engine.outliers import has_output_norms
+from tracin_engine.analysis.outliers import has_output_norms
 
 from ._base import GalleryBase
 

@@ -25,15 +25,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import BatchFn
-from .errors import TracInError
-from .gradients import Target
+from ..data import BatchFn
+from ..errors import TracInError
+from ..gradients.per_example import Target
 from .index import GradientIndex
-from .topk import TopK, streaming_top_k
-from .scoring import score_blocks
+from ..store.topk import TopK, streaming_top_k
+from ..store.scoring import score_blocks
 
 if TYPE_CHECKING:
-    from .engine import TracIn
+    from .tracin import TracIn
 
 _CHANNEL = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .data import BatchFn, as_source
-from .errors import TracInError
-from .featurize import auto_batch_size
+from ..data import BatchFn, as_source
+from ..errors import TracInError
+from ..gradients.featurize import auto_batch_size
 from .index import GradientIndex
 
 if TYPE_CHECKING:
-    from .engine import TracIn
+    from .tracin import TracIn
 
 
 def shard_rows(n: int, rank: int, world_size: int, batch_size: int) -> tuple[int, int]:

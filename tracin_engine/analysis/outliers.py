@@ -48,14 +48,14 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from .data import BatchFn
-from .errors import TracInError
-from .gradients import Target
-from .scoring import accum_dtype, score_blocks
-from .topk import TopK, streaming_top_k
+from ..data import BatchFn
+from ..errors import TracInError
+from ..gradients.per_example import Target
+from ..store.scoring import accum_dtype, score_blocks
+from ..store.topk import TopK, streaming_top_k
 
 if TYPE_CHECKING:
-    from .index import GradientIndex
+    from ..methods.index import GradientIndex
 
 NORMALIZE = ("none", "checkpoint", "log")
 SPACES = ("output", "parameters")
@@ -159,7 +159,7 @@ def renormalized_influence(index: "GradientIndex", test_data: Any = None, target
                            batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None,
                            block_size: int = 65536) -> torch.Tensor:
     """R(z, z') = sum_c eta_c <g_c(z'), g_c(z)> / |g_c(z)|: Tensor (n_test, n_train); positive = proponent."""
-    t = index._test(test_data, target, batch_fn, features)
+    t = index.query_features(test_data, target, batch_fn, features)
     return torch.cat([s for _, s in _renormalized_blocks(index, t, block_size)], dim=-1)
 
 
@@ -169,5 +169,5 @@ def renormalized_top_k(index: "GradientIndex", test_data: Any = None, k: int = 1
     """k proponents / opponents per test example by R (streamed over training blocks). Returns TopK."""
     if k < 1:
         raise TracInError(f"k must be at least 1, got {k}.")
-    t = index._test(test_data, target, batch_fn, features)
+    t = index.query_features(test_data, target, batch_fn, features)
     return streaming_top_k(_renormalized_blocks(index, t, block_size), k)

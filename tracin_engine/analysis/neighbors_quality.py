@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .data import as_source
+from ..data import as_source
 from .embeddings import embed, nearest_neighbors
-from .errors import TracInError
+from ..errors import TracInError
 from .outliers import renormalized_top_k
-from .topk import Neighbors, streaming_top_k
+from ..store.topk import Neighbors, streaming_top_k
 
 if TYPE_CHECKING:
-    from .index import GradientIndex
+    from ..methods.index import GradientIndex
 
 
 def label_agreement(indices: torch.Tensor, train_labels: torch.Tensor, test_labels: torch.Tensor) -> torch.Tensor:

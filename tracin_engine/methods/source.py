@@ -32,18 +32,18 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from .data import BatchFn, as_source
+from ..data import BatchFn, as_source
 from .ekfac import KronLayers, LayerCurvature, fit_ekfac
-from .errors import TracInError
-from .featurize import _progress, check_finite
-from .gradients import Target
+from ..errors import TracInError
+from ..gradients.featurize import check_finite, progress_bar
+from ..gradients.per_example import Target
 from .index import GradientIndex
-from .layout import Layout
-from .projection import RandomProjection
-from .store import FeatureStore
+from ..store.layout import Layout
+from ..gradients.projection import RandomProjection
+from ..store.feature_store import FeatureStore
 
 if TYPE_CHECKING:
-    from .engine import TracIn
+    from .tracin import TracIn
 
 _SELF_FILE = "source_self_influence.npy"
 
@@ -169,7 +169,7 @@ class SourceIndex(GradientIndex):
         tr = self.tracin
         source = as_source(test_data, batch_fn)
         preds = tr.predictions(source) if isinstance(target, str) and target == "prediction" else None
-        tr._resolve(source)
+        tr.resolve(source)
         proj, state = _projection(tr), tr.state(len(tr.checkpoints) - 1)
         rows = []
         for start, x, y in source.batches(batch_size):
@@ -228,10 +228,10 @@ def build_source_index(tracin: "TracIn", train_data: Any, segments: int = 1, ste
     plan = plan_segments(tracin.checkpoints, segments, steps)
     layers = KronLayers(tracin.featurizer.grads)
     proj = _projection(tracin)
-    tracin._resolve(source)
+    tracin.resolve(source)
     bs = batch_size or 256
     n = len(source)
-    bar = _progress(len(tracin.checkpoints), progress)
+    bar = progress_bar(len(tracin.checkpoints), progress)
     curv = []
     for seg in plan:
         curv.append(fit_ekfac(layers, [tracin.state(c) for c in seg.checkpoints], source, curvature, bs, tracin.seed))

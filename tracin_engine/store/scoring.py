@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 
 from .layout import Layout
-from .store import FeatureStore
+from .feature_store import FeatureStore
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)

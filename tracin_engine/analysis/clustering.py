@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from .errors import TracInError
+from ..errors import TracInError
 
 if TYPE_CHECKING:
-    from .index import GradientIndex
+    from ..methods.index import GradientIndex
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .checkpoints import Checkpoints, state_fingerprint
-from .data import BatchFn, as_source
-from .errors import TracInError
-from .featurize import Featurizer, check_finite, featurize
-from .gradients import GradientComputer, Target
+from ..checkpoints import Checkpoints, state_fingerprint
+from ..data import BatchFn, as_source
+from ..errors import TracInError
+from ..gradients.featurize import Featurizer, check_finite, featurize
+from ..gradients.per_example import GradientComputer, Target
 from .index import GradientIndex
-from .projection import build_projection
-from .store import FeatureStore
+from ..gradients.projection import build_projection
+from ..store.feature_store import FeatureStore
 
 
 class TracIn:
@@ -81,7 +81,7 @@ class TracIn:
             "layout": self.featurizer.layout.to_dict(),
         }
 
-    def _resolve(self, source) -> None:
+    def resolve(self, source) -> None:
         """Settle the per-example path on the first examples before any feature is stored."""
         if not self.featurizer.resolved:
             _, x, _ = next(iter(source.batches(2)))
@@ -137,7 +137,7 @@ class TracIn:
             model_dtype = self.featurizer.grads.dtype
             dtype = torch.float16 if (store is not None and self.proj_dim) else model_dtype
         n, C = len(source), len(self.checkpoints)
-        self._resolve(source)
+        self.resolve(source)
         if store is None:
             fs = FeatureStore(n, C, self.dim, dtype)
         else:
@@ -161,7 +161,7 @@ class TracIn:
         """
         source = as_source(data, batch_fn)
         preds = self.predictions(source) if isinstance(target, str) and target == "prediction" else None
-        self._resolve(source)
+        self.resolve(source)
         out = torch.empty(len(self.checkpoints), len(source), self.dim, device=self.device,
                           dtype=torch.float64 if self.featurizer.grads.dtype == torch.float64 else torch.float32)
         C = len(self.checkpoints)

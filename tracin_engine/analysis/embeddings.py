@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.func import functional_call
 
-from .data import BatchFn, as_source
-from .errors import TracInError
-from .gradients import parameter_groups
-from .topk import Neighbors
+from ..data import BatchFn, as_source
+from ..errors import TracInError
+from ..gradients.per_example import parameter_groups
+from ..store.topk import Neighbors
 
 if TYPE_CHECKING:
-    from .engine import TracIn
+    from ..methods.tracin import TracIn
 
 
 def _last_module(model: torch.nn.Module, layer: str | None) -> torch.nn.Module:
