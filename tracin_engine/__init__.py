@@ -8,6 +8,7 @@
 """
 
 from . import examples
+from .analysis import embeddings
 from .checkpoints import Checkpoint, CheckpointRecorder, Checkpoints
 from .analysis.clustering import Clusters
 from .data import DataSource
@@ -15,6 +16,7 @@ from .methods.distributed import index_distributed
 from .methods.tracin import TracIn
 from .methods.ensemble import EnsembleIndex, dropout_ensemble
 from .errors import TracInError
+from .interface import InfluenceIndex
 from .gradients.factored import FactoredProjection
 from .methods.ideal import TracInIdealRecorder
 from .methods.index import GradientIndex
@@ -26,7 +28,7 @@ from .store.topk import Neighbors, TopK
 
 __all__ = [
     "Checkpoint", "CheckpointRecorder", "Checkpoints", "Clusters", "DataSource", "EnsembleIndex",
-    "FactoredProjection", "FeatureStore", "GradientIndex", "Neighbors", "Outliers", "RandomProjection",
+    "FactoredProjection", "FeatureStore", "GradientIndex", "InfluenceIndex", "Neighbors", "Outliers", "RandomProjection",
     "SourceIndex", "TopK", "TracIn", "TracInError", "TracInIdealRecorder", "dropout_ensemble",
     "index_distributed",
 ]

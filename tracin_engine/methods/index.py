@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -25,16 +25,18 @@ from ..store.scoring import full_scores, score_blocks, self_influence
 from ..store.feature_store import FeatureStore
 from ..store.topk import TopK, streaming_top_k
 
-if TYPE_CHECKING:
-    from .tracin import TracIn
 
 
 class GradientIndex:
-    """Stored training features (one FeatureStore) plus the TracIn that made them (for queries)."""
+    """Stored training features (one FeatureStore) plus the TracIn that made them (for queries).
+
+    Implements tracin_engine.interface.InfluenceIndex. `tracin` is the TracIn that built the store:
+    it computes the query side (test_features) with the same checkpoints, layers and projection.
+    """
 
     records_outputs = True  # featurization stores ||dl/df||^2 and losses per row (index.outliers(space="output"))
 
-    def __init__(self, tracin: "TracIn", store: FeatureStore):
+    def __init__(self, tracin: Any, store: FeatureStore):
         if not store.complete:
             missing = int((~store.done_mask).sum())
             raise TracInError(f"the index is incomplete ({missing} rows not featurized); run "
@@ -51,6 +53,11 @@ class GradientIndex:
     @property
     def n_train(self) -> int:
         return self.store.n
+
+    @property
+    def n_checkpoints(self) -> int:
+        """C: the number of checkpoints (terms of influence_per_checkpoint)."""
+        return self.store.n_checkpoints
 
     @property
     def learning_rates(self) -> torch.Tensor:
@@ -179,7 +186,7 @@ class GradientIndex:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, tracin: "TracIn") -> "GradientIndex":
+    def load(cls, path: str | Path, tracin: Any) -> Any:
         """Reopen a saved index; the metadata must match `tracin` (model, checkpoints, proj_dim, ...)."""
         store = FeatureStore.load(path)
         tracin.featurizer.adopt(store.metadata.get("per_example", "vmap"))

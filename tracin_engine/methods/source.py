@@ -27,7 +27,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -42,8 +42,6 @@ from ..store.layout import Layout
 from ..gradients.projection import RandomProjection
 from ..store.feature_store import FeatureStore
 
-if TYPE_CHECKING:
-    from .tracin import TracIn
 
 _SELF_FILE = "source_self_influence.npy"
 
@@ -122,7 +120,7 @@ def source_update(layers: KronLayers, curv: list[LayerCurvature], horizon: float
     return layers.from_mats(out)
 
 
-def flat_gradients(tracin: "TracIn", state: dict, x: torch.Tensor, y: torch.Tensor | None,
+def flat_gradients(tracin: Any, state: dict, x: torch.Tensor, y: torch.Tensor | None,
                    target: Target = "loss") -> torch.Tensor:
     """Exact per-example gradients (B, P) of the objective at one checkpoint (never projected)."""
     fz = tracin.featurizer
@@ -133,7 +131,7 @@ def flat_gradients(tracin: "TracIn", state: dict, x: torch.Tensor, y: torch.Tens
     return fz.grads.per_example(state, x, y, target)
 
 
-def _projection(tracin: "TracIn") -> RandomProjection | None:
+def _projection(tracin: Any) -> RandomProjection | None:
     proj = tracin.featurizer.projection
     if proj is not None and not isinstance(proj, RandomProjection):
         raise TracInError("SOURCE supports exact gradients (proj_dim=None) or a dense projection "
@@ -146,7 +144,7 @@ class SourceIndex(GradientIndex):
 
     records_outputs = False  # rows are v(z), written by build_source_index; outliers use SOURCE(z, z)
 
-    def __init__(self, tracin: "TracIn", store: FeatureStore, settings: dict, self_scores: torch.Tensor):
+    def __init__(self, tracin: Any, store: FeatureStore, settings: dict, self_scores: torch.Tensor):
         super().__init__(tracin, store)
         self.settings = settings
         self._self = self_scores.double()
@@ -203,8 +201,13 @@ class SourceIndex(GradientIndex):
         np.save(path / _SELF_FILE, self._self.numpy())
         return path
 
+    @staticmethod
+    def holds(path: str | Path) -> bool:
+        """Whether folder `path` looks like a saved SOURCE index (its self-influence file is there)."""
+        return (Path(path) / _SELF_FILE).exists()
+
     @classmethod
-    def load(cls, path: str | Path, tracin: "TracIn") -> "SourceIndex":
+    def load(cls, path: str | Path, tracin: Any) -> "SourceIndex":
         """Reopen a saved SOURCE index; its settings and `tracin` must match what built it."""
         store = FeatureStore.load(path)
         if store.metadata.get("method") != "source" or not (Path(path) / _SELF_FILE).exists():
@@ -215,7 +218,7 @@ class SourceIndex(GradientIndex):
         return cls(tracin, store, settings, torch.from_numpy(np.load(Path(path) / _SELF_FILE)))
 
 
-def build_source_index(tracin: "TracIn", train_data: Any, segments: int = 1, steps: Sequence[int] | None = None,
+def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: Sequence[int] | None = None,
                        curvature: str = "gn", store: str | Path | None = None, batch_size: int | None = None,
                        progress: bool = True, batch_fn: BatchFn | None = None,
                        dtype: torch.dtype | None = None) -> SourceIndex:

@@ -20,6 +20,7 @@ from ..errors import TracInError
 from ..gradients.featurize import Featurizer, check_finite, featurize
 from ..gradients.per_example import GradientComputer, Target
 from .index import GradientIndex
+from .source import build_source_index
 from ..gradients.projection import build_projection
 from ..store.feature_store import FeatureStore
 
@@ -116,8 +117,6 @@ class TracIn:
         the checkpoints; source_options: steps=[K_1..K_L], curvature="gn"|"mc"|"empirical" (source.py).
         """
         if method == "source":
-            from .source import build_source_index
-
             return build_source_index(self, train_data, segments, store=store, batch_size=batch_size,
                                       progress=progress, batch_fn=batch_fn, dtype=dtype, **source_options)
         if method != "tracin" or source_options:
