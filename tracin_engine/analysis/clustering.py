@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import TracInError
+from ..store.scoring import accum_dtype
 
 
 
@@ -64,7 +65,7 @@ class UnitRows:
                               f"got {w.tolist()}.")
         self.store, self.layout = store, index.layout
         self.device = torch.device(device) if device is not None else index.tracin.device
-        self.dtype = torch.float64 if store.dtype == torch.float64 else torch.float32
+        self.dtype = accum_dtype(store.dtype)
         w = w / w.sum()
         norms = store.sq_norms.sqrt()
         self.scale = torch.where(norms > 0, w.sqrt().unsqueeze(1) / norms.clamp_min(1e-300),

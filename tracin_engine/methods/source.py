@@ -41,6 +41,7 @@ from .index import GradientIndex
 from ..store.layout import Layout
 from ..gradients.projection import RandomProjection
 from ..store.feature_store import FeatureStore
+from ..store.scoring import accum_dtype
 
 
 _SELF_FILE = "source_self_influence.npy"
@@ -177,7 +178,7 @@ class SourceIndex(GradientIndex):
             check_finite(g, start, "the final checkpoint (test data)")
             rows.append(proj(g) if proj is not None else g)
         out = torch.cat(rows)
-        return out.to(torch.float64 if out.dtype == torch.float64 else torch.float32).unsqueeze(0)
+        return out.to(accum_dtype(out.dtype)).unsqueeze(0)
 
     def self_influence(self, weights: torch.Tensor | None = None) -> torch.Tensor:
         """SOURCE(z, z) = <grad l(z, w_final), v(z)>: Tensor (n_train,) float64 (weights: (1,) scale)."""
@@ -243,7 +244,7 @@ def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: S
     settings = {"method": "source", "segments": segments, "steps": [s.steps for s in plan],
                 "curvature": curvature, "horizons": [s.horizon for s in plan]}
     dim = proj.proj_dim if proj is not None else layers.num_params
-    dtype = dtype or (torch.float64 if tracin.featurizer.grads.dtype == torch.float64 else torch.float32)
+    dtype = dtype or accum_dtype(tracin.featurizer.grads.dtype)
     meta = {**tracin.metadata(), **settings, "layout": Layout.dense_of(dim).to_dict()}
     fs = FeatureStore(n, 1, dim, dtype) if store is None else FeatureStore.open_or_create(store, n, 1, dim, dtype, meta)
     selfs = torch.zeros(n, dtype=torch.float64)
@@ -260,7 +261,7 @@ def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: S
                     g_final = g
             v = source_update(layers, cv, seg.horizon, v, g_sum / len(seg.checkpoints), n)
         selfs[start:start + x.shape[0]] = (g_final * v).sum(1).cpu()
-        f = proj(v.to(torch.float64 if dtype == torch.float64 else torch.float32)) if proj is not None else v
+        f = proj(v.to(accum_dtype(dtype))) if proj is not None else v
         fs.write(0, start, f, f.double().pow(2).sum(1))
     index = SourceIndex(tracin, fs, settings, selfs)
     if store is not None:

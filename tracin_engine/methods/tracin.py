@@ -23,6 +23,7 @@ from .index import GradientIndex
 from .source import build_source_index
 from ..gradients.projection import build_projection
 from ..store.feature_store import FeatureStore
+from ..store.scoring import accum_dtype
 
 
 class TracIn:
@@ -162,7 +163,7 @@ class TracIn:
         preds = self.predictions(source) if isinstance(target, str) and target == "prediction" else None
         self.resolve(source)
         out = torch.empty(len(self.checkpoints), len(source), self.dim, device=self.device,
-                          dtype=torch.float64 if self.featurizer.grads.dtype == torch.float64 else torch.float32)
+                          dtype=accum_dtype(self.featurizer.grads.dtype))
         C = len(self.checkpoints)
         if len(source) <= 64 and self._states_cached:  # a query: all checkpoints in one backward pass
             _, x, y = next(iter(source.batches(len(source))))

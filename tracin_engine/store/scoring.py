@@ -56,6 +56,7 @@ def half_max_test_rows(store_dtype: torch.dtype) -> int:
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype arithmetic on rows of `dtype` runs in: float64 for float64 rows, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
