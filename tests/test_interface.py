@@ -131,3 +131,19 @@ def test_saves_and_reopens(case, setup, tmp_path):
     cls = type(index)
     again = cls.load(where, tracin)
     torch.testing.assert_close(again.influence(test), index.influence(test), rtol=1e-6, atol=1e-9)
+
+
+def test_settings_are_the_metadata(setup, tmp_path):
+    """IndexSettings round-trips through metadata.json for both store-backed methods."""
+    from tracin_engine.settings import IndexSettings
+
+    tracin, indexes, _, _ = setup
+    s = tracin.settings()
+    assert IndexSettings.from_metadata(s.to_metadata()) == s
+    assert "method" not in s.to_metadata()
+    src = indexes["source"]
+    meta = src.metadata()
+    assert meta["method"] == "source" and meta["segments"] == 1
+    assert IndexSettings.from_metadata(meta).source == src.settings
+    saved = IndexSettings.from_metadata(te.FeatureStore.load(src.save(tmp_path / "s")).metadata)
+    assert saved.source == src.settings and saved.model == s.model

@@ -35,6 +35,7 @@ import torch
 from ..data import BatchFn, as_source
 from .ekfac import KronLayers, LayerCurvature, fit_ekfac
 from ..errors import TracInError
+from ..settings import IndexSettings, SourceSettings
 from ..gradients.featurize import check_finite, progress_bar
 from ..gradients.per_example import Target
 from .index import GradientIndex
@@ -145,13 +146,13 @@ class SourceIndex(GradientIndex):
 
     records_outputs = False  # rows are v(z), written by build_source_index; outliers use SOURCE(z, z)
 
-    def __init__(self, tracin: Any, store: FeatureStore, settings: dict, self_scores: torch.Tensor):
+    def __init__(self, tracin: Any, store: FeatureStore, settings: SourceSettings, self_scores: torch.Tensor):
         super().__init__(tracin, store)
         self.settings = settings
         self._self = self_scores.double()
 
     def __repr__(self) -> str:
-        return (f"SourceIndex(n_train={self.n_train}, segments={self.settings['segments']}, "
+        return (f"SourceIndex(n_train={self.n_train}, segments={self.settings.segments}, "
                 f"dim={self.store.dim}, proj_dim={self.tracin.proj_dim})")
 
     @property
@@ -189,7 +190,8 @@ class SourceIndex(GradientIndex):
         return self.self_influence(weights).unsqueeze(0)
 
     def metadata(self) -> dict:
-        return {**self.tracin.metadata(), **self.settings, "layout": self.layout.to_dict()}
+        """The store's metadata: the TracIn's settings described as this SOURCE index."""
+        return self.tracin.settings().with_method(self.settings, self.layout.to_dict()).to_metadata()
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -213,8 +215,8 @@ class SourceIndex(GradientIndex):
         store = FeatureStore.load(path)
         if store.metadata.get("method") != "source" or not (Path(path) / _SELF_FILE).exists():
             raise TracInError(f"{path} does not hold a SOURCE index; use GradientIndex.load for TracIn indexes.")
-        settings = {k: store.metadata[k] for k in ("method", "segments", "steps", "curvature", "horizons")}
-        meta = {**tracin.metadata(), **settings, "layout": Layout.dense_of(store.dim).to_dict()}
+        settings = IndexSettings.from_metadata(store.metadata).source
+        meta = tracin.settings().with_method(settings, Layout.dense_of(store.dim).to_dict()).to_metadata()
         FeatureStore.open_or_create(path, store.n, store.n_checkpoints, store.dim, store.dtype, meta)
         return cls(tracin, store, settings, torch.from_numpy(np.load(Path(path) / _SELF_FILE)))
 
@@ -241,11 +243,10 @@ def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: S
         curv.append(fit_ekfac(layers, [tracin.state(c) for c in seg.checkpoints], source, curvature, bs, tracin.seed))
         bar.update(len(seg.checkpoints))
     bar.close()
-    settings = {"method": "source", "segments": segments, "steps": [s.steps for s in plan],
-                "curvature": curvature, "horizons": [s.horizon for s in plan]}
+    settings = SourceSettings(segments, tuple(s.steps for s in plan), curvature, tuple(s.horizon for s in plan))
     dim = proj.proj_dim if proj is not None else layers.num_params
     dtype = dtype or accum_dtype(tracin.featurizer.grads.dtype)
-    meta = {**tracin.metadata(), **settings, "layout": Layout.dense_of(dim).to_dict()}
+    meta = tracin.settings().with_method(settings, Layout.dense_of(dim).to_dict()).to_metadata()
     fs = FeatureStore(n, 1, dim, dtype) if store is None else FeatureStore.open_or_create(store, n, 1, dim, dtype, meta)
     selfs = torch.zeros(n, dtype=torch.float64)
     last = len(tracin.checkpoints) - 1

@@ -17,6 +17,7 @@ import torch
 from ..checkpoints import Checkpoints, state_fingerprint
 from ..data import BatchFn, as_source
 from ..errors import TracInError
+from ..settings import IndexSettings
 from ..gradients.featurize import Featurizer, check_finite, featurize
 from ..gradients.per_example import GradientComputer, Target
 from .index import GradientIndex
@@ -71,17 +72,21 @@ class TracIn:
         """Feature length per example per checkpoint: P (exact) or proj_dim."""
         return self.featurizer.dim
 
+    def settings(self) -> IndexSettings:
+        """What identifies an index built by this TracIn (its store's metadata; checked on reopen)."""
+        return IndexSettings(
+            model=state_fingerprint(self.model.state_dict()),
+            parameters=tuple(self.featurizer.grads.param_names),
+            checkpoints=tuple(self.checkpoints.fingerprint()),
+            learning_rates=tuple(self.checkpoints.learning_rates.tolist()),
+            proj_dim=self.proj_dim, seed=self.seed, projection=self.projection_kind,
+            per_example=self.featurizer.mode,
+            layout=self.featurizer.layout.to_dict(),
+        )
+
     def metadata(self) -> dict:
-        """What identifies an index built by this TracIn (checked when a store is reopened)."""
-        return {
-            "model": state_fingerprint(self.model.state_dict()),
-            "parameters": self.featurizer.grads.param_names,
-            "checkpoints": self.checkpoints.fingerprint(),
-            "learning_rates": self.checkpoints.learning_rates.tolist(),
-            "proj_dim": self.proj_dim, "seed": self.seed, "projection": self.projection_kind,
-            "per_example": "loop" if self.featurizer.mode == "loop" else self.featurizer.mode,
-            "layout": self.featurizer.layout.to_dict(),
-        }
+        """settings() as the flat JSON-able dict written to metadata.json."""
+        return self.settings().to_metadata()
 
     def resolve(self, source) -> None:
         """Settle the per-example path on the first examples before any feature is stored."""
