@@ -87,8 +87,11 @@ def test_notebook_runs_top_to_bottom_in_budget(path, tmp_path):
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    env_before = os.environ.get("MPLBACKEND")
+    env_before = os.environ.get("MPLBACKEND"), os.environ.get("OMP_NUM_THREADS")
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # inherited by the kernel
+    # The tutorials' models are tiny: one thread is fastest, and on a CPU shared with other jobs
+    # several threads per kernel thrash (a 4x slowdown measured on a loaded 2-core machine).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                                 resources={"metadata": {"path": str(tmp_path)}})
@@ -96,10 +99,11 @@ def test_notebook_runs_top_to_bottom_in_budget(path, tmp_path):
         client.execute()
         elapsed = time.perf_counter() - start
     finally:
-        if env_before is None:
-            os.environ.pop("MPLBACKEND", None)
-        else:
-            os.environ["MPLBACKEND"] = env_before
+        for name, value in zip(("MPLBACKEND", "OMP_NUM_THREADS"), env_before):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     nbformat.write(nb, tmp_path / path.name)  # executed copy, for a look when something fails
     print(f"{path.name}: {elapsed:.1f} s")
     assert elapsed < BUDGET_S, f"{path.name} took {elapsed:.0f} s (budget {BUDGET_S} s)"
