@@ -168,8 +168,8 @@ print("true topic:", TOPICS[int(test[1][i])])
 show(i, result, row=i)
 
 # %% [markdown]
-# Proponents share the topic and usually some words with the test sentence; opponents share words too,
-# but were labelled with another topic: a step on them pulled those shared words away from this topic.
+# Proponents carry the test sentence's topic. Opponents carry other topics; when they share words with
+# the test sentence (check the table), a step on them pulled those words' vectors away from this topic.
 #
 # ## 5 · Unlabeled sentences: `target="prediction"`
 #
