@@ -2,6 +2,13 @@
 
     python notebooks/build.py            # write notebooks/NN_name.ipynb (no outputs)
     python notebooks/build.py --check    # exit 1 if a notebook is missing, stale, or holds outputs
+    python notebooks/build.py --html [NN ...]   # execute notebooks, write docs/notebooks/NN_name.html
+
+The HTML copies are what readers on GitHub see with outputs (plots, tables, galleries as their static
+HTML fallback). They are committed, not built in CI (CI already executes every notebook in
+tests/test_notebooks.py; building HTML there too would double its time): after changing a notebook,
+run `--html NN` for it and commit the result. Each copy records the SHA-256 of its source;
+`--check` lists copies whose source has changed since (a note, not a failure).
 
 A source is a Python file in "percent" format: `# %%` opens a code cell, `# %% [markdown]` opens a
 markdown cell whose lines are written as comments (`# text`). Text before the first marker is dropped
@@ -11,7 +18,11 @@ markdown cell whose lines are written as comments (`# text`). Text before the fi
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import nbformat
@@ -19,6 +30,9 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE / "src"
+HTML_DIR = HERE.parent / "docs" / "notebooks"
+HTML_LIMIT = 2_000_000   # bytes per published copy
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 MAGIC = "# %"  # "# %load_ext x" in a code cell becomes "%load_ext x" (but "# %%" is a cell marker)
 
 
@@ -58,7 +72,75 @@ def target(src: Path) -> Path:
     return HERE / f"{src.stem}.ipynb"
 
 
+def source_hash(src: Path) -> str:
+    return hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+def html_path(src: Path) -> Path:
+    return HTML_DIR / f"{src.stem}.html"
+
+
+def html_is_current(src: Path) -> bool:
+    path = html_path(src)
+    return path.exists() and f"tracin-source-sha256: {source_hash(src)}" in path.read_text(errors="replace")
+
+
+def static_outputs(nb: nbformat.NotebookNode) -> None:
+    """Keep widgets as their static fallback (text/html from _repr_html_): no live widget state."""
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if WIDGET_MIME in data and ("text/html" in data or "text/plain" in data):
+                del data[WIDGET_MIME]
+        cell.get("metadata", {}).pop("execution", None)
+    nb.metadata.pop("widgets", None)
+
+
+def execute_to_html(src: Path, timeout: int = 300) -> tuple[Path, float]:
+    """Build `src`, run it top to bottom in a fresh kernel, write docs/notebooks/<stem>.html."""
+    from nbclient import NotebookClient
+    from nbconvert import HTMLExporter
+
+    nb = build_one(src)
+    env_before = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    # one thread: the published numbers do not depend on the machine's core count, and small models
+    # run fastest this way on a shared CPU (the kernel inherits the variable)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": tmp}}).execute()
+            elapsed = time.perf_counter() - start
+    finally:
+        if env_before is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = env_before
+    static_outputs(nb)
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    note = (f"<!-- tracin-source-sha256: {source_hash(src)} -->\n"
+            f"<!-- executed copy of notebooks/{src.stem}.ipynb; regenerate with python notebooks/build.py --html {src.stem[:2]} -->\n")
+    dest = html_path(src)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(note + body)
+    return dest, elapsed
+
+
 def main(argv: list[str]) -> int:
+    if "--html" in argv:
+        wanted = [a for a in argv if a != "--html"]
+        sources = [s for s in sorted(SRC.glob("[0-9][0-9]_*.py")) if not wanted or s.stem[:2] in wanted or s.stem in wanted]
+        too_big = []
+        for src in sources:
+            dest, elapsed = execute_to_html(src)
+            size = dest.stat().st_size
+            print(f"{src.stem}: ran in {elapsed:.1f} s, wrote {dest.relative_to(HERE.parent)} ({size / 1e6:.2f} MB)")
+            if size > HTML_LIMIT:
+                too_big.append(dest.name)
+        for name in too_big:
+            print(f"{name} is larger than {HTML_LIMIT / 1e6:.0f} MB", file=sys.stderr)
+        return 1 if too_big else 0
     check = "--check" in argv
     problems = []
     for src in sorted(SRC.glob("[0-9][0-9]_*.py")):
@@ -70,6 +152,11 @@ def main(argv: list[str]) -> int:
         else:
             dest.write_text(text)
             print("wrote", dest.relative_to(HERE.parent))
+    if check:
+        stale = [s.stem for s in sorted(SRC.glob("[0-9][0-9]_*.py")) if not html_is_current(s)]
+        if stale:
+            print("note: published HTML missing or older than its source (python notebooks/build.py --html NN): "
+                  + ", ".join(stale), file=sys.stderr)
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0

@@ -21,7 +21,9 @@
 # 2. build a gradient index once (the expensive part),
 # 3. query proponents and opponents (cheap) and browse them in the `InfluenceExplorer`.
 #
-# Everything runs on a laptop CPU in well under a minute.
+# Everything runs on a laptop CPU in well under a minute. Along the way, cells marked **Predict first**
+# ask you to guess before you run the next cell, and **Try this** cells give you a change to make and a
+# check to run.
 
 # %%
 import tempfile
@@ -51,10 +53,16 @@ print("train", tuple(X_train.shape), "test", tuple(X_test.shape))
 
 # %% [markdown]
 # ## 2 · Train, saving checkpoints
-# TracInCP needs the weights at a few points along training **and the learning rate used after each
-# of them** (the $\eta_i$ above). `CheckpointRecorder.save(model, optimizer, step)` writes both into
-# `run_dir/checkpoint-<step>.pt`. Here the learning rate decays every epoch, and we save at the end of
-# every other epoch: 4 checkpoints.
+# TracInCP needs the weights at a few points along training **and a learning rate for each** (the
+# $\eta_i$ above). `CheckpointRecorder.save(model, optimizer, step)` writes the weights and the
+# optimizer's *current* learning rate into `run_dir/checkpoint-<step>.pt`.
+#
+# Which rate is the right one? In the TracIn paper a checkpoint's gradient stands in for the steps taken
+# *since the previous checkpoint*, so it is weighted by the learning rate of those steps. Below, the
+# learning rate decays after every epoch (`scheduler.step()` at the end of the epoch) and we save at the
+# end of every other epoch, **before** `scheduler.step()`: each checkpoint records the rate the epoch's
+# steps just used. (Calling `save` after `scheduler.step()` would record the next epoch's rate instead,
+# one decay lower.) 4 checkpoints.
 
 # %%
 run_dir = Path(tempfile.mkdtemp(prefix="tracin-quickstart-"))
@@ -72,16 +80,20 @@ for epoch in range(epochs):
         optimizer.step()
         step += 1
     if epoch % 2 == 1:
-        recorder.save(model, optimizer, step)  # weights + the learning rate the next steps use
+        recorder.save(model, optimizer, step)  # weights + the learning rate these steps used (before the decay)
     scheduler.step()
     model.eval()
     with torch.no_grad():
         acc = (model(X_test).argmax(1) == y_test).float().mean().item()
     print(f"epoch {epoch}: test accuracy {acc:.3f}")
 
+# %% [markdown]
+# **Predict first.** The learning rate starts at 0.1 and is multiplied by 0.85 after every epoch; we saved
+# after epochs 1, 3, 5 and 7 (counting from 0). Which four learning rates will the checkpoints carry?
+
 # %%
 ckpts = te.Checkpoints.from_dir(run_dir)
-ckpts
+ckpts  # 0.1 * 0.85**1, 0.85**3, 0.85**5, 0.85**7
 
 # %% [markdown]
 # ## 3 · Featurize once
@@ -104,7 +116,10 @@ index
 # (`indices` and `scores`, shape `(n_test, k)`, best first).
 #
 # With the `tracin_widgets` extension loaded (`%load_ext tracin_widgets`, first cell), a `TopK`
-# displays as a gallery once the magic knows which data the indices refer to:
+# displays as a gallery once the magic knows which data the indices refer to.
+#
+# **Predict first.** Test example 0 is a 6. What will its proponents look like? And its opponents: other
+# 6s drawn differently, or other digits?
 
 # %%
 # %tracin use split.train split.test
@@ -118,8 +133,8 @@ result[0]  # test example 0: its 6 strongest proponents (top row) and opponents 
 # examples whose label is surprising: a step on them pulled the shared features towards a different
 # class. Scores add over checkpoints; a checkpoint with a larger learning rate counts more.
 #
-# A quick check over the whole test set: the strongest proponent should usually share the test
-# example's label, the strongest opponent usually should not.
+# **Predict first.** Over the whole test set, how often does the strongest proponent share the test
+# example's label? And the strongest opponent?
 
 # %%
 top = index.top_k(split.test, k=1)
@@ -147,9 +162,42 @@ explorer = tw.InfluenceExplorer(index, split.train, split.test, k=8)
 explorer
 
 # %% [markdown]
+# ## 6 · Try this
+# **Try 1. Drop the learning-rate weights.** `index.influence_per_checkpoint(test)` returns the terms
+# $\eta_i \langle g_i(z), g_i(z') \rangle$, shape `(C, n_test, n_train)`. Divide each by its $\eta_i$ and
+# sum: uniform weights. Self-check: how many test examples keep the same top proponent? (The later,
+# smaller-rate checkpoints gain weight; the top proponent rarely changes.)
+
+# %%
+terms = index.influence_per_checkpoint(split.test)                     # (C, n_test, n_train)
+uniform = (terms / index.learning_rates.to(terms.dtype)[:, None, None]).sum(0)
+same_top = (uniform.argmax(1) == scores.argmax(1)).float().mean().item()
+print(f"same top proponent with uniform weights: {same_top:.0%} of the test examples")
+
+# %% [markdown]
+# **Try 2. Use one checkpoint.** Replace `uniform` by `terms[-1]` (the last checkpoint only) or `terms[0]`
+# (the first). Self-check: print the share of test examples whose top proponent has the test label, as in
+# section 4. Which checkpoint alone comes closest to all four?
+
+# %%
+for name, s in (("first checkpoint", terms[0]), ("last checkpoint", terms[-1]), ("all four", terms.sum(0))):
+    print(f"{name:>16}: top proponent has the test label for {(y_train[s.argmax(1)] == y_test).float().mean():.1%}")
+
+# %% [markdown]
+# **Try 3. Change k.** In section 4, ask for `k=20` and look at where the opponents stop being
+# look-alikes. Self-check: `index.top_k(split.test, k=20).proponents.scores[0]` is sorted, highest first.
+#
+# ## Questions
+# 1. A checkpoint saved right after a learning-rate drop, with `save` called after `scheduler.step()`,
+#    records which rate? Why does TracInCP want the other one?
+# 2. Why are the opponents of a 6 mostly *other* digits, and not badly drawn 6s?
+# 3. The index took about as long as one epoch per checkpoint; a query took milliseconds. What would it
+#    cost to answer the same query without an index?
+#
 # ## What next
 # * `02_mislabeled_examples`: self-influence finds flipped labels.
 # * `03_clusters_and_similarity`: TracIn clusters versus embedding clusters.
+# * `09_when_tracin_misleads`: when a few training examples top every list, and what to use instead.
 # * `%tracin help` lists the notebook shortcuts.
 
 # %%

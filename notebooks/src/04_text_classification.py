@@ -149,6 +149,9 @@ index
 
 # %% [markdown]
 # ## 4 · Proponents and opponents of a labelled test sentence
+#
+# **Predict first.** The model only averages word vectors. Will the proponents of a test sentence share its
+# topic, its words, or both? And what will the opponents have in common with it?
 
 # %%
 def show(i_test, result, row=0, k=4):
@@ -165,7 +168,13 @@ print("true topic:", TOPICS[int(test[1][i])])
 show(i, result, row=i)
 
 # %% [markdown]
+# Proponents carry the test sentence's topic. Opponents carry other topics; when they share words with
+# the test sentence (check the table), a step on them pulled those words' vectors away from this topic.
+#
 # ## 5 · Unlabeled sentences: `target="prediction"`
+#
+# **Predict first.** What topic will the model give "can a robot ever be conscious"? (The topics are
+# listed in section 1.) Then look at which training sentences support that prediction.
 
 # %%
 new_texts = ["I feel so lonely and sad today", "how much money should I save every month",
@@ -182,8 +191,41 @@ show(None, result_new, row=0)
 show(None, result_new, row=3)
 
 # %% [markdown]
+# ## Try this
+# **Try 1. A smaller projection.** Rebuild the index with `proj_dim=256` instead of 1024 and compare the top
+# 4 proponents of test sentence 0. Self-check: print how many of the four are the same.
+
+# %%
+small = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=256).index(train, progress=False)
+a = set(result.proponents.indices[0].tolist())
+b = set(small.top_k((test[0][:1], test[1][:1]), k=4).proponents.indices[0].tolist())
+print(f"top-4 proponents in common between proj_dim 1024 and 256: {len(a & b)} of 4")
+
+# %% [markdown]
+# **Try 2. Loss or prediction?** For a *labelled* test sentence that the model gets right, the loss form and
+# the prediction form should mostly agree. Self-check: compare the top-10 proponents of the first 20 test
+# sentences both ways, separately for those predicted right and wrong.
+
+# %%
+with torch.no_grad():
+    right = model(test[0][:20]).argmax(1) == test[1][:20]
+by_loss = index.top_k((test[0][:20], test[1][:20]), k=10).proponents.indices
+by_pred = index.top_k((test[0][:20],), k=10, target="prediction").proponents.indices
+common = torch.tensor([len(set(p.tolist()) & set(q.tolist())) / 10 for p, q in zip(by_loss, by_pred)])
+print(f"top-10 in common: {common[right].mean():.0%} when the prediction is right, "
+      f"{common[~right].mean() if (~right).any() else float('nan'):.0%} when it is wrong")
+
+# %% [markdown]
 # ## 6 · Explore
 # The widgets render token ids as text with `render=decode`; labels show as topic names.
 
 # %%
 tw.InfluenceExplorer(index, train, test, k=6, render=decode, class_names=TOPICS)
+
+# %% [markdown]
+# ## Questions
+# 1. Why does `target="prediction"` need no label, and what does a proponent mean then?
+# 2. For a sentence the model gets *wrong*, the loss form and the prediction form disagree (Try 2). Which
+#    one explains the mistake?
+# 3. The embedding table has a gradient row only for the words a sentence contains. What does that imply
+#    for which training sentences can be proponents of a test sentence?
