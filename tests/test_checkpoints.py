@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -66,3 +67,68 @@ def test_index_does_not_modify_the_model(cnn_run, small_digits):
     te.TracIn(model, ckpts, loss_fn=torch.nn.functional.cross_entropy, layers="last").index(
         small_digits.train, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fingerprint_is_a_content_digest_of_the_tensors(tmp_path):
+    model = _model()
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    torch.save({"model_state_dict": model.state_dict(), "lr": 0.3, "optimizer": "SGD"}, tmp_path / "nested.pt")
+    changed = {k: v.clone() for k, v in model.state_dict().items()}
+    changed["2.bias"][1] += 1e-6
+    torch.save(changed, tmp_path / "changed.pt")
+    ckpts = te.Checkpoints.from_files([tmp_path / n for n in ("bare.pt", "nested.pt", "changed.pt")],
+                                      learning_rates=[0.1, 0.1, 0.1])
+    with pytest.warns(UserWarning, match="identical weights"):
+        fp = ckpts.fingerprint()
+    assert [e["name"] for e in fp] == ["bare.pt", "nested.pt", "changed.pt"]
+    assert fp[0]["digest"] == fp[1]["digest"] != fp[2]["digest"]  # same tensors, other file layouts
+    memory = te.Checkpoints.from_state_dicts([model.state_dict()], [0.1])
+    assert memory.fingerprint()[0]["digest"] == fp[0]["digest"]
+
+
+def test_digest_is_computed_once_while_loading(tmp_path, monkeypatch):
+    import tracin_engine.checkpoints as checkpoints
+
+    model = _model()
+    torch.save(model.state_dict(), tmp_path / "c.pt")
+    calls = []
+    inner = checkpoints.state_digest
+    monkeypatch.setattr(checkpoints, "state_digest", lambda state: calls.append(1) or inner(state))
+    ckpts = te.Checkpoints(te.Checkpoints.from_files([tmp_path / "c.pt"], learning_rates=[0.1]), cache_bytes=0)
+    ckpts.load(0)
+    ckpts.load(0)
+    ckpts.fingerprint()
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("lr", [0.0, -0.1, float("nan"), float("inf"), "0.1", True])
+def test_learning_rates_must_be_finite_positive_numbers(tmp_path, lr):
+    model = _model()
+    torch.save({"state_dict": model.state_dict(), "learning_rate": lr}, tmp_path / "c.pt")
+    torch.save({"state_dict": model.state_dict(), "learning_rate": 0.1}, tmp_path / "ok.pt")
+    match = r"learning rate of checkpoint 1 \(c.pt\) is .*(not a number|finite and positive)"
+    with pytest.raises(te.TracInError, match=match):
+        te.Checkpoints.from_files([tmp_path / "ok.pt", tmp_path / "c.pt"])  # stored in the file
+    with pytest.raises(te.TracInError, match=match):
+        te.Checkpoints.from_files([tmp_path / "ok.pt", tmp_path / "c.pt"], learning_rates=[0.1, lr])
+    with pytest.raises(te.TracInError, match="learning rate of checkpoint 0"):
+        te.Checkpoints.from_state_dicts([model.state_dict()], [lr])
+
+
+def test_numpy_and_tensor_learning_rates_are_accepted(tmp_path):
+    import numpy as np
+
+    model = _model()
+    ckpts = te.Checkpoints.from_state_dicts([model.state_dict()] * 2, [np.float32(0.5), torch.tensor(0.25)])
+    assert ckpts.learning_rates.tolist() == [0.5, 0.25]
+
+
+def test_duplicate_checkpoints_warn(tmp_path):
+    model = _model()
+    torch.save(model.state_dict(), tmp_path / "a.pt")
+    torch.save(model.state_dict(), tmp_path / "b.pt")
+    with pytest.warns(UserWarning, match="listed more than once"):
+        te.Checkpoints.from_files([tmp_path / "a.pt", tmp_path / "a.pt"], learning_rates=[0.1, 0.1])
+    ckpts = te.Checkpoints.from_files([tmp_path / "a.pt", tmp_path / "b.pt"], learning_rates=[0.1, 0.1])
+    with pytest.warns(UserWarning, match=r"checkpoints \[0, 1\] hold identical weights"):
+        ckpts.fingerprint()

@@ -146,3 +146,51 @@ def test_vmap_unfriendly_layer_suggests_loop(tiny):
     # ... and the suggested fallback works
     index = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, per_example="loop").index((X, y), progress=False)
     assert torch.isfinite(index.self_influence()).all()
+
+
+def test_test_examples_of_another_shape(tiny):
+    model, ckpts, X, y = tiny
+    index = te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X, y), progress=False)
+    with pytest.raises(te.TracInError, match=r"shape \(3,\) but the training examples had \(4,\)"):
+        index.influence((X[:, :3], y))
+    with pytest.raises(te.TracInError, match=r"shape \(2, 4\) but the training examples had \(4,\)"):
+        index.top_k((X.reshape(5, 2, 4), y[:5]), k=2)
+    assert index.influence((X[:2], y[:2])).shape == (2, 10)  # the right shape still works
+
+
+@pytest.mark.parametrize("projection", [None, "factored"])
+def test_integer_inputs_to_a_float_model(tiny, projection):
+    model, ckpts, X, y = tiny
+    kw = {"proj_dim": 8, "projection": projection} if projection else {}
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, **kw)
+    Xu8 = (X.abs() * 40).to(torch.uint8)
+    with pytest.raises(te.TracInError, match="inputs are uint8 but the model computes in float32.*X.float"):
+        tracin.index((Xu8, y), progress=False)
+    index = tracin.index((X, y), progress=False)
+    with pytest.raises(te.TracInError, match="inputs are uint8"):
+        index.influence((Xu8, y))
+
+
+def test_cuda_device_without_cuda(tiny):
+    model, ckpts, _, _ = tiny
+    if not torch.cuda.is_available():
+        with pytest.raises(te.TracInError, match="CUDA is not available on this machine.*device='cpu'"):
+            te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cuda")
+    with pytest.raises(te.TracInError, match="not a device name"):
+        te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="gpu")
+
+
+@pytest.mark.parametrize("k", [2.5, 0, -1, "3", True])
+def test_k_must_be_a_positive_integer(tiny, k):
+    model, ckpts, X, y = tiny
+    index = te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X, y), progress=False)
+    with pytest.raises(te.TracInError, match="k must be a positive integer"):
+        index.top_k((X[:2], y[:2]), k=k)
+
+
+def test_numpy_k_is_accepted(tiny):
+    import numpy as np
+
+    model, ckpts, X, y = tiny
+    index = te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X, y), progress=False)
+    assert index.top_k((X[:2], y[:2]), k=np.int64(3)).proponents.indices.shape == (2, 3)

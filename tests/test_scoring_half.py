@@ -143,14 +143,36 @@ def test_half_products_only_for_half_stores_on_the_cpu_with_few_test_rows(monkey
     assert not uses_half_products(torch.float16, torch.device("cuda"), 1)
 
 
+def force_path(monkeypatch, path: str) -> list[int]:
+    """Make score_blocks take `path` ("half": half_matmul, "float32": a float32 copy of each block)
+    whatever this CPU's flags say, by setting the test-row threshold; returns a list that counts
+    the half_matmul calls."""
+    import tracin_engine.store.scoring as scoring
+
+    calls = []
+    inner = scoring.half_matmul
+
+    def counted(x, y):
+        calls.append(1)
+        return inner(x, y)
+
+    monkeypatch.setattr(scoring, "half_max_test_rows", lambda dtype: 10**6 if path == "half" else 0)
+    monkeypatch.setattr(scoring, "half_matmul", counted)
+    return calls
+
+
+@pytest.mark.parametrize("path", ["half", "float32"])
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("kind", sorted(LAYOUTS))
-def test_scores_within_the_bound_and_top_k_agrees(dtype, kind, tmp_path):
+def test_scores_within_the_bound_and_top_k_agrees(dtype, kind, path, tmp_path, monkeypatch):
+    """Both CPU paths, each forced (which one a machine picks depends on its flags: see
+    test_half_products_only_for_half_stores_on_the_cpu_with_few_test_rows)."""
     layout = LAYOUTS[kind]
     store = half_store(layout, dtype, tmp_path)
     w = torch.tensor([0.1, 0.05, 0.02])
     t = torch.stack([spread_rows(6, layout.dim, -4.0, 6.0, seed=20 + c) for c in range(3)])  # (C, m, dim)
-    assert uses_half_products(dtype, CPU, t.shape[1])
+    calls = force_path(monkeypatch, path)
+    assert uses_half_products(dtype, CPU, t.shape[1]) == (path == "half")
     if dtype == torch.float16:  # a naive float16 product of these rows overflows
         assert torch.isinf(t[0].to(dtype) @ store.features(0).T).any()
     ref = reference_scores(t, store, w, layout)
@@ -164,3 +186,4 @@ def test_scores_within_the_bound_and_top_k_agrees(dtype, kind, tmp_path):
     clear = sum(check_top_k(getattr(fast, side).indices, sign * ref, tol, k)
                 for side, sign in (("proponents", 1), ("opponents", -1)))
     assert clear >= len(ref)  # the check has teeth: at least half of the (row, side) pairs have no near-tie
+    assert (len(calls) > 0) == (path == "half")  # the forced path was the one taken

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import os
 import re
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .errors import TracInError
+from .fingerprint import state_digest
 
 _STATE_KEYS = ("state_dict", "model_state_dict", "model")
 _LR_KEYS = ("learning_rate", "lr")
@@ -66,11 +70,28 @@ def _split_payload(obj: Any, where: str) -> tuple[dict, dict]:
     return dict(obj), {}
 
 
-def _read_lr(facts: Mapping[str, Any]) -> float | None:
+def _read_lr(facts: Mapping[str, Any]) -> Any:
+    """The learning rate a file stores (as stored: checked by check_learning_rate), or None."""
     for key in _LR_KEYS:
         if key in facts:
-            return float(facts[key])
+            return facts[key]
     return None
+
+
+def check_learning_rate(value: Any, where: str) -> float:
+    """`value` as a float if it is a finite positive number (a Python or NumPy number, or a
+    one-element tensor), else a TracInError naming `where` (the checkpoint)."""
+    if torch.is_tensor(value) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TracInError(f"the learning rate of {where} is {value!r} ({type(value).__name__}), not a number; "
+                          "pass learning_rates=[0.1, ...] as numbers.")
+    lr = float(value)
+    if not (math.isfinite(lr) and lr > 0):
+        raise TracInError(f"the learning rate of {where} is {lr}; TracInCP weights each checkpoint by its "
+                          "learning rate, which must be finite and positive. Pass the rate the optimizer "
+                          "used after that checkpoint (learning_rates=[...]).")
+    return lr
 
 
 def _load_file(path: Path) -> Any:
@@ -94,8 +115,16 @@ class Checkpoints(Sequence[Checkpoint]):
         if len(checkpoints) == 0:
             raise TracInError("no checkpoints given; TracInCP needs at least one saved model state.")
         self._items = list(checkpoints)
+        for i, c in enumerate(self._items):
+            check_learning_rate(c.learning_rate, f"checkpoint {i} ({c.name})")
+        paths = [str(Path(c.source).resolve()) for c in self._items if isinstance(c.source, (str, os.PathLike))]
+        repeated = sorted({p for p in paths if paths.count(p) > 1})
+        if repeated:
+            warnings.warn(f"the same checkpoint file is listed more than once: {repeated}; each listing "
+                          "counts as a separate checkpoint in TracInCP's sum.", stacklevel=2)
         self._cache: OrderedDict[int, dict] = OrderedDict()
         self._cache_bytes = cache_bytes
+        self._digests: dict[int, str] = {}
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
@@ -113,7 +142,7 @@ class Checkpoints(Sequence[Checkpoint]):
         items = []
         for i, path in enumerate(paths):
             if learning_rates is not None:
-                lr, step, extra = float(learning_rates[i]), None, {}
+                lr, step, extra = check_learning_rate(learning_rates[i], f"checkpoint {i} ({path.name})"), None, {}
                 if not path.exists():
                     raise TracInError(f"checkpoint file {path} does not exist; check the path.")
             else:
@@ -124,6 +153,7 @@ class Checkpoints(Sequence[Checkpoint]):
                         f"{path} stores no learning rate; pass learning_rates=[...] to from_files "
                         "or save checkpoints with CheckpointRecorder."
                     )
+                lr = check_learning_rate(lr, f"checkpoint {i} ({path.name})")
                 step, extra = facts.get("step"), {k: v for k, v in facts.items() if k not in _LR_KEYS + ("step",)}
             items.append(Checkpoint(path, lr, steps[i] if steps is not None else step, extra))
         return cls(items)
@@ -138,7 +168,7 @@ class Checkpoints(Sequence[Checkpoint]):
                 "pass one learning rate per checkpoint."
             )
         items = [
-            Checkpoint({k: v.detach().clone().cpu() for k, v in sd.items()}, float(lr),
+            Checkpoint({k: v.detach().clone().cpu() for k, v in sd.items()}, check_learning_rate(lr, f"checkpoint {i}"),
                        steps[i] if steps is not None else i)
             for i, (sd, lr) in enumerate(zip(state_dicts, learning_rates))
         ]
@@ -185,6 +215,8 @@ class Checkpoints(Sequence[Checkpoint]):
             state = dict(ckpt.source)
         else:
             state, _ = _split_payload(_load_file(Path(ckpt.source)), str(ckpt.source))
+        if i not in self._digests:  # computed once, while loading
+            self._digests[i] = state_digest(state)
         size = sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
         if size <= self._cache_bytes:
             self._cache[i] = state
@@ -192,14 +224,23 @@ class Checkpoints(Sequence[Checkpoint]):
                 self._cache.popitem(last=False)
         return state
 
+    def digest(self, i: int) -> str:
+        """Content digest of checkpoint i's tensors (fingerprint.state_digest), computed when it is
+        first loaded (loading it now if it never was)."""
+        if i not in self._digests:
+            self.load(i)
+        return self._digests[i]
+
     def fingerprint(self) -> list[dict]:
-        """JSON-able identity of each checkpoint (name, lr, step, content hash of file head)."""
-        out = []
-        for c in self._items:
-            entry = {"name": c.name, "learning_rate": c.learning_rate, "step": c.step}
-            if isinstance(c.source, (str, os.PathLike)) and Path(c.source).exists():
-                entry["size"] = Path(c.source).stat().st_size
-            out.append(entry)
+        """JSON-able identity of each checkpoint: name, learning rate, step and `digest`, a content
+        hash of its tensors (names, dtypes, shapes, values). Warns when two hold the same tensors."""
+        out = [{"name": c.name, "learning_rate": c.learning_rate, "step": c.step, "digest": self.digest(i)}
+               for i, c in enumerate(self._items)]
+        digests = [e["digest"] for e in out]
+        same = [i for i, d in enumerate(digests) if digests.count(d) > 1]
+        if same:
+            warnings.warn(f"checkpoints {same} hold identical weights; each counts separately in TracInCP's sum "
+                          "(was one file listed twice?).", stacklevel=2)
         return out
 
 

@@ -12,17 +12,21 @@ checkpoint c, eta_c its learning rate. See scoring.py for the similarity and sel
 
 from __future__ import annotations
 
-import shutil
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..data import BatchFn
+from ..data import BatchFn, as_source
 from ..errors import TracInError
+from ..fingerprint import data_fingerprint
+from ..inputs import check_k
 from ..gradients.per_example import Target
 from ..store.scoring import full_scores, score_blocks, self_influence
-from ..store.feature_store import FeatureStore
+from ..store import files
+from ..store.feature_store import FeatureStore, compare_metadata
 from ..store.topk import TopK, streaming_top_k
 
 
@@ -88,7 +92,13 @@ class GradientIndex:
             return features
         if test_data is None:
             raise TracInError("pass test_data (or features= from index.test_features(...)).")
-        return self.test_features(test_data, target, batch_fn)
+        try:
+            return self.test_features(test_data, target, batch_fn)
+        except (RuntimeError, TracInError) as exc:  # other shape or dtype than the training examples?
+            err = self.tracin.explain(exc, test_data, batch_fn, self.store.metadata.get("data"))
+            if err is None:
+                raise
+            raise err from exc
 
     # -- queries ----------------------------------------------------------------------------------
     def influence(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None,
@@ -113,8 +123,7 @@ class GradientIndex:
         most negative first. Memory stays bounded: test examples go in chunks of `test_chunk`,
         training rows in blocks of `block_size` (default: about 256 MB of scores).
         """
-        if k < 1:
-            raise TracInError(f"k must be at least 1, got {k}.")
+        k = check_k(k)
         t = self.query_features(test_data, target, batch_fn, features)
         parts = [streaming_top_k(score_blocks(t[:, s:s + test_chunk], self.store, self.learning_rates,
                                               self.layout, block_size=block_size), k)
@@ -175,21 +184,88 @@ class GradientIndex:
         return renormalized_top_k(self, test_data, k, target, batch_fn, features=features)
 
     # -- persistence ------------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        """What identifies this index (written to metadata.json by save): its store's metadata
+        (training data fingerprint, shape) with the TracIn's settings and checkpoints."""
+        return {**self.store.metadata, **self.tracin.metadata()}
+
+    def _write_files(self, folder: Path) -> None:
+        """Write the index into the new folder `folder` (save() renames it into place)."""
+        self.store.copy_to(folder, self.metadata())
+
     def save(self, path: str | Path) -> Path:
-        """Write the index to folder `path` (memory-mapped on reopen). Returns the path."""
+        """Write the index to folder `path` (memory-mapped on reopen). Returns the path.
+
+        `path` must be new, an empty folder, or a store saved before (its metadata.json and only store
+        files inside): anything else is refused, never deleted. The index is written into a folder
+        beside `path`, then renamed into place, so `path` never holds half an index.
+        """
         path = Path(path)
         if self.store.path is not None and Path(self.store.path).resolve() == path.resolve():
             return path
-        if path.exists():
-            shutil.rmtree(path)
-        self.store.copy_to(path, self.tracin.metadata())
+        old = replaceable(path)
+        tmp = path.parent / f".{path.name}.saving-{uuid.uuid4().hex[:8]}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._write_files(tmp)
+        except BaseException:
+            remove_store(tmp)
+            raise
+        if old:
+            trash = path.parent / f".{path.name}.replaced-{uuid.uuid4().hex[:8]}"
+            os.rename(path, trash)
+            os.rename(tmp, path)
+            remove_store(trash)
+        else:
+            if path.exists():
+                path.rmdir()  # empty
+            os.rename(tmp, path)
         return path
 
     @classmethod
-    def load(cls, path: str | Path, tracin: Any) -> Any:
-        """Reopen a saved index; the metadata must match `tracin` (model, checkpoints, proj_dim, ...)."""
+    def load(cls, path: str | Path, tracin: Any, train_data: Any = None,
+             batch_fn: BatchFn | None = None) -> "GradientIndex":
+        """Reopen a saved index read-only; its metadata must match `tracin` (model, checkpoints and
+        their contents, proj_dim, ...) and, when given, `train_data` (examples, labels, order)."""
         store = FeatureStore.load(path)
         tracin.featurizer.adopt(store.metadata.get("per_example", "vmap"))
-        FeatureStore.open_or_create(path, store.n, store.n_checkpoints, store.dim, store.dtype,
-                                    tracin.metadata())  # raises on any mismatch
+        wanted = tracin.metadata()
+        if train_data is not None:
+            wanted["data"] = data_fingerprint(as_source(train_data, batch_fn))
+        compare_metadata(store.metadata, wanted, Path(path))
         return cls(tracin, store)
+
+
+def replaceable(path: Path) -> bool:
+    """Whether save() may write at `path`: False if it is new or an empty folder, True if it is a
+    store (metadata.json of a store, no other files); anything else is a TracInError."""
+    if not os.path.lexists(path):
+        return False
+    if path.is_symlink() or not path.is_dir():
+        raise TracInError(f"{path} exists and is not a folder; save() writes only to a new or empty folder "
+                          "or over an index saved before. Pass another path.")
+    names = [e.name for e in os.scandir(path)]
+    if not names:
+        return False
+    others = [n for n in names if not files.is_store_file(n)]
+    if others or files.METADATA not in names:
+        raise TracInError(f"{path} is not empty and is not a saved index (it holds {sorted(others or names)[:5]}); "
+                          "save() never overwrites your files. Pass a new or empty folder.")
+    files.read_metadata(path)  # a store's metadata (damaged: TracInError)
+    lock = files.WriterLock(path)  # nobody is featurizing into it
+    lock.release()
+    return True
+
+
+def remove_store(path: Path) -> None:
+    """Delete a store folder written by this package: its store files by name, then the empty folder
+    (anything else in it stays, and so does the folder)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return
+    for entry in os.scandir(path):
+        if files.is_store_file(entry.name) and not entry.is_dir(follow_symlinks=False):
+            os.unlink(entry.path)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass

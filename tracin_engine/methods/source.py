@@ -41,7 +41,8 @@ from ..gradients.per_example import Target
 from .index import GradientIndex
 from ..store.layout import Layout
 from ..gradients.projection import RandomProjection
-from ..store.feature_store import FeatureStore
+from ..store.feature_store import FeatureStore, compare_metadata
+from ..store.files import check_regular, damaged
 from ..store.scoring import accum_dtype
 
 
@@ -193,16 +194,17 @@ class SourceIndex(GradientIndex):
         """The store's metadata: the TracIn's settings described as this SOURCE index."""
         return self.tracin.settings().with_method(self.settings, self.layout.to_dict()).to_metadata()
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        if self.store.path is None or Path(self.store.path).resolve() != path.resolve():
-            if path.exists():
-                import shutil
+    def _write_files(self, folder: Path) -> None:
+        self.store.copy_to(folder, self.metadata())
+        np.save(folder / _SELF_FILE, self._self.numpy())
 
-                shutil.rmtree(path)
-            self.store.copy_to(path, self.metadata())
-        np.save(path / _SELF_FILE, self._self.numpy())
-        return path
+    def save(self, path: str | Path) -> Path:
+        """Write the SOURCE index to folder `path` (rules of GradientIndex.save)."""
+        path = Path(path)
+        if self.store.path is not None and Path(self.store.path).resolve() == path.resolve():
+            np.save(path / _SELF_FILE, self._self.numpy())
+            return path
+        return super().save(path)
 
     @staticmethod
     def holds(path: str | Path) -> bool:
@@ -211,14 +213,19 @@ class SourceIndex(GradientIndex):
 
     @classmethod
     def load(cls, path: str | Path, tracin: Any) -> "SourceIndex":
-        """Reopen a saved SOURCE index; its settings and `tracin` must match what built it."""
+        """Reopen a saved SOURCE index read-only; its settings and `tracin` must match what built it."""
         store = FeatureStore.load(path)
         if store.metadata.get("method") != "source" or not (Path(path) / _SELF_FILE).exists():
             raise TracInError(f"{path} does not hold a SOURCE index; use GradientIndex.load for TracIn indexes.")
         settings = IndexSettings.from_metadata(store.metadata).source
         meta = tracin.settings().with_method(settings, Layout.dense_of(store.dim).to_dict()).to_metadata()
-        FeatureStore.open_or_create(path, store.n, store.n_checkpoints, store.dim, store.dtype, meta)
-        return cls(tracin, store, settings, torch.from_numpy(np.load(Path(path) / _SELF_FILE)))
+        compare_metadata(store.metadata, meta, Path(path))
+        self_file = Path(path) / _SELF_FILE
+        check_regular(self_file)
+        selfs = np.load(self_file, allow_pickle=False)
+        if selfs.shape != (store.n,) or selfs.dtype != np.float64:
+            raise damaged(self_file, f"holds a {selfs.dtype} array of shape {selfs.shape}, expected float64 ({store.n},)")
+        return cls(tracin, store, settings, torch.from_numpy(selfs))
 
 
 def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: Sequence[int] | None = None,
@@ -264,6 +271,7 @@ def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: S
         selfs[start:start + x.shape[0]] = (g_final * v).sum(1).cpu()
         f = proj(v.to(accum_dtype(dtype))) if proj is not None else v
         fs.write(0, start, f, f.double().pow(2).sum(1))
+    fs.finish_writing()
     index = SourceIndex(tracin, fs, settings, selfs)
     if store is not None:
         np.save(Path(store) / _SELF_FILE, selfs.numpy())

@@ -18,6 +18,8 @@ from ..checkpoints import Checkpoints, state_fingerprint
 from ..data import BatchFn, as_source
 from ..errors import TracInError
 from ..settings import IndexSettings
+from ..fingerprint import data_fingerprint
+from ..inputs import check_device, explain_input_error
 from ..gradients.featurize import Featurizer, check_finite, featurize
 from ..gradients.per_example import GradientComputer, Target
 from .index import GradientIndex
@@ -50,6 +52,7 @@ class TracIn:
         if not isinstance(checkpoints, Checkpoints):
             raise TracInError("checkpoints must be a Checkpoints object; build one with "
                               "Checkpoints.from_files(paths, learning_rates=[...]) or Checkpoints.from_dir(run_dir).")
+        check_device(device)
         self.model, self.checkpoints, self.loss_fn = model, checkpoints, loss_fn
         self.layers, self.proj_dim, self.seed, self.projection_kind = layers, proj_dim, seed, projection
         grads = GradientComputer(model, loss_fn, layers, device, train_mode)
@@ -87,6 +90,18 @@ class TracIn:
     def metadata(self) -> dict:
         """settings() as the flat JSON-able dict written to metadata.json."""
         return self.settings().to_metadata()
+
+    def explain(self, exc: Exception, data: Any, batch_fn: BatchFn | None = None,
+                train: dict | None = None) -> TracInError | None:
+        """Why the model failed on `data`, when the inputs are the cause (integer inputs to a float
+        model; examples of another shape than the training examples, from `train`, a store's
+        metadata["data"]): a TracInError to raise, else None."""
+        try:
+            x = as_source(data, batch_fn).example(0)[0].unsqueeze(0)
+        except Exception:  # noqa: BLE001 - the data itself is the problem; keep the original error
+            return None
+        shape = (train or {}).get("example_shape")
+        return explain_input_error(exc, x, self.featurizer.grads.dtype, shape)
 
     def resolve(self, source) -> None:
         """Settle the per-example path on the first examples before any feature is stored."""
@@ -136,19 +151,42 @@ class TracIn:
         """Featurize examples rows=(lo, hi) (default: all) into the store: one shard of a distributed run.
 
         Returns the FeatureStore (complete only when every shard is done); see distributed.py.
+        Before anything is allocated: the size is checked against free memory / disk; the training
+        data is fingerprinted (one pass, fingerprint.data_fingerprint) and the checkpoints' tensors
+        hashed, so that a store built from other data or weights is refused, never mixed. A
+        complete store is opened read-only; otherwise featurizing holds the store's writer lock.
         """
         source = as_source(train_data, batch_fn)
         if dtype is None:
             model_dtype = self.featurizer.grads.dtype
             dtype = torch.float16 if (store is not None and self.proj_dim) else model_dtype
         n, C = len(source), len(self.checkpoints)
-        self.resolve(source)
+        self._explained(lambda: self.resolve(source), source)
+        FeatureStore.check_fits(n, C, self.dim, dtype, store)  # before the data pass and any allocation
+        meta = {**self.metadata(), "data": data_fingerprint(source)}
         if store is None:
-            fs = FeatureStore(n, C, self.dim, dtype)
+            fs = FeatureStore(n, C, self.dim, dtype, metadata=meta)
         else:
-            fs = FeatureStore.open_or_create(store, n, C, self.dim, dtype, self.metadata())
-        featurize(self.featurizer, self.checkpoints, source, fs, batch_size, "loss", progress, rows)
+            fs = FeatureStore.open_complete(store, n, C, self.dim, dtype, meta)
+            if fs is not None:
+                return fs
+            fs = FeatureStore.open_or_create(store, n, C, self.dim, dtype, meta, shared_lock=rows is not None)
+        try:
+            self._explained(lambda: featurize(self.featurizer, self.checkpoints, source, fs, batch_size, "loss",
+                                              progress, rows), source)
+        finally:
+            fs.finish_writing()
         return fs
+
+    def _explained(self, run: Callable[[], Any], source) -> Any:
+        """run(), turning a model error caused by the inputs into a clear TracInError (see explain)."""
+        try:
+            return run()
+        except (RuntimeError, TracInError) as exc:
+            err = self.explain(exc, source)
+            if err is None:
+                raise
+            raise err from exc
 
     # -- query side --------------------------------------------------------------------------------
     def predictions(self, data: Any, batch_fn: BatchFn | None = None, checkpoint: int = -1) -> torch.Tensor:
