@@ -30,7 +30,8 @@ from ..errors import TracInError
 from ..gradients.per_example import Target
 from .index import GradientIndex
 from ..store.topk import TopK, streaming_top_k
-from ..store.scoring import score_blocks
+from ..devices import output_device
+from ..store.scoring import default_block_size, score_blocks
 
 if TYPE_CHECKING:
     from .tracin import TracIn
@@ -113,44 +114,51 @@ class EnsembleIndex:
             total = s if total is None else total + s
         return total / len(self.members)
 
-    def influence(self, test_data: Any, target: Target = "loss", batch_fn: BatchFn | None = None) -> torch.Tensor:
-        """Mean member scores: Tensor (n_test, n_train); positive = proponent."""
-        return self._mean(lambda idx: idx.influence(test_data, target, batch_fn))
+    def influence(self, test_data: Any, target: Target = "loss", batch_fn: BatchFn | None = None, *,
+                  out_device: str | torch.device | None = None) -> torch.Tensor:
+        """Mean member scores: Tensor (n_test, n_train) on the CPU (or out_device); positive = proponent."""
+        return self._mean(lambda idx: idx.influence(test_data, target, batch_fn, out_device=out_device))
 
-    def member_influence(self, test_data: Any, target: Target = "loss",
-                         batch_fn: BatchFn | None = None) -> torch.Tensor:
-        """Scores of each member: Tensor (M, n_test, n_train)."""
+    def member_influence(self, test_data: Any, target: Target = "loss", batch_fn: BatchFn | None = None, *,
+                         out_device: str | torch.device | None = None) -> torch.Tensor:
+        """Scores of each member: Tensor (M, n_test, n_train) on the CPU (or out_device)."""
         out = []
         for seed, idx in self.members:
             with fixed_dropout(self.tracin.model, seed):
-                out.append(idx.influence(test_data, target, batch_fn))
+                out.append(idx.influence(test_data, target, batch_fn, out_device=out_device))
         return torch.stack(out)
 
-    def similarity(self, test_data: Any, target: Target = "loss", batch_fn: BatchFn | None = None) -> torch.Tensor:
-        """Mean member cosine similarity: Tensor (n_test, n_train) in [-1, 1]."""
-        return self._mean(lambda idx: idx.similarity(test_data, target, batch_fn))
+    def similarity(self, test_data: Any, target: Target = "loss", batch_fn: BatchFn | None = None, *,
+                   out_device: str | torch.device | None = None) -> torch.Tensor:
+        """Mean member cosine similarity: Tensor (n_test, n_train) in [-1, 1], on the CPU (or out_device)."""
+        return self._mean(lambda idx: idx.similarity(test_data, target, batch_fn, out_device=out_device))
 
-    def self_influence(self) -> torch.Tensor:
-        """Mean member self-influence: Tensor (n_train,) float64."""
-        return self._mean(lambda idx: idx.self_influence())
+    def self_influence(self, *, out_device: str | torch.device | None = None) -> torch.Tensor:
+        """Mean member self-influence: Tensor (n_train,) float64, on the CPU (or out_device)."""
+        return self._mean(lambda idx: idx.self_influence(out_device=out_device))
 
     def top_k(self, test_data: Any, k: int = 10, target: Target = "loss", batch_fn: BatchFn | None = None,
-              block_size: int = 65536) -> TopK:
-        """k proponents / opponents of the averaged scores, streamed over training blocks."""
+              block_size: int | None = None, *, out_device: str | torch.device | None = None) -> TopK:
+        """k proponents / opponents of the averaged scores, streamed over training blocks (computed on
+        the members' device; returned on the CPU or out_device)."""
         if k < 1:
             raise TracInError(f"k must be at least 1, got {k}.")
         feats = []
         for seed, idx in self.members:
             with fixed_dropout(self.tracin.model, seed):
-                feats.append(idx.test_features(test_data, target, batch_fn))
+                feats.append(idx.test_features(test_data, target, batch_fn, out_device=idx.device).to(idx.device))
+        first = self.members[0][1]
+        block_size = block_size or default_block_size(feats[0].shape[1], first.store.n_checkpoints, False,
+                                                      dim=first.store.dim, device=first.device)
 
         def blocks() -> Iterator[tuple[int, torch.Tensor]]:
-            gens = [score_blocks(t, idx.store, idx.learning_rates, idx.layout, block_size=block_size)
+            gens = [score_blocks(t, idx.device_features(), idx.learning_rates, idx.layout, block_size=block_size,
+                                 tf32=idx.tracin.tf32)
                     for t, (_, idx) in zip(feats, self.members)]
             for parts in zip(*gens):
                 yield parts[0][0], sum(p for _, p in parts) / len(parts)
 
-        return streaming_top_k(blocks(), k)
+        return streaming_top_k(blocks(), k).to(output_device(out_device))
 
 
 def dropout_ensemble(tracin: "TracIn", train_data: Any, n_members: int = 4, seed: int = 0,

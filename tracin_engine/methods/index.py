@@ -200,11 +200,13 @@ class GradientIndex:
         return rank_outliers(self, weights, checkpoints, normalize, space)
 
     def renormalized_top_k(self, test_data: Any = None, k: int = 10, target: Target = "loss",
-                           batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None) -> TopK:
-        """Proponents / opponents by ReTrac-style scores sum_c eta_c <g_c(z'), g_c(z)> / |g_c(z)|."""
+                           batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None,
+                           out_device: str | torch.device | None = None) -> TopK:
+        """Proponents / opponents by ReTrac-style scores sum_c eta_c <g_c(z'), g_c(z)> / |g_c(z)|
+        (on the CPU or out_device)."""
         from ..analysis.outliers import renormalized_top_k
 
-        return renormalized_top_k(self, test_data, k, target, batch_fn, features=features)
+        return renormalized_top_k(self, test_data, k, target, batch_fn, features=features, out_device=out_device)
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
