@@ -3,6 +3,9 @@ examples, self-influence, Captum TracInCP, and projection quality against exact 
 
 Prints one JSON object. Run: .venv/bin/python benchmarks/bench_scale.py [--device cuda|cpu] [--seeds N]
 [--only query] (the query and self-influence only, after the short training that writes the checkpoints)
+[--only gpu-check] (training and factored featurization throughput, then the query: what scripts/gpu-check
+runs; no Captum, no overlap study). Every timed call is warmed up first and timed between
+device synchronizations; TracIn and Captum run on the same --device, named in "machine".
 On CUDA: a CIFAR-shaped convnet of ~4.2M parameters (width 64) on synthetic 3x32x32 inputs. On CPU a
 smaller case (width 16, 266k parameters, fewer examples) so the run stays under 5 minutes on 2 cores.
 Measures, in the same run:
@@ -14,7 +17,10 @@ Measures, in the same run:
   ratio_*                    featurization / training throughput
   query_*                    top-10 for one test example over n_query stored examples x 4 checkpoints
                              (stored features are random numbers of the real layout: timing only),
-                             split into the test gradients (4 forward+backward) and the scoring
+                             split into the test gradients (4 forward+backward) and the scoring;
+                             scoring both from the store kept where queries run (on CUDA: resident
+                             on the GPU once, float16) and from the same store memory-mapped on disk
+                             (on CUDA: streamed from pinned memory per query; on CPU: read in place)
   self_influence_s           index.self_influence() over the same store
   captum_*                   Captum TracInCP.influence(one example, k=10) over a subset of n_captum
                              training examples, linearly extrapolated to n_query (stated in the output)
@@ -40,7 +46,9 @@ from torch.utils.data import TensorDataset
 
 import tracin_engine as te
 from tracin_engine.examples import DigitsCNN, load_digits_split, train
-from tracin_engine.store.topk import reference_top_k
+from tracin_engine.store.residency import DeviceFeatures
+from tracin_engine.store.scoring import score_blocks
+from tracin_engine.store.topk import reference_top_k, streaming_top_k
 
 
 class CifarNet(nn.Module):
@@ -149,8 +157,8 @@ def digits_overlap(device, seeds: int) -> dict:
 
 def query_latency(model, paths, X, y, proj_dim, n_query, repeats, device) -> dict:
     """top-10 of one test example over n_query stored rows x 4 checkpoints (random values in the
-    factored layout, float16: timing only), split into test gradients and scoring; self-influence."""
-    gpu = device.type == "cuda"
+    factored layout, float16: timing only), split into test gradients and scoring; self-influence;
+    scoring from the in-memory store (resident on the GPU) and from the memory-mapped copy on disk."""
     ckpts = te.Checkpoints.from_files(paths)
     tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=proj_dim, projection="factored",
                        device=device)
@@ -161,21 +169,31 @@ def query_latency(model, paths, X, y, proj_dim, n_query, repeats, device) -> dic
         for s in range(0, n_query, len(block)):
             b = min(len(block), n_query - s)
             store.write(c, s, block[:b], block_norms[:b])
-    if gpu:  # keep the stored features on the GPU, as a GPU-resident index would
-        store = store.resident(device)
     index = te.GradientIndex(tracin, store)
     one = (X[:1], y[:1])
-    index.top_k(one, k=10)  # warm-up (loads and caches the 4 checkpoints)
+    index.top_k(one, k=10)  # warm-up: caches the 4 checkpoints, makes the store resident on a GPU (once)
     q_total, _ = clock(lambda: index.top_k(one, k=10), device, repeats)
-    q_grad, t = clock(lambda: tracin.features(one), device, repeats)
+    q_grad, t = clock(lambda: tracin.features(one, out_device=device), device, repeats)
     q_score, _ = clock(lambda: index.top_k(features=t, k=10), device, repeats)
     si, _ = clock(lambda: index.self_influence(), device, 5)
+    disk_dir = tempfile.mkdtemp(prefix="bench_scale_store_")
+    disk = store.copy_to(Path(disk_dir) / "ix", tracin.metadata())
+    mapped = DeviceFeatures(disk, device, mode="stream" if device.type == "cuda" else "direct")
+    lrs, layout = index.learning_rates, index.layout
+
+    def mapped_query():
+        return streaming_top_k(score_blocks(t, mapped, lrs, layout), 10)
+
+    mapped_query()  # warm-up (page cache, pinned buffers)
+    q_mapped, _ = clock(mapped_query, device, repeats)
     log("query and self-influence done")
     return {"factored_row_dim": tracin.dim, "query_n_stored": n_query, "query_checkpoints": 4,
-            "store_dtype": "float16",
+            "store_dtype": "float16", "store_mode": index.device_features().mode,
             "query_top10_total_ms": round(q_total * 1e3, 2),
             "query_test_gradients_ms": round(q_grad * 1e3, 2),
             "query_scoring_top10_ms": round(q_score * 1e3, 2),
+            "memmap_mode": mapped.mode,
+            "query_scoring_top10_memmap_ms": round(q_mapped * 1e3, 2),
             "self_influence_ms": round(si * 1e3, 3)}
 
 
@@ -186,9 +204,9 @@ def main() -> None:
     ap.add_argument("--n-query", type=int, default=50000)
     ap.add_argument("--seeds", type=int, default=None, help="projection seeds per overlap figure "
                     "(default 3 on CUDA, 1 on CPU)")
-    ap.add_argument("--only", choices=["query"], default=None, help="query: train only to write the 4 "
-                    "checkpoints, then measure the query and self-influence (skips featurization, Captum, "
-                    "digits overlap)")
+    ap.add_argument("--only", choices=["query", "gpu-check"], default=None, help="query: train only to write "
+                    "the 4 checkpoints, then measure the query and self-influence (skips featurization, Captum, "
+                    "digits overlap); gpu-check: training and factored featurization throughput, then the query")
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -222,6 +240,12 @@ def main() -> None:
         fact_rate = max(fact_rate, featurize_rate(model, paths[-1], X[:cfg["n_feat"]], y[:cfg["n_feat"]],
                                                   args.proj_dim, "factored", cfg["batch"], device)[0])
     log("factored featurization done")
+    if args.only == "gpu-check":
+        query = query_latency(model, paths, X, y, args.proj_dim, args.n_query, cfg["repeats"], device)
+        print(json.dumps({**head, "train_examples_per_s": round(train_rate, 1),
+                          "featurize_factored_examples_per_s": round(fact_rate, 1),
+                          "ratio_factored_to_training": round(fact_rate / train_rate, 3), **query}, indent=1))
+        return
     gauss_rate, _ = featurize_rate(model, paths[-1], X[:cfg["n_gauss"]], y[:cfg["n_gauss"]], args.proj_dim,
                                    "gaussian", cfg["gauss_batch"], device, warm=False)
 
@@ -240,6 +264,7 @@ def main() -> None:
                       loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=cfg["batch"],
                       sample_wise_grads_per_batch=True)
     one_dev = (X[:1].to(device), y[:1].to(device))
+    captum.influence(one_dev, k=10)  # warm-up
     c_sub, _ = clock(lambda: captum.influence(one_dev, k=10), device, 1)
     c_ext = c_sub * args.n_query / cfg["n_captum"]
 

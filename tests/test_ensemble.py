@@ -33,7 +33,7 @@ def run():
         F.cross_entropy(model(X), y).backward()
         opt.step()
         if step % 10 == 0:
-            states.append(model.state_dict())
+            states.append({k: v.clone() for k, v in model.state_dict().items()})
             steps.append(step)
     model.eval()
     ckpts = te.Checkpoints.from_state_dicts(states, [0.3, 0.2, 0.1], steps)

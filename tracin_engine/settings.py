@@ -42,6 +42,8 @@ class IndexSettings:
     per_example: the per-example path the rows were computed with ("hooks", "vmap", "loop").
     layout: the row layout (store/layout.py Layout.to_dict()).
     method: "tracin" (TracInCP rows) or "source" (SOURCE's v(z) rows, with `source` set).
+    projection_generator: the dense projection's generator (gradients/projection.py; R, hence the
+    stored rows, depend on it), None without a dense projection.
     """
 
     model: str
@@ -55,6 +57,7 @@ class IndexSettings:
     layout: dict
     method: str = "tracin"
     source: SourceSettings | None = None
+    projection_generator: str | None = None
 
     def with_method(self, source: SourceSettings, layout: dict) -> "IndexSettings":
         """The same model and checkpoints described as a SOURCE index with `layout`."""
@@ -64,6 +67,8 @@ class IndexSettings:
         """Flat JSON-able dict (SOURCE's fields at top level, as stores have always been written)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        if out["projection_generator"] is None:
+            del out["projection_generator"]
         if self.source is not None:
             out.update({k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.source).items()})
         else:
@@ -79,4 +84,5 @@ class IndexSettings:
                                     tuple(meta["horizons"]))
         return cls(meta["model"], tuple(meta["parameters"]), tuple(meta["checkpoints"]),
                    tuple(meta["learning_rates"]), meta["proj_dim"], meta["seed"], meta["projection"],
-                   meta["per_example"], meta["layout"], meta.get("method", "tracin"), source)
+                   meta["per_example"], meta["layout"], meta.get("method", "tracin"), source,
+                   meta.get("projection_generator"))

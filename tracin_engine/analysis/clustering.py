@@ -12,8 +12,12 @@ With the unit vector u(z) = concat_c [ sqrt(w_c) g_c(z) / |g_c(z)| ] (length sum
 sim(z, z') = <u(z), u(z')> exactly, so spherical k-means on u maximizes sum_z sim(z, centre(z)):
     assign  label(z) = argmax_k <u(z), m_k>,   update  m_k = normalize(sum_{label(z)=k} u(z)).
 u is built in blocks of rows from the stored features (Linear "outer" rows are expanded to the
-flat gradient of that layer), so no n x n matrix is formed; when n * D numbers fit in
-`cache_bytes` the rows are kept on the device between iterations. Centrality of z = <u(z), m_k>.
+flat gradient of that layer), so no n x n matrix is formed; the features are read through the
+index's device_features() (resident on the GPU once, not copied per iteration and per seed);
+when n * D numbers of u fit in `cache_bytes` (default: a quarter of the device's free memory) the
+rows are kept on the device between iterations. Block sizes come from free memory and every pass
+runs under the out-of-memory policy (memory.py: a failed pass halves the block and runs again).
+Centrality of z = <u(z), m_k>.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from ..errors import TracInError
 from ..store.scoring import accum_dtype
+from ..memory import Backoff, fits, is_oom, rows_that_fit
 
 
 
@@ -57,25 +62,34 @@ class UnitRows:
 
     def __init__(self, index: Any, weights: torch.Tensor | None = None,
                  device: torch.device | str | None = None, block_size: int | None = None,
-                 cache_bytes: int = 2**28):
+                 cache_bytes: int | None = None):
         store = index.store
         w = index.learning_rates if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         if w.shape != (store.n_checkpoints,) or bool((w < 0).any()) or float(w.sum()) <= 0:
             raise TracInError(f"weights must be {store.n_checkpoints} non-negative numbers with a positive sum, "
                               f"got {w.tolist()}.")
         self.store, self.layout = store, index.layout
-        self.device = torch.device(device) if device is not None else index.tracin.device
+        self.device = torch.device(device) if device is not None else index.device
+        self.features = index.device_features(self.device)  # resident once, reused by every pass
         self.dtype = accum_dtype(store.dtype)
         w = w / w.sum()
         norms = store.sq_norms.sqrt()
         self.scale = torch.where(norms > 0, w.sqrt().unsqueeze(1) / norms.clamp_min(1e-300),
-                                 torch.zeros_like(norms))  # (C, n) float64
+                                 torch.zeros_like(norms)).to(self.device, self.dtype)  # (C, n)
         self.keep = [c for c in range(store.n_checkpoints) if float(w[c]) > 0]
         per_ckpt = sum(s.a_dim for s in self.layout.dense) + sum(s.a_dim * s.g_dim for s in self.layout.outer)
         self.n, self.dim = store.n, per_ckpt * len(self.keep)
         itemsize = 8 if self.dtype == torch.float64 else 4
-        self.block_size = block_size or max(1, min(self.n, 2**25 // max(1, self.dim)))
-        self._cache = self.block(0, self.n) if self.n * self.dim * itemsize <= cache_bytes else None
+        self.block_size = block_size or rows_that_fit(3 * itemsize * max(1, self.dim), self.device, maximum=self.n,
+                                                      fraction=0.25, cap_bytes=2**28)
+        self._cache = None
+        nbytes = self.n * self.dim * itemsize
+        if nbytes <= cache_bytes if cache_bytes is not None else fits(nbytes, self.device, 0.25):
+            try:
+                self._cache = torch.cat([b for _, b in self.blocks()])
+            except Exception as exc:  # noqa: BLE001 - no cache when it does not fit after all
+                if not is_oom(exc):
+                    raise
 
     def _expand(self, f: torch.Tensor) -> torch.Tensor:
         if self.layout.is_dense:
@@ -91,18 +105,28 @@ class UnitRows:
             return self._cache[start:stop]
         parts = []
         for c in self.keep:
-            f = self.store.features(c)[start:stop].to(device=self.device, dtype=self.dtype)
-            s = self.scale[c, start:stop].to(device=self.device, dtype=self.dtype).unsqueeze(1)
-            parts.append(self._expand(f) * s)
+            f = self.features.block(c, start, stop).to(self.device).to(self.dtype)
+            parts.append(self._expand(f) * self.scale[c, start:stop].unsqueeze(1))
         return torch.cat(parts, 1)
 
     def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
         for start in range(0, self.n, self.block_size):
             yield start, self.block(start, min(start + self.block_size, self.n))
 
+    def run_pass(self, fn):
+        """fn() over all blocks, under the out-of-memory policy: on OOM the block size halves (for
+        good) and the whole pass runs again (passes are pure). Returns fn's result."""
+        size = Backoff(self.block_size, self.device, what="clustering block", advice="pass block_size= smaller.")
+
+        def step(b: int):
+            self.block_size = b
+            return fn()
+
+        return size.run(step)
+
     def dots(self, centers: torch.Tensor) -> torch.Tensor:
         """<u(z), centers_k> for every z: (n, K)."""
-        return torch.cat([b @ centers.T for _, b in self.blocks()])
+        return self.run_pass(lambda: torch.cat([b @ centers.T for _, b in self.blocks()]))
 
 
 def _kmeans_pp(rows: UnitRows, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -123,14 +147,17 @@ def _kmeans_pp(rows: UnitRows, k: int, gen: torch.Generator) -> torch.Tensor:
 
 def _assign(rows: UnitRows, centers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass: labels (n,), best cosine (n,), per-cluster sums of u (K, D)."""
-    sums = torch.zeros_like(centers)
-    labels, sims = [], []
-    for _, b in rows.blocks():
-        s, lab = (b @ centers.T).max(1)
-        sums.index_add_(0, lab, b)
-        labels.append(lab)
-        sims.append(s)
-    return torch.cat(labels).cpu(), torch.cat(sims).cpu().double(), sums
+    def one_pass() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sums = torch.zeros_like(centers)
+        labels, sims = [], []
+        for _, b in rows.blocks():
+            s, lab = (b @ centers.T).max(1)
+            sums.index_add_(0, lab, b)
+            labels.append(lab)
+            sims.append(s)
+        return torch.cat(labels).cpu(), torch.cat(sims).cpu().double(), sums
+
+    return rows.run_pass(one_pass)
 
 
 def spherical_kmeans(rows: UnitRows, k: int, seed: int = 0, max_iter: int = 100,
@@ -184,7 +211,7 @@ def _agglomerative(rows: UnitRows, k: int, linkage: str, max_n: int) -> tuple[to
 def cluster(index: Any, n_clusters: int, method: str = "kmeans", n_representatives: int = 5,
             seed: int = 0, weights: torch.Tensor | None = None, device: torch.device | str | None = None,
             max_iter: int = 100, linkage: str = "average", max_n: int = 5000, block_size: int | None = None,
-            cache_bytes: int = 2**28, init: torch.Tensor | None = None) -> Clusters:
+            cache_bytes: int | None = None, init: torch.Tensor | None = None) -> Clusters:
     """Cluster the training set of `index` by TracIn similarity. Returns Clusters.
 
     method: "kmeans" (spherical k-means, blocked, any n) or "agglomerative" (scipy hierarchical

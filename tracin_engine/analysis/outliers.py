@@ -49,6 +49,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..data import BatchFn
+from ..devices import output_device
 from ..errors import TracInError
 from ..gradients.per_example import Target
 from ..store.scoring import accum_dtype, score_blocks
@@ -143,29 +144,34 @@ def rank_outliers(index: Any, weights: Any = None, checkpoints: Sequence[int] | 
     return Outliers(torch.argsort(scores, descending=True, stable=True), scores, terms)
 
 
-def _renormalized_blocks(index: Any, t: torch.Tensor, block_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+def _renormalized_blocks(index: Any, t: torch.Tensor, block_size: int | None
+                         ) -> Iterator[tuple[int, torch.Tensor]]:
     inv = index.store.sq_norms.sqrt()
     inv = torch.where(inv > 0, 1 / inv.clamp_min(1e-300), torch.zeros_like(inv))
     dtype = accum_dtype(index.store.dtype)
-    for start, per in score_blocks(t, index.store, index.learning_rates, index.layout, block_size=block_size,
-                                   per_checkpoint=True):
+    for start, per in score_blocks(t, index.device_features(t.device), index.learning_rates, index.layout,
+                                   block_size=block_size, per_checkpoint=True, tf32=index.tracin.tf32):
         scale = inv[:, start:start + per.shape[-1]].to(device=per.device, dtype=dtype).unsqueeze(1)
         yield start, (per * scale).sum(0)
 
 
 def renormalized_influence(index: Any, test_data: Any = None, target: Target = "loss",
                            batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None,
-                           block_size: int = 65536) -> torch.Tensor:
-    """R(z, z') = sum_c eta_c <g_c(z'), g_c(z)> / |g_c(z)|: Tensor (n_test, n_train); positive = proponent."""
+                           block_size: int | None = None, out_device: str | torch.device | None = None
+                           ) -> torch.Tensor:
+    """R(z, z') = sum_c eta_c <g_c(z'), g_c(z)> / |g_c(z)|: Tensor (n_test, n_train) on the CPU (or
+    out_device); positive = proponent."""
     t = index.query_features(test_data, target, batch_fn, features)
-    return torch.cat([s for _, s in _renormalized_blocks(index, t, block_size)], dim=-1)
+    out = output_device(out_device)
+    return torch.cat([s.to(out) for _, s in _renormalized_blocks(index, t, block_size)], dim=-1)
 
 
 def renormalized_top_k(index: Any, test_data: Any = None, k: int = 10, target: Target = "loss",
                        batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None,
-                       block_size: int = 65536) -> TopK:
-    """k proponents / opponents per test example by R (streamed over training blocks). Returns TopK."""
+                       block_size: int | None = None, out_device: str | torch.device | None = None) -> TopK:
+    """k proponents / opponents per test example by R (streamed over training blocks). Returns TopK
+    on the CPU (or out_device)."""
     if k < 1:
         raise TracInError(f"k must be at least 1, got {k}.")
     t = index.query_features(test_data, target, batch_fn, features)
-    return streaming_top_k(_renormalized_blocks(index, t, block_size), k)
+    return streaming_top_k(_renormalized_blocks(index, t, block_size), k).to(output_device(out_device))

@@ -14,6 +14,7 @@ import torch
 from ..checkpoints import Checkpoints
 from ..data import DataSource
 from ..errors import TracInError
+from ..memory import Backoff, rows_that_fit
 from . import hooks
 from .per_example import GradientComputer, Target
 from ..store.layout import Layout
@@ -98,27 +99,19 @@ class Featurizer:
               with_outputs: bool) -> "Rows":
         self.resolve(state, x, y, target)
         out_sq = losses = None
-        while True:
-            try:
-                if self.mode in ("hooks", "factored"):
-                    g, out_sq, losses = (t[0] for t in self._hook_path.many_with_outputs([state], x, y, target))
-                else:
-                    g = (self.grads.per_example if self.mode == "vmap" else self.grads.reference)(state, x, y, target)
-                    if with_outputs:
-                        out_sq, losses = self.grads.output_stats(state, x, y, target)
-                break
-            except torch.OutOfMemoryError:
-                if self.mode != "vmap" or self.grads.memory_budget < 2**20:
-                    raise  # featurize() halves the batch
-                self.grads.memory_budget //= 2  # back off and retry with smaller chunks
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            except hooks.Unsupported as exc:
-                if self.mode == "factored":
-                    raise TracInError(f"projection='factored' cannot handle this model ({exc}); "
-                                      "use projection='gaussian'.") from exc
-                raise TracInError(f"the hook path stopped working on this data ({exc}); "
-                                  "pass per_example='vmap' to TracIn.") from exc
+        try:  # out-of-memory errors pass through unchanged: the caller's memory.Backoff halves the batch
+            if self.mode in ("hooks", "factored"):
+                g, out_sq, losses = (t[0] for t in self._hook_path.many_with_outputs([state], x, y, target))
+            else:
+                g = (self.grads.per_example if self.mode == "vmap" else self.grads.reference)(state, x, y, target)
+                if with_outputs:
+                    out_sq, losses = self.grads.output_stats(state, x, y, target)
+        except hooks.Unsupported as exc:
+            if self.mode == "factored":
+                raise TracInError(f"projection='factored' cannot handle this model ({exc}); "
+                                  "use projection='gaussian'.") from exc
+            raise TracInError(f"the hook path stopped working on this data ({exc}); "
+                              "pass per_example='vmap' to TracIn.") from exc
         if g.dtype not in (torch.float32, torch.float64):
             g = g.float()
         if self.projection is not None and self.mode != "factored":
@@ -171,29 +164,38 @@ def check_finite(feats: torch.Tensor, start: int, checkpoint_name: str) -> None:
 
 
 def auto_batch_size(featurizer: Featurizer) -> int:
-    """Starting batch size when none is given: 1024 on CUDA, 256 elsewhere (halved on out-of-memory)."""
-    return 1024 if featurizer.grads.device.type == "cuda" else 256
+    """Starting batch size when none is given: what fits in the device's free memory (memory.py),
+    at most 1024 on CUDA and 256 elsewhere; halved on out-of-memory.
+
+    Bytes per example: 4 copies of its flat gradient (float32) when the path forms it (vmap, loop,
+    dense projection), else 4 copies of its stored row, plus 64 KB for activations.
+    """
+    grads = featurizer.grads
+    flat = featurizer.mode in ("vmap", "loop") or isinstance(featurizer.projection, RandomProjection)
+    per_row = 16 * (grads.num_params if flat else featurizer.dim) + 2**16
+    return rows_that_fit(per_row, grads.device, maximum=1024 if grads.device.type == "cuda" else 256)
 
 
 class _Chunk:
-    """The micro-batch size in use; halves for good after an out-of-memory error."""
+    """The micro-batch size in use, under the engine's one out-of-memory policy (memory.Backoff)."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, device: torch.device):
+        self.backoff = Backoff(size, device, what="featurization micro-batch",
+                               advice="select fewer layers (layers=[...]) or set proj_dim / projection='factored'.")
+
+    @property
+    def size(self) -> int:
+        return self.backoff.size
 
     def compute(self, featurizer: Featurizer, state: dict, x: torch.Tensor, y: torch.Tensor | None,
-                target: Target) -> Rows:
-        while True:
-            try:
-                return Rows.cat([featurizer.rows(state, x[s:s + self.size], None if y is None else y[s:s + self.size],
-                                                 target) for s in range(0, x.shape[0], self.size)])
-            except torch.OutOfMemoryError as exc:
-                if self.size == 1:
-                    raise TracInError("out of memory featurizing a single example; select fewer layers "
-                                      "(layers=[...]) or set proj_dim / projection='factored'.") from exc
-                self.size = max(1, self.size // 2)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                target: Target) -> tuple[Rows, torch.Tensor]:
+        """(Rows of the batch, their squared norms (B,) float64), micro-batch by micro-batch."""
+        def step(size: int) -> tuple[Rows, torch.Tensor]:
+            rows = Rows.cat([featurizer.rows(state, x[s:s + size], None if y is None else y[s:s + size], target)
+                             for s in range(0, x.shape[0], size)])
+            return rows, featurizer.sq_norms(rows.features)
+
+        return self.backoff.run(step)
 
 
 def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSource, store: FeatureStore,
@@ -202,14 +204,14 @@ def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSour
     """Fill `store` with features of every example at every checkpoint; skip rows already done.
 
     batch_size None: auto_batch_size; on out-of-memory the batch is split in halves (and stays
-    smaller). rows=(lo, hi) restricts the work to examples lo..hi-1 (one shard of a distributed run).
+    smaller: memory.Backoff). rows=(lo, hi) restricts the work to examples lo..hi-1 (one shard of a distributed run).
     Rows are written (and flushed, on disk) batch by batch, so an interruption loses at most the
     batch in flight. Rows written without output norms or losses (an older store) are redone.
     """
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise TracInError(f"batch_size must be a positive integer or None (automatic), got {batch_size!r}.")
     batch_size = batch_size or auto_batch_size(featurizer)
-    chunk = _Chunk(batch_size)
+    chunk = _Chunk(batch_size, featurizer.grads.device)
     lo, hi = rows or (0, len(source))
     store.redo_rows_without_outputs(lo, hi)  # rows of a store written before output norms were recorded
     n_batches = len(source.data) if source.is_loader else math.ceil(len(source) / batch_size)
@@ -228,9 +230,9 @@ def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSour
 
             for start, x, y in source.batches(batch_size, skip=skip):
                 a, b = max(start, lo) - start, min(start + x.shape[0], hi) - start
-                rows = chunk.compute(featurizer, state, x[a:b], None if y is None else y[a:b], target)
+                rows, sq_norms = chunk.compute(featurizer, state, x[a:b], None if y is None else y[a:b], target)
                 check_finite(rows.features, start + a, name)
-                store.write(c, start + a, rows.features, featurizer.sq_norms(rows.features),
+                store.write(c, start + a, rows.features, sq_norms,
                             out_sq_norms=rows.out_sq_norms, losses=rows.losses)
                 computed += 1
                 bar.update(1)

@@ -20,7 +20,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.func import functional_call, grad, vmap
 
+from ..devices import resolve_device
 from ..errors import TracInError
+from ..memory import budget, is_oom
 
 Target = Any  # "loss" | "prediction" | Callable[[Tensor (1, ...)], Tensor (one value)]
 
@@ -60,14 +62,16 @@ class GradientComputer:
 
     model is never modified: weights come from the checkpoint state through functional_call.
     train_mode=False evaluates in eval mode (dropout off, BatchNorm running stats).
+    device None: the model's device if it is not the CPU, else CUDA when present (devices.resolve_device).
+    memory_budget: bytes for one vmap chunk; None takes a quarter of the device's free memory per call.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable | None,
                  layers: str | Sequence[str] | None = None, device: str | torch.device | None = None,
-                 train_mode: bool = False, memory_budget: int = 2**28):
+                 train_mode: bool = False, memory_budget: int | None = None):
         self.model = model
         self.loss_fn = loss_fn
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device, model)
         self.train_mode = train_mode
         self.memory_budget = memory_budget
         self.param_names = select_parameters(model, layers)
@@ -98,7 +102,11 @@ class GradientComputer:
                for k in self._model_keys if tuple(state[k].shape) != tuple(ref[k].shape)]
         if bad:
             raise TracInError(f"{name} has tensors of the wrong shape: {bad[:5]}; was it saved from another model?")
-        return {k: state[k].to(self.device) for k in self._model_keys}
+        out = {k: state[k].to(self.device) for k in self._model_keys}
+        for k, buf in self.model.named_buffers():  # non-persistent buffers are not in a state dict
+            if k not in out:
+                out[k] = buf.to(self.device)
+        return out
 
     # -- objective --------------------------------------------------------------------------------
     def _objective(self, out: torch.Tensor, y: torch.Tensor | None, target: Target) -> torch.Tensor:
@@ -177,7 +185,8 @@ class GradientComputer:
 
         fn = vmap(grad(one), in_dims=(None, 0, None if y is None else 0),
                   randomness="different" if self.train_mode else "error")
-        chunk = max(1, self.memory_budget // (4 * self.num_params * x.element_size()))
+        chunk_bytes = self.memory_budget or budget(self.device, fraction=0.25)
+        chunk = max(1, chunk_bytes // (4 * self.num_params * x.element_size()))
         rows = []
         with model_mode(self.model, self.train_mode):
             for s in range(0, x.shape[0], chunk):
@@ -186,6 +195,8 @@ class GradientComputer:
                 except TracInError:
                     raise
                 except Exception as exc:  # noqa: BLE001
+                    if is_oom(exc):  # memory.py: never wrapped; the caller's Backoff halves the batch
+                        raise
                     raise TracInError(
                         f"torch.func could not compute per-example gradients for this model: {exc}. "
                         "A layer may use in-place or data-dependent operations; pass "

@@ -33,7 +33,8 @@ from ..analysis.outliers import Outliers
 from .index import GradientIndex
 from .source import SourceIndex
 from ..store.topk import TopK, streaming_top_k
-from ..store.scoring import score_blocks
+from ..devices import output_device
+from ..store.scoring import default_block_size, score_blocks
 
 
 _CHANNEL = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
@@ -154,37 +155,43 @@ class EnsembleIndex:
         return features
 
     def influence(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None, *,
-                  features: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean member scores: Tensor (n_test, n_train); positive = proponent."""
+                  features: torch.Tensor | None = None, out_device: str | torch.device | None = None) -> torch.Tensor:
+        """Mean member scores: Tensor (n_test, n_train) on the CPU (or out_device); positive = proponent."""
         t = self.query_features(test_data, target, batch_fn, features)
-        return self._mean(lambda m, idx: idx.influence(features=t[m]))
+        return self._mean(lambda m, idx: idx.influence(features=t[m], out_device=out_device))
 
     def influence_per_checkpoint(self, test_data: Any = None, target: Target = "loss",
                                  batch_fn: BatchFn | None = None, *,
-                                 features: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean member per-checkpoint terms: Tensor (C, n_test, n_train); sums to influence."""
+                                 features: torch.Tensor | None = None,
+                                 out_device: str | torch.device | None = None) -> torch.Tensor:
+        """Mean member per-checkpoint terms: Tensor (C, n_test, n_train) on the CPU (or out_device)."""
         t = self.query_features(test_data, target, batch_fn, features)
-        return self._mean(lambda m, idx: idx.influence_per_checkpoint(features=t[m]))
+        return self._mean(lambda m, idx: idx.influence_per_checkpoint(features=t[m], out_device=out_device))
 
     def member_influence(self, test_data: Any = None, target: Target = "loss",
-                         batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores of each member: Tensor (M, n_test, n_train)."""
+                         batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None,
+                         out_device: str | torch.device | None = None) -> torch.Tensor:
+        """Scores of each member: Tensor (M, n_test, n_train) on the CPU (or out_device)."""
         t = self.query_features(test_data, target, batch_fn, features)
-        return torch.stack([idx.influence(features=t[m]) for m, (_, idx) in enumerate(self.members)])
+        return torch.stack([idx.influence(features=t[m], out_device=out_device)
+                            for m, (_, idx) in enumerate(self.members)])
 
     def similarity(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None, *,
-                   features: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean member cosine similarity: Tensor (n_test, n_train) in [-1, 1]."""
+                   features: torch.Tensor | None = None, out_device: str | torch.device | None = None
+                   ) -> torch.Tensor:
+        """Mean member cosine similarity: Tensor (n_test, n_train) in [-1, 1], on the CPU (or out_device)."""
         t = self.query_features(test_data, target, batch_fn, features)
-        return self._mean(lambda m, idx: idx.similarity(features=t[m]))
+        return self._mean(lambda m, idx: idx.similarity(features=t[m], out_device=out_device))
 
-    def self_influence(self, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean member self-influence: Tensor (n_train,) float64."""
-        return self._mean(lambda m, idx: idx.self_influence(weights))
+    def self_influence(self, weights: torch.Tensor | None = None, *,
+                       out_device: str | torch.device | None = None) -> torch.Tensor:
+        """Mean member self-influence: Tensor (n_train,) float64, on the CPU (or out_device)."""
+        return self._mean(lambda m, idx: idx.self_influence(weights, out_device=out_device))
 
-    def self_influence_per_checkpoint(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def self_influence_per_checkpoint(self, weights: torch.Tensor | None = None, *,
+                                      out_device: str | torch.device | None = None) -> torch.Tensor:
         """Mean member self-influence terms: Tensor (C, n_train) float64; sums to self_influence()."""
-        return self._mean(lambda m, idx: idx.self_influence_per_checkpoint(weights))
+        return self._mean(lambda m, idx: idx.self_influence_per_checkpoint(weights, out_device=out_device))
 
     def outliers(self, weights: torch.Tensor | None = None, checkpoints: Any = None,
                  normalize: str = "none", space: str = "output") -> Outliers:
@@ -194,19 +201,25 @@ class EnsembleIndex:
         return Outliers(torch.argsort(scores, descending=True, stable=True), scores, terms)
 
     def top_k(self, test_data: Any = None, k: int = 10, target: Target = "loss", batch_fn: BatchFn | None = None,
-              *, features: torch.Tensor | None = None, block_size: int = 65536) -> TopK:
-        """k proponents / opponents of the averaged scores, streamed over training blocks."""
+              *, features: torch.Tensor | None = None, block_size: int | None = None,
+              out_device: str | torch.device | None = None) -> TopK:
+        """k proponents / opponents of the averaged scores, streamed over training blocks (computed on
+        the members' device; returned on the CPU or out_device)."""
         if k < 1:
             raise TracInError(f"k must be at least 1, got {k}.")
         t = self.query_features(test_data, target, batch_fn, features)
+        first = self.members[0][1]
+        block_size = block_size or default_block_size(t.shape[2], first.store.n_checkpoints, False,
+                                                      dim=first.store.dim, device=first.device)
 
         def blocks() -> Iterator[tuple[int, torch.Tensor]]:
-            gens = [score_blocks(t[m], idx.store, idx.learning_rates, idx.layout, block_size=block_size)
+            gens = [score_blocks(t[m].to(idx.device), idx.device_features(), idx.learning_rates, idx.layout,
+                                 block_size=block_size, tf32=idx.tracin.tf32)
                     for m, (_, idx) in enumerate(self.members)]
             for parts in zip(*gens):
                 yield parts[0][0], sum(p for _, p in parts) / len(parts)
 
-        return streaming_top_k(blocks(), k)
+        return streaming_top_k(blocks(), k).to(output_device(out_device))
 
     def renormalized_top_k(self, *args: Any, **kwargs: Any) -> TopK:
         raise TracInError("an EnsembleIndex has no renormalized scores; ask one member: "

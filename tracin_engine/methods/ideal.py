@@ -25,6 +25,9 @@ The change is split over the batch so the shares add up to D_t exactly:
 TracInIdeal(z, z'_j) = sum over steps t with z in B_t of share_t(z).  With B = 1 and a small lr,
 share = D_t = a_t + O(lr^2), so TracInIdeal approaches TracIn = sum_t lr <g(z'), g(z_t)>.
 Gradients and losses are taken with the model in eval mode (no dropout), then the mode is restored.
+Devices: everything is computed on the model's device (a CUDA model keeps its accumulators, test
+examples and shares on CUDA; batches are moved there); `ideal` and `first_order` are returned on
+the CPU (the device contract, devices.py) or, with result(out_device=...), anywhere.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Callable, Iterator
 import torch
 from torch.func import functional_call, grad, vmap
 
+from ..devices import to_output
 from ..errors import TracInError
 
 
@@ -50,13 +54,33 @@ class TracInIdealRecorder:
         if not (isinstance(test_data, (tuple, list)) and len(test_data) == 2):
             raise TracInError("test_data must be a tuple (X_test, y_test) of tensors.")
         self.model, self.loss_fn, self.split, self.reduction = model, loss_fn, split, reduction
-        self.x_test, self.y_test = test_data
         self.n_train = int(n_train)
+        self.x_test, self.y_test = (t.to(self.device) for t in test_data)
         m = len(self.x_test)
-        self.ideal = torch.zeros(m, self.n_train, dtype=torch.float64)
-        self.first_order = torch.zeros(m, self.n_train, dtype=torch.float64)
+        self._ideal = torch.zeros(m, self.n_train, dtype=torch.float64, device=self.device)
+        self._first_order = torch.zeros(m, self.n_train, dtype=torch.float64, device=self.device)
         self.steps = 0
         self._pending: tuple | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device (its first parameter's; the CPU for a model without parameters)."""
+        first = next(iter(self.model.parameters()), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    @property
+    def ideal(self) -> torch.Tensor:
+        """TracInIdeal(z, z'_j): Tensor (n_test, n_train) float64 on the CPU."""
+        return to_output(self._ideal)
+
+    @property
+    def first_order(self) -> torch.Tensor:
+        """Sum over steps of the first-order terms a_t(z, z'_j): Tensor (n_test, n_train) float64 on the CPU."""
+        return to_output(self._first_order)
+
+    def result(self, out_device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ideal, first_order) on `out_device` (None: the CPU)."""
+        return to_output(self._ideal, out_device), to_output(self._first_order, out_device)
 
     # -- per-example quantities at the current weights ------------------------------------------
     def _params(self) -> dict[str, torch.Tensor]:
@@ -96,6 +120,7 @@ class TracInIdealRecorder:
             raise TracInError(f"batch_indices has {len(idx)} entries for a batch of {len(x)} examples.")
         if int(idx.min()) < 0 or int(idx.max()) >= self.n_train:
             raise TracInError(f"batch_indices must lie in [0, n_train={self.n_train}).")
+        idx, x, y = idx.to(self.device), x.to(self.device), y.to(self.device)
         with self._eval():
             g_batch = self._grads(x, y)
             g_test = self._grads(self.x_test, self.y_test)
@@ -118,8 +143,8 @@ class TracInIdealRecorder:
             ok = total.abs() >= 1e-12 * a.abs().sum(1)
             prop = delta.unsqueeze(1) * a / torch.where(ok, total, torch.ones_like(total)).unsqueeze(1)
             share = torch.where(ok.unsqueeze(1), prop, share)
-        self.ideal.index_add_(1, idx, share)
-        self.first_order.index_add_(1, idx, a)
+        self._ideal.index_add_(1, idx, share)
+        self._first_order.index_add_(1, idx, a)
         self.steps += 1
 
     @contextmanager

@@ -8,6 +8,10 @@ Example:
 
 Scores follow TracInCP: S(z, z') = sum_c eta_c <g_c(z), g_c(z')>, g_c the (projected) gradient at
 checkpoint c, eta_c its learning rate. See scoring.py for the similarity and self-influence formulas.
+
+Devices (docs/gpu.md): queries compute on the TracIn's device (CUDA when present) against the
+stored features as device_features() serves them there (resident once when they fit, else streamed
+from pinned memory); every result is returned on the CPU, or on `out_device=` when given.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import torch
 
 from ..data import BatchFn, as_source
+from ..devices import output_device, to_output
 from ..errors import TracInError
 from ..fingerprint import data_fingerprint
 from ..inputs import check_k
@@ -27,6 +32,7 @@ from ..gradients.per_example import Target
 from ..store.scoring import full_scores, score_blocks, self_influence
 from ..store import files
 from ..store.feature_store import FeatureStore, compare_metadata
+from ..store.residency import DeviceFeatures
 from ..store.topk import TopK, streaming_top_k
 
 
@@ -47,6 +53,7 @@ class GradientIndex:
                               "tracin.index(data, store=path) again to resume.")
         self.tracin = tracin
         self.store = store
+        self._on_device: dict[str, DeviceFeatures] = {}
 
     def __repr__(self) -> str:
         where = f"'{self.store.path}'" if self.store.path else "memory"
@@ -73,27 +80,44 @@ class GradientIndex:
         """How a stored row represents a gradient (tracin_engine.store.layout.Layout)."""
         return self.tracin.featurizer.layout
 
-    def features(self, c: int) -> torch.Tensor:
-        """Stored training features of checkpoint c: Tensor (n_train, dim)."""
-        return self.store.features(c)
+    @property
+    def device(self) -> torch.device:
+        """Where queries compute: the TracIn's device."""
+        return self.tracin.device
 
-    def test_features(self, test_data: Any, target: Target = "loss", batch_fn: BatchFn | None = None
-                      ) -> torch.Tensor:
-        """Query-side features of test examples, as every scoring method takes them: (C, m, dim).
+    def device_features(self, device: str | torch.device | None = None) -> DeviceFeatures:
+        """The stored features as `device` (default: self.device) reads them, made once and kept:
+        resident when they fit, else streamed (store/residency.py). Clustering reuses it."""
+        device = torch.device(device) if device is not None else self.device
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = DeviceFeatures(self.store, device)
+        return self._on_device[key]
+
+    def features(self, c: int, out_device: str | torch.device | None = None) -> torch.Tensor:
+        """Stored training features of checkpoint c: Tensor (n_train, dim), on the CPU (no copy for a
+        CPU or memory-mapped store) or `out_device`."""
+        return to_output(self.store.features(c), out_device)
+
+    def test_features(self, test_data: Any, target: Target = "loss", batch_fn: BatchFn | None = None,
+                      out_device: str | torch.device | None = None) -> torch.Tensor:
+        """Query-side features of test examples, as every scoring method takes them: (C, m, dim), on the
+        CPU (or `out_device`; out_device=index.device keeps them where queries compute).
 
         Compute once and pass as features= to query repeatedly (widgets do).
         """
-        return self.tracin.features(test_data, target=target, batch_fn=batch_fn)
+        return self.tracin.features(test_data, target=target, batch_fn=batch_fn, out_device=out_device)
 
     def query_features(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None,
                        features: torch.Tensor | None = None) -> torch.Tensor:
-        """`features` when given, else test_features(test_data, target, batch_fn): Tensor (C, m, dim)."""
+        """`features` when given, else test_features(test_data, target, batch_fn): Tensor (C, m, dim)
+        on the computing device (self.device)."""
         if features is not None:
-            return features
+            return features.to(self.device)
         if test_data is None:
             raise TracInError("pass test_data (or features= from index.test_features(...)).")
         try:
-            return self.test_features(test_data, target, batch_fn)
+            return self.test_features(test_data, target, batch_fn, out_device=self.device).to(self.device)
         except (RuntimeError, TracInError) as exc:  # other shape or dtype than the training examples?
             err = self.tracin.explain(exc, test_data, batch_fn, self.store.metadata.get("data"))
             if err is None:
@@ -101,57 +125,72 @@ class GradientIndex:
             raise err from exc
 
     # -- queries ----------------------------------------------------------------------------------
+    def _scores(self, t: torch.Tensor, weights: torch.Tensor, out_device: Any, **kw: Any) -> torch.Tensor:
+        return full_scores(t, self.device_features(), weights, self.layout, tf32=self.tracin.tf32,
+                           out_device=out_device, **kw)
+
     def influence(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None,
-                  *, features: torch.Tensor | None = None) -> torch.Tensor:
-        """TracInCP scores: Tensor (n_test, n_train); positive = proponent (lowered the test loss)."""
+                  *, features: torch.Tensor | None = None, out_device: str | torch.device | None = None
+                  ) -> torch.Tensor:
+        """TracInCP scores: Tensor (n_test, n_train) on the CPU (or out_device); positive = proponent
+        (lowered the test loss)."""
         t = self.query_features(test_data, target, batch_fn, features)
-        return full_scores(t, self.store, self.learning_rates, self.layout)
+        return self._scores(t, self.learning_rates, out_device)
 
     def influence_per_checkpoint(self, test_data: Any = None, target: Target = "loss",
-                                 batch_fn: BatchFn | None = None, *,
-                                 features: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-checkpoint terms eta_c <g_c(z), g_c(z')>: Tensor (C, n_test, n_train); sums to influence."""
+                                 batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None,
+                                 out_device: str | torch.device | None = None) -> torch.Tensor:
+        """Per-checkpoint terms eta_c <g_c(z), g_c(z')>: Tensor (C, n_test, n_train) on the CPU (or
+        out_device); sums to influence."""
         t = self.query_features(test_data, target, batch_fn, features)
-        return full_scores(t, self.store, self.learning_rates, self.layout, per_checkpoint=True)
+        return self._scores(t, self.learning_rates, out_device, per_checkpoint=True)
 
     def top_k(self, test_data: Any = None, k: int = 10, target: Target = "loss",
               batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None,
-              block_size: int | None = None, test_chunk: int = 1024) -> TopK:
+              block_size: int | None = None, test_chunk: int = 1024,
+              out_device: str | torch.device | None = None) -> TopK:
         """k proponents (highest scores) and k opponents (lowest) per test example, streamed over blocks.
 
         Returns TopK: .proponents.indices / .scores (n_test, k), best first; .opponents likewise,
-        most negative first. Memory stays bounded: test examples go in chunks of `test_chunk`,
-        training rows in blocks of `block_size` (default: about 256 MB of scores).
+        most negative first; on the CPU (or out_device). Memory stays bounded: test examples go in
+        chunks of `test_chunk`, training rows in blocks of `block_size` (default: the block's scores
+        and features within the device's budget, scoring.default_block_size).
         """
         k = check_k(k)
         t = self.query_features(test_data, target, batch_fn, features)
-        parts = [streaming_top_k(score_blocks(t[:, s:s + test_chunk], self.store, self.learning_rates,
-                                              self.layout, block_size=block_size), k)
+        feats = self.device_features()
+        parts = [streaming_top_k(score_blocks(t[:, s:s + test_chunk], feats, self.learning_rates,
+                                              self.layout, block_size=block_size, tf32=self.tracin.tf32), k)
                  for s in range(0, t.shape[1], test_chunk)]
-        return parts[0] if len(parts) == 1 else TopK.concat(parts)
+        return (parts[0] if len(parts) == 1 else TopK.concat(parts)).to(output_device(out_device))
 
     def similarity(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None,
-                   *, features: torch.Tensor | None = None) -> torch.Tensor:
-        """lr-weighted mean cosine of gradients: Tensor (n_test, n_train) in [-1, 1]."""
+                   *, features: torch.Tensor | None = None, out_device: str | torch.device | None = None
+                   ) -> torch.Tensor:
+        """lr-weighted mean cosine of gradients: Tensor (n_test, n_train) in [-1, 1], on the CPU (or out_device)."""
         t = self.query_features(test_data, target, batch_fn, features)
         w = self.learning_rates / self.learning_rates.sum()
-        return full_scores(t, self.store, w, self.layout, normalize=True)
+        return self._scores(t, w, out_device, normalize=True)
 
-    def self_influence(self, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """sum_c eta_c ||g_c(z)||^2 for every training example: Tensor (n_train,) float64.
+    def self_influence(self, weights: torch.Tensor | None = None, *,
+                       out_device: str | torch.device | None = None) -> torch.Tensor:
+        """sum_c eta_c ||g_c(z)||^2 for every training example: Tensor (n_train,) float64, on the CPU
+        (or out_device).
 
         weights: (C,) to replace the learning rates (e.g. one-hot to look at a single checkpoint).
         """
-        return self_influence(self.store, self._weights(weights))
+        return to_output(self_influence(self.store, self._weights(weights)), out_device)
 
-    def self_influence_per_checkpoint(self, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Terms eta_c ||g_c(z)||^2: Tensor (C, n_train) float64; sums to self_influence()."""
-        return self_influence(self.store, self._weights(weights), per_checkpoint=True)
+    def self_influence_per_checkpoint(self, weights: torch.Tensor | None = None, *,
+                                      out_device: str | torch.device | None = None) -> torch.Tensor:
+        """Terms eta_c ||g_c(z)||^2: Tensor (C, n_train) float64; sums to self_influence(). On the CPU
+        (or out_device)."""
+        return to_output(self_influence(self.store, self._weights(weights), per_checkpoint=True), out_device)
 
     def _weights(self, weights: torch.Tensor | None) -> torch.Tensor:
         if weights is None:
             return self.learning_rates
-        weights = torch.as_tensor(weights, dtype=torch.float64)
+        weights = torch.as_tensor(weights, dtype=torch.float64).cpu()
         if weights.shape != (self.store.n_checkpoints,):
             raise TracInError(f"weights must have one entry per checkpoint ({self.store.n_checkpoints}), "
                               f"got shape {tuple(weights.shape)}.")
@@ -177,11 +216,13 @@ class GradientIndex:
         return rank_outliers(self, weights, checkpoints, normalize, space)
 
     def renormalized_top_k(self, test_data: Any = None, k: int = 10, target: Target = "loss",
-                           batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None) -> TopK:
-        """Proponents / opponents by ReTrac-style scores sum_c eta_c <g_c(z'), g_c(z)> / |g_c(z)|."""
+                           batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None,
+                           out_device: str | torch.device | None = None) -> TopK:
+        """Proponents / opponents by ReTrac-style scores sum_c eta_c <g_c(z'), g_c(z)> / |g_c(z)|
+        (on the CPU or out_device)."""
         from ..analysis.outliers import renormalized_top_k
 
-        return renormalized_top_k(self, test_data, k, target, batch_fn, features=features)
+        return renormalized_top_k(self, test_data, k, target, batch_fn, features=features, out_device=out_device)
 
     # -- persistence ------------------------------------------------------------------------------
     def metadata(self) -> dict:

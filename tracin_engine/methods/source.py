@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 from ..data import BatchFn, as_source
+from ..devices import to_output
+from ..memory import Backoff, rows_that_fit
 from .ekfac import KronLayers, LayerCurvature, fit_ekfac
 from ..errors import TracInError
 from ..settings import IndexSettings, SourceSettings
@@ -150,7 +152,7 @@ class SourceIndex(GradientIndex):
     def __init__(self, tracin: Any, store: FeatureStore, settings: SourceSettings, self_scores: torch.Tensor):
         super().__init__(tracin, store)
         self.settings = settings
-        self._self = self_scores.double()
+        self._self = self_scores.double().cpu()
 
     def __repr__(self) -> str:
         return (f"SourceIndex(n_train={self.n_train}, segments={self.settings.segments}, "
@@ -165,30 +167,43 @@ class SourceIndex(GradientIndex):
         return Layout.dense_of(self.store.dim)
 
     def test_features(self, test_data: Any, target: Target = "loss", batch_fn: BatchFn | None = None,
-                      batch_size: int = 256) -> torch.Tensor:
-        """Gradients at the final checkpoint (projected like v when proj_dim is set): (1, m, dim)."""
+                      batch_size: int = 256, out_device: str | torch.device | None = None) -> torch.Tensor:
+        """Gradients at the final checkpoint (projected like v when proj_dim is set): (1, m, dim), on the
+        CPU (or out_device); computed in micro-batches under the out-of-memory policy (memory.py)."""
         tr = self.tracin
         source = as_source(test_data, batch_fn)
         preds = tr.predictions(source) if isinstance(target, str) and target == "prediction" else None
         tr.resolve(source)
         proj, state = _projection(tr), tr.state(len(tr.checkpoints) - 1)
+        size = Backoff(batch_size, tr.device, what="SOURCE test batch", advice="set proj_dim or select fewer layers.")
+
+        def rows_of(x: torch.Tensor, y: torch.Tensor | None, start: int, b: int) -> torch.Tensor:
+            parts = []
+            for s in range(0, x.shape[0], b):
+                g = flat_gradients(tr, state, x[s:s + b], None if y is None else y[s:s + b], target)
+                check_finite(g, start + s, "the final checkpoint (test data)")
+                g = proj(g) if proj is not None else g
+                parts.append(to_output(g.to(accum_dtype(g.dtype)),
+                                       out_device))
+            return torch.cat(parts)
+
         rows = []
         for start, x, y in source.batches(batch_size):
             if preds is not None:
                 y = preds[start:start + x.shape[0]]
-            g = flat_gradients(tr, state, x, y, target)
-            check_finite(g, start, "the final checkpoint (test data)")
-            rows.append(proj(g) if proj is not None else g)
-        out = torch.cat(rows)
-        return out.to(accum_dtype(out.dtype)).unsqueeze(0)
+            rows.append(size.run(lambda b: rows_of(x, y, start, b)))
+        return torch.cat(rows).unsqueeze(0)
 
-    def self_influence(self, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """SOURCE(z, z) = <grad l(z, w_final), v(z)>: Tensor (n_train,) float64 (weights: (1,) scale)."""
-        return self._self * self._weights(weights)[0]
+    def self_influence(self, weights: torch.Tensor | None = None, *,
+                       out_device: str | torch.device | None = None) -> torch.Tensor:
+        """SOURCE(z, z) = <grad l(z, w_final), v(z)>: Tensor (n_train,) float64 (weights: (1,) scale),
+        on the CPU (or out_device)."""
+        return to_output(self._self * self._weights(weights)[0], out_device)
 
-    def self_influence_per_checkpoint(self, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """The single SOURCE term: Tensor (1, n_train) float64."""
-        return self.self_influence(weights).unsqueeze(0)
+    def self_influence_per_checkpoint(self, weights: torch.Tensor | None = None, *,
+                                      out_device: str | torch.device | None = None) -> torch.Tensor:
+        """The single SOURCE term: Tensor (1, n_train) float64, on the CPU (or out_device)."""
+        return self.self_influence(weights, out_device=out_device).unsqueeze(0)
 
     def metadata(self) -> dict:
         """The store's metadata: the TracIn's settings described as this SOURCE index."""
@@ -236,18 +251,24 @@ def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: S
 
     Cost: 2 curvature passes per checkpoint (each one backward per output dimension with
     curvature="gn"), plus one gradient per example per checkpoint.
+    batch_size None: what fits in the device's free memory (about 8 float64 copies of a flat gradient
+    per example), at most 256; the EK-FAC passes and every batch run under the out-of-memory policy
+    (memory.Backoff: a failed batch is split in halves and computed again).
     """
     source = as_source(train_data, batch_fn)
     plan = plan_segments(tracin.checkpoints, segments, steps)
     layers = KronLayers(tracin.featurizer.grads)
     proj = _projection(tracin)
     tracin.resolve(source)
-    bs = batch_size or 256
+    device = tracin.device
+    bs = batch_size or rows_that_fit(8 * 8 * layers.num_params, device, maximum=256)
     n = len(source)
     bar = progress_bar(len(tracin.checkpoints), progress)
     curv = []
+    fit_size = Backoff(bs, device, what="EK-FAC batch", advice="select fewer layers (layers=[...]).")
     for seg in plan:
-        curv.append(fit_ekfac(layers, [tracin.state(c) for c in seg.checkpoints], source, curvature, bs, tracin.seed))
+        states = [tracin.state(c) for c in seg.checkpoints]
+        curv.append(fit_size.run(lambda b: fit_ekfac(layers, states, source, curvature, b, tracin.seed)))
         bar.update(len(seg.checkpoints))
     bar.close()
     settings = SourceSettings(segments, tuple(s.steps for s in plan), curvature, tuple(s.horizon for s in plan))
@@ -257,7 +278,9 @@ def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: S
     fs = FeatureStore(n, 1, dim, dtype) if store is None else FeatureStore.open_or_create(store, n, 1, dim, dtype, meta)
     selfs = torch.zeros(n, dtype=torch.float64)
     last = len(tracin.checkpoints) - 1
-    for start, x, y in source.batches(bs):
+
+    def rows_of(x: torch.Tensor, y: torch.Tensor | None, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stored rows f (B, dim), SOURCE(z, z) (B,)) of one micro-batch."""
         v, g_final = None, None
         for seg, cv in zip(plan, curv):
             g_sum = 0
@@ -268,8 +291,17 @@ def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: S
                 if c == last:
                     g_final = g
             v = source_update(layers, cv, seg.horizon, v, g_sum / len(seg.checkpoints), n)
-        selfs[start:start + x.shape[0]] = (g_final * v).sum(1).cpu()
         f = proj(v.to(accum_dtype(dtype))) if proj is not None else v
+        return f, (g_final * v).sum(1)
+
+    def batch_rows(x: torch.Tensor, y: torch.Tensor | None, start: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [rows_of(x[s:s + b], None if y is None else y[s:s + b], start + s) for s in range(0, x.shape[0], b)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    size = Backoff(bs, device, what="SOURCE batch", advice="select fewer layers (layers=[...]) or set proj_dim.")
+    for start, x, y in source.batches(bs):
+        f, self_scores = size.run(lambda b: batch_rows(x, y, start, b))
+        selfs[start:start + x.shape[0]] = self_scores.cpu()
         fs.write(0, start, f, f.double().pow(2).sum(1))
     fs.finish_writing()
     index = SourceIndex(tracin, fs, settings, selfs)

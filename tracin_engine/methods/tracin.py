@@ -16,15 +16,17 @@ import torch
 
 from ..checkpoints import Checkpoints, state_fingerprint
 from ..data import BatchFn, as_source
+from ..devices import output_device, tf32_mode
 from ..errors import TracInError
 from ..settings import IndexSettings
 from ..fingerprint import data_fingerprint
 from ..inputs import check_device, explain_input_error
+from ..memory import Backoff, fits, is_oom
 from ..gradients.featurize import Featurizer, check_finite, featurize
 from ..gradients.per_example import GradientComputer, Target
 from .index import GradientIndex
 from .source import build_source_index
-from ..gradients.projection import build_projection
+from ..gradients.projection import RandomProjection, build_projection
 from ..store.feature_store import FeatureStore
 from ..store.scoring import accum_dtype
 
@@ -41,12 +43,15 @@ class TracIn:
     device: None picks CUDA when present, else CPU.
     per_example: "auto" (batched hooks for Linear/Conv2d models, exact and about as fast as a
     training step; torch.func vmap otherwise), "hooks", "vmap", or "loop" (slow reference).
+    tf32: allow TF32 float32 products on CUDA for featurization, test gradients and scoring (faster,
+    ~1e-3 relative error); False (default) forbids it there, so CUDA agrees with the CPU (docs/gpu.md).
+    Results are returned on the CPU whatever the device (the device contract, devices.py).
     """
 
     def __init__(self, model: torch.nn.Module, checkpoints: Checkpoints, loss_fn: Callable | None = None,
                  layers: str | Sequence[str] | None = None, proj_dim: int | None = None,
                  device: str | torch.device | None = None, seed: int = 0, projection: str = "gaussian",
-                 per_example: str = "auto", train_mode: bool = False):
+                 per_example: str = "auto", train_mode: bool = False, tf32: bool = False):
         if not isinstance(model, torch.nn.Module):
             raise TracInError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not isinstance(checkpoints, Checkpoints):
@@ -59,6 +64,7 @@ class TracIn:
         proj = build_projection(projection, grads, proj_dim, seed)
         self.featurizer = Featurizer(grads, proj, per_example)
         self.device = grads.device
+        self.tf32 = bool(tf32)
         self._prepared: dict[int, dict] = {}
 
     def __repr__(self) -> str:
@@ -85,6 +91,8 @@ class TracIn:
             proj_dim=self.proj_dim, seed=self.seed, projection=self.projection_kind,
             per_example=self.featurizer.mode,
             layout=self.featurizer.layout.to_dict(),
+            projection_generator=(self.featurizer.projection.generator
+                                  if isinstance(self.featurizer.projection, RandomProjection) else None),
         )
 
     def metadata(self) -> dict:
@@ -138,8 +146,9 @@ class TracIn:
         the checkpoints; source_options: steps=[K_1..K_L], curvature="gn"|"mc"|"empirical" (source.py).
         """
         if method == "source":
-            return build_source_index(self, train_data, segments, store=store, batch_size=batch_size,
-                                      progress=progress, batch_fn=batch_fn, dtype=dtype, **source_options)
+            with tf32_mode(self.tf32):
+                return build_source_index(self, train_data, segments, store=store, batch_size=batch_size,
+                                          progress=progress, batch_fn=batch_fn, dtype=dtype, **source_options)
         if method != "tracin" or source_options:
             raise TracInError(f"method must be 'tracin' or 'source' (got {method!r}); options "
                               f"{sorted(source_options)} apply to method='source' only.")
@@ -172,8 +181,9 @@ class TracIn:
                 return fs
             fs = FeatureStore.open_or_create(store, n, C, self.dim, dtype, meta, shared_lock=rows is not None)
         try:
-            self._explained(lambda: featurize(self.featurizer, self.checkpoints, source, fs, batch_size, "loss",
-                                              progress, rows), source)
+            with tf32_mode(self.tf32):
+                self._explained(lambda: featurize(self.featurizer, self.checkpoints, source, fs, batch_size, "loss",
+                                                  progress, rows), source)
         finally:
             fs.finish_writing()
         return fs
@@ -197,30 +207,44 @@ class TracIn:
                           for _, x, _ in source.batches(1024)])
 
     def features(self, data: Any, target: Target = "loss", batch_fn: BatchFn | None = None,
-                 batch_size: int = 256) -> torch.Tensor:
-        """Per-checkpoint features of (test) examples: Tensor (C, m, dim) on the device.
+                 batch_size: int = 256, out_device: str | torch.device | None = None) -> torch.Tensor:
+        """Per-checkpoint features of (test) examples: Tensor (C, m, dim) on the CPU, or on `out_device`
+        (GradientIndex passes its device; a buffer that does not fit there stays on the CPU).
 
         target="prediction" uses the class the last checkpoint predicts (no labels needed).
+        Computed on the device in micro-batches under the out-of-memory policy (memory.py).
         """
         source = as_source(data, batch_fn)
         preds = self.predictions(source) if isinstance(target, str) and target == "prediction" else None
         self.resolve(source)
-        out = torch.empty(len(self.checkpoints), len(source), self.dim, device=self.device,
-                          dtype=accum_dtype(self.featurizer.grads.dtype))
-        C = len(self.checkpoints)
-        if len(source) <= 64 and self._states_cached:  # a query: all checkpoints in one backward pass
-            _, x, y = next(iter(source.batches(len(source))))
-            out[:] = self.featurizer.many([self.state(c) for c in range(C)], x, y if preds is None else preds, target)
+        C, m = len(self.checkpoints), len(source)
+        dtype = accum_dtype(self.featurizer.grads.dtype)
+        where = output_device(out_device)
+        if where.type != "cpu" and not fits(C * m * self.dim * dtype.itemsize, where):
+            where = torch.device("cpu")
+        out = torch.empty(C, m, self.dim, device=where, dtype=dtype)
+        with tf32_mode(self.tf32):
+            if m <= 64 and self._states_cached:  # a query: all checkpoints in one backward pass
+                _, x, y = next(iter(source.batches(m)))
+                try:
+                    out[:] = self.featurizer.many([self.state(c) for c in range(C)], x,
+                                                  y if preds is None else preds, target)
+                    for c in range(C):
+                        check_finite(out[c], 0, f"checkpoint {c} (test data)")
+                    return out
+                except Exception as exc:  # noqa: BLE001 - out of memory: fall back to checkpoint by checkpoint
+                    if not is_oom(exc):
+                        raise
+            size = Backoff(batch_size, self.device, what="test-feature batch",
+                           advice="select fewer layers or set proj_dim.")
             for c in range(C):
-                check_finite(out[c], 0, f"checkpoint {c} (test data)")
-            return out
-        for c in range(C):
-            state = self.state(c)
-            for start, x, y in source.batches(batch_size):
-                if preds is not None:
-                    y = preds[start:start + x.shape[0]]
-                f = self.featurizer(state, x, y, target)
-                check_finite(f, start, f"checkpoint {c} (test data)")
-                out[c, start:start + f.shape[0]] = f
+                state = self.state(c)
+                for start, x, y in source.batches(batch_size):
+                    if preds is not None:
+                        y = preds[start:start + x.shape[0]]
+                    f = size.run(lambda b: torch.cat([self.featurizer(state, x[s:s + b], None if y is None else
+                                                                      y[s:s + b], target)
+                                                      for s in range(0, x.shape[0], b)]))
+                    check_finite(f, start, f"checkpoint {c} (test data)")
+                    out[c, start:start + f.shape[0]] = f
         return out
-

@@ -6,7 +6,11 @@ With per-checkpoint test features T_c (m, D), stored features F_c (n, D) and wei
 where <., .> and |.| are those of the gradients the rows represent (Layout.dots / sq_norms).
     self-influence s(z) = sum_c eta_c ||F_c(z)||^2                            (n,)
 Training rows are visited in blocks of `block_size`, so the full (m, n) matrix is never needed by
-top-k; accumulation is float32 (float64 when the features are float64).
+top-k; accumulation is float32 (float64 when the features are float64). Block sizes bound the
+bytes of a block (its scores and its features, block_row_bytes) within the device's free memory,
+and an out-of-memory error halves the block (memory.py). Scores are computed where the test
+features are; the stored features reach that device through residency.DeviceFeatures (in place,
+resident once, or streamed from pinned memory).
 
 Half-precision stores on the CPU (float16/bfloat16, at most half_max_test_rows test rows): the
 products are taken in the store's dtype by `half_matmul`, without a float32 copy of the block
@@ -28,8 +32,13 @@ from typing import Iterator
 
 import torch
 
+from ..devices import output_device, tf32_mode
+from ..memory import Backoff, rows_that_fit
 from .layout import Layout
 from .feature_store import FeatureStore
+from .residency import DeviceFeatures
+
+BLOCK_BUDGET = {"cpu": 2**28, "cuda": 2**30}  # bytes per block: cache-sized on the CPU, larger on a GPU
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -95,49 +104,83 @@ def _inv_norms(sq_norms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return sq_norms.sqrt().to(dtype).clamp_min(torch.finfo(dtype).tiny).reciprocal()
 
 
-def default_block_size(m: int, n_checkpoints: int, per_checkpoint: bool, budget_bytes: int = 2**28) -> int:
-    """Training rows per block so that one block of scores stays near `budget_bytes` (>= 1024 rows)."""
-    per_row = 4 * max(m, 1) * (n_checkpoints + 1 if per_checkpoint else 2)
-    return max(1024, budget_bytes // per_row)
+def block_row_bytes(m: int, n_checkpoints: int, per_checkpoint: bool, dim: int = 0, itemsize: int = 4) -> int:
+    """Device bytes one training row of a block needs while it is scored: its scores
+    (m x (C + 1) per-checkpoint, else m x 2, accumulation dtype), its features in the stored dtype
+    and upcast (dim x (itemsize + accum_itemsize)), and the products of the layout (2 m); the
+    accumulation dtype is float64 for float64 features, else float32."""
+    accum_itemsize = 8 if itemsize == 8 else 4
+    scores = accum_itemsize * max(m, 1) * (n_checkpoints + 1 if per_checkpoint else 2)
+    return scores + dim * (itemsize + accum_itemsize) + 2 * accum_itemsize * max(m, 1)
 
 
-def score_blocks(test_feats: torch.Tensor, store: FeatureStore, weights: torch.Tensor, layout: Layout,
-                 normalize: bool = False, block_size: int | None = None, per_checkpoint: bool = False,
-                 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (start, scores) for training rows start..start+b.
+def default_block_size(m: int, n_checkpoints: int, per_checkpoint: bool, budget_bytes: int | None = None,
+                       dim: int = 0, itemsize: int = 4, device: str | torch.device = "cpu") -> int:
+    """Training rows per block so that one block's bytes (block_row_bytes: scores AND features)
+    stay within `budget_bytes`; None: BLOCK_BUDGET[device type], at most a quarter of the device's
+    free memory (memory.py). At least 1 row."""
+    device = torch.device(device)
+    cap = budget_bytes if budget_bytes is not None else BLOCK_BUDGET.get(device.type, BLOCK_BUDGET["cpu"])
+    per_row = block_row_bytes(m, n_checkpoints, per_checkpoint, dim, itemsize)
+    return rows_that_fit(per_row, device, fraction=0.25, cap_bytes=cap)
 
-    test_feats: (C, m, D) rows of `layout`. weights: (C,). scores: (m, b), or (C, m, b) when
-    per_checkpoint. normalize=True divides each term by |g_c(z')| |g_c(z)| (cosines; the weights
-    should then sum to 1 for a similarity). block_size None: about 256 MB of scores per block.
+
+def score_blocks(test_feats: torch.Tensor, store: FeatureStore | DeviceFeatures, weights: torch.Tensor,
+                 layout: Layout, normalize: bool = False, block_size: int | None = None,
+                 per_checkpoint: bool = False, tf32: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (start, scores) for training rows start..start+b, computed on test_feats' device.
+
+    test_feats: (C, m, D) rows of `layout`. store: a FeatureStore, or the DeviceFeatures a
+    GradientIndex keeps (resident / streamed features, see residency.py). weights: (C,).
+    scores: (m, b), or (C, m, b) when per_checkpoint, on test_feats' device. normalize=True divides
+    each term by |g_c(z')| |g_c(z)| (cosines; the weights should then sum to 1 for a similarity).
+    block_size None: default_block_size (a block's scores and features within the budget).
     float16/bfloat16 stores on the CPU with m <= half_max_test_rows(dtype) multiply in half precision
-    (half_matmul; error bound in the module docstring); otherwise each block is converted to float32.
+    (half_matmul; error bound in the module docstring); otherwise each block is upcast on the device.
+    tf32: allow TF32 in the CUDA products (devices.tf32_mode; off by default).
+    An out-of-memory error halves the block and scores it again (memory.Backoff); no block is yielded twice.
     """
-    block_size = block_size or default_block_size(test_feats.shape[1], store.n_checkpoints, per_checkpoint)
-    dtype = accum_dtype(store.dtype)
     device = test_feats.device
+    feats = store if isinstance(store, DeviceFeatures) else DeviceFeatures(store, device)
+    dtype = accum_dtype(feats.dtype)
+    block_size = block_size or default_block_size(test_feats.shape[1], feats.n_checkpoints, per_checkpoint,
+                                                  dim=feats.dim, itemsize=feats.itemsize, device=device)
     t = test_feats.to(dtype)
     t_inv = [_inv_norms(layout.sq_norms(t[c]), dtype) for c in range(len(t))] if normalize else None
-    w = weights.to(device=device, dtype=dtype)
-    half = uses_half_products(store.dtype, device, t.shape[1])
-    matmul, f_dtype = (half_matmul, store.dtype) if half else (None, dtype)
-    for start in range(0, store.n, block_size):
-        stop = min(start + block_size, store.n)
-        total = torch.zeros(store.n_checkpoints if per_checkpoint else 1, t.shape[1], stop - start,
+    w = weights.detach().to("cpu", torch.float64).tolist()  # Python floats: no device sync per block
+    half = uses_half_products(feats.dtype, device, t.shape[1])
+    matmul, f_dtype = (half_matmul, feats.dtype) if half else (None, dtype)
+
+    def block(start: int, stop: int) -> torch.Tensor:
+        total = torch.zeros(feats.n_checkpoints if per_checkpoint else 1, t.shape[1], stop - start,
                             dtype=dtype, device=device)
-        for c in range(store.n_checkpoints):
-            f = store.features(c)[start:stop].to(device=device, dtype=f_dtype)
-            d = layout.dots(t[c], f, matmul)
+        for c in range(feats.n_checkpoints):
+            f = feats.block(c, start, stop).to(device).to(f_dtype)  # upcast on the device
+            with tf32_mode(tf32):
+                d = layout.dots(t[c], f, matmul)
             if normalize:
-                d = d * t_inv[c].unsqueeze(1) * _inv_norms(store.sq_norms[c, start:stop].to(device), dtype)
-            total[c if per_checkpoint else 0].add_(d, alpha=float(w[c]))
-        yield start, (total if per_checkpoint else total[0])
+                d = d * t_inv[c].unsqueeze(1) * _inv_norms(feats.sq_norms(c, start, stop).to(device), dtype)
+            total[c if per_checkpoint else 0].add_(d, alpha=w[c])
+        return total if per_checkpoint else total[0]
+
+    size = Backoff(block_size, device, what="scoring block",
+                   advice="pass block_size= smaller, or fewer test examples at once (test_chunk=).")
+    start = 0
+    while start < feats.n:
+        scores = size.run(lambda b: block(start, min(start + b, feats.n)))
+        yield start, scores
+        start += scores.shape[-1]
 
 
-def full_scores(test_feats: torch.Tensor, store: FeatureStore, weights: torch.Tensor, layout: Layout,
-                normalize: bool = False, per_checkpoint: bool = False) -> torch.Tensor:
-    """All scores at once: (m, n), or (C, m, n) when per_checkpoint."""
-    blocks = [s for _, s in score_blocks(test_feats, store, weights, layout, normalize,
-                                         per_checkpoint=per_checkpoint)]
+def full_scores(test_feats: torch.Tensor, store: FeatureStore | DeviceFeatures, weights: torch.Tensor,
+                layout: Layout, normalize: bool = False, per_checkpoint: bool = False, tf32: bool = False,
+                out_device: str | torch.device | None = None) -> torch.Tensor:
+    """All scores at once: (m, n), or (C, m, n) when per_checkpoint, on `out_device` (None: the CPU).
+
+    Each block is moved to out_device as it comes, so the whole matrix never has to fit on the GPU."""
+    out = output_device(out_device)
+    blocks = [s.to(out) for _, s in score_blocks(test_feats, store, weights, layout, normalize,
+                                                 per_checkpoint=per_checkpoint, tf32=tf32)]
     return torch.cat(blocks, dim=-1)
 
 

@@ -21,6 +21,10 @@ class Neighbors:
     indices: torch.Tensor
     scores: torch.Tensor
 
+    def to(self, device: str | torch.device) -> "Neighbors":
+        """The same on `device` (no copy where they already are)."""
+        return Neighbors(self.indices.to(device), self.scores.to(device))
+
 
 @dataclass(frozen=True)
 class TopK:
@@ -35,6 +39,10 @@ class TopK:
         cat = lambda xs: torch.cat(xs)  # noqa: E731
         return TopK(Neighbors(cat([p.proponents.indices for p in parts]), cat([p.proponents.scores for p in parts])),
                     Neighbors(cat([p.opponents.indices for p in parts]), cat([p.opponents.scores for p in parts])))
+
+    def to(self, device: str | torch.device) -> "TopK":
+        """The same on `device` (no copy where they already are)."""
+        return TopK(self.proponents.to(device), self.opponents.to(device))
 
     def __getitem__(self, row: int) -> "TopK":
         """The result for test example `row`, with shapes (1, k)."""

@@ -1,0 +1,105 @@
+"""Device-agreement checks shared by tests/test_gpu.py (CPU vs CUDA) and tests/test_gpu_cases.py
+(the same code run CPU vs CPU, so its logic is tested where there is no GPU). Each returns numbers,
+never asserts: the tests and scripts/gpu-check decide against devices.agreement_tolerance.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import tracin_engine as te
+from tracin_engine.devices import agreement_tolerance
+from tracin_engine.store.residency import DeviceFeatures
+from tracin_engine.store.scoring import full_scores
+
+from reference import rel_err
+
+
+def topk_overlap(a: te.TopK, b: te.TopK) -> float:
+    """Mean fraction of shared proponents per test example."""
+    ia, ib = a.proponents.indices, b.proponents.indices
+    return sum(len(set(ia[i].tolist()) & set(ib[i].tolist())) for i in range(len(ia))) / ia.numel()
+
+
+def agreement(model, ckpts, train, test, per_example: str, projection: str | None, tf32: bool,
+              device_a: str = "cpu", device_b: str = "cuda", proj_dim: int = 256) -> dict:
+    """Build the same index on two devices; relative errors of influence, self-influence and output
+    outliers, top-10 overlap, the tolerance for (tf32, row length) and the devices of the results."""
+    kw = dict(loss_fn=F.cross_entropy, per_example=per_example, tf32=tf32)
+    if projection is not None:
+        kw.update(proj_dim=proj_dim, projection=projection)
+    a = te.TracIn(model, ckpts, device=device_a, **kw).index(train, progress=False)
+    b = te.TracIn(model, ckpts, device=device_b, **kw).index(train, progress=False)
+    sa, sb = a.influence(test), b.influence(test)
+    return {
+        "per_example": per_example, "projection": projection or "exact", "tf32": tf32,
+        "mode_b": b.tracin.featurizer.mode, "row_dim": b.store.dim,
+        "influence_rel_err": rel_err(sb, sa),
+        "self_influence_rel_err": rel_err(b.self_influence(), a.self_influence()),
+        "outliers_rel_err": rel_err(b.outliers().scores, a.outliers().scores),
+        "top10_overlap": topk_overlap(a.top_k(test, k=10), b.top_k(test, k=10)),
+        "tolerance": agreement_tolerance(tf32, b.store.dim),
+        "result_devices": sorted({str(sb.device), str(b.self_influence().device),
+                                  str(b.top_k(test, k=3).proponents.indices.device)}),
+    }
+
+
+def store_agreement(model, ckpts, train, test, path, device: str = "cuda") -> dict:
+    """float16 store on disk (memory-mapped) vs the same rows resident on `device` vs streamed:
+    relative errors of the scores against the on-disk store scored on the CPU."""
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=128, projection="factored", device=device)
+    disk = tracin.index(train, store=path, progress=False, dtype=torch.float16)
+    t = tracin.features(test, out_device=device)
+    ref = full_scores(t.cpu(), disk.store, disk.learning_rates, disk.layout)
+    out = {"store_dtype": str(disk.store.dtype), "device": device}
+    for mode in ("direct", "resident", "stream"):
+        feats = DeviceFeatures(disk.store, device, mode=mode)
+        out[f"{mode}_rel_err"] = rel_err(full_scores(t, feats, disk.learning_rates, disk.layout), ref)
+    out["auto_mode"] = disk.device_features().mode
+    out["resident_store_rel_err"] = rel_err(te.GradientIndex(tracin, disk.store.resident(device)).influence(test), ref)
+    return out
+
+
+def ideal_agreement(model_fn: Callable[[], torch.nn.Module], data, device_a="cpu", device_b="cuda",
+                    steps: int = 6) -> dict:
+    """TracInIdeal recorded while training the same model on two devices: relative error of `ideal`."""
+    (X, y), (Xt, yt) = data
+    results = []
+    for dev in (device_a, device_b):
+        torch.manual_seed(0)
+        model = model_fn().to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        rec = te.TracInIdealRecorder(model, F.cross_entropy, (Xt, yt), n_train=len(X))
+        for s in range(steps):
+            idx = torch.arange(s * 4, s * 4 + 4) % len(X)
+            xb, yb = X[idx].to(dev), y[idx].to(dev)
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            with rec.step(idx, xb, yb, lr=0.1):
+                opt.step()
+        results.append(rec.ideal)
+    return {"ideal_rel_err": rel_err(results[1], results[0]), "ideal_device": str(results[1].device)}
+
+
+@contextmanager
+def counting_syncs(device: str):
+    """Count synchronizing CUDA calls inside the block (torch.cuda.set_sync_debug_mode("warn"));
+    yields a dict whose "syncs" is filled on exit (0 off CUDA, where nothing synchronizes)."""
+    result = {"syncs": 0}
+    if torch.device(device).type != "cuda":
+        yield result
+        return
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield result
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    result["syncs"] = sum("synchroniz" in str(w.message) for w in caught)
