@@ -134,7 +134,10 @@ def flat_gradients(tracin: "TracIn", state: dict, x: torch.Tensor, y: torch.Tens
 
 
 def _projection(tracin: "TracIn") -> RandomProjection | None:
-    proj = tracin.featurizer.projection
+    fz = tracin.featurizer
+    if fz.auto_projection and fz.projection_kind == "factored":  # projection="auto": SOURCE takes the dense one
+        fz.use_dense_projection()
+    proj = fz.projection
     if proj is not None and not isinstance(proj, RandomProjection):
         raise TracInError("SOURCE supports exact gradients (proj_dim=None) or a dense projection "
                           "(projection='gaussian' or 'rademacher'), not projection='factored'.")
