@@ -117,8 +117,22 @@ class HookFeaturizer:
         uses = [u for b in self.blocks for u in b.uses]
         seen: dict[int, list] = {id(u): [] for u in uses}
 
+        B = x.shape[0]
+
         def hook(u):
-            return lambda m, i, o: seen[id(u)].append((u.handler.capture(i, o), o))
+            def record(m, i, o):
+                ctx = u.handler.capture(i, o)
+                if B > 1 and isinstance(o, torch.Tensor) and o.shape[0] == 1 and isinstance(ctx, torch.Tensor) \
+                        and ctx.shape[0] == 1:
+                    # an output shared by the batch (position embeddings of ids (1, T)): a per-example copy
+                    # whose gradient is each example's own; it broadcasts downstream as before
+                    o = o.expand(B, *o.shape[1:]).clone()
+                    ctx = ctx.expand(B, *ctx.shape[1:])
+                    seen[id(u)].append((ctx, o))
+                    return o
+                seen[id(u)].append((ctx, o))
+                return None
+            return record
 
         handles = [u.handler.module.register_forward_hook(hook(u)) for u in uses]
         model_outs, losses, plist = [], [], []
@@ -133,7 +147,7 @@ class HookFeaturizer:
         finally:
             for h in handles:
                 h.remove()
-        S, B = len(states), x.shape[0]
+        S = len(states)
         for b in self.blocks:
             for u in b.uses:
                 k = len(seen[id(u)])
