@@ -209,8 +209,16 @@ class Rows:
 
 
 def check_finite(feats: torch.Tensor, start: int, checkpoint_name: str) -> None:
-    """Raise naming the example indices whose features are NaN or infinite."""
-    bad = (~torch.isfinite(feats).all(1)).nonzero().flatten()
+    """Raise naming the example indices whose features are NaN or infinite.
+
+    One row-sum pass (NaN and inf propagate to the sum); rows whose sum is not finite (or
+    overflowed) are then checked entry by entry, so no (B, dim) boolean mask is built for good rows.
+    """
+    sums = feats.sum(1) if feats.dtype in (torch.float32, torch.float64) else feats.float().sum(1)
+    suspect = (~torch.isfinite(sums)).nonzero().flatten()
+    if not len(suspect):
+        return
+    bad = suspect[~torch.isfinite(feats[suspect]).all(1)]
     if len(bad):
         idx = (bad + start).tolist()
         raise TracInError(

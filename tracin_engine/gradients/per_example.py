@@ -318,7 +318,9 @@ class GradientComputer:
 
 def output_sq_norms(g_out: torch.Tensor) -> torch.Tensor:
     """||dl_b/df_b||^2 per example from output gradients (B, ...): Tensor (B,) float64."""
-    return g_out.detach().double().reshape(g_out.shape[0], -1).pow(2).sum(1)
+    g = g_out.detach().reshape(g_out.shape[0], -1)
+    g = g if g.dtype in (torch.float32, torch.float64) else g.float()
+    return torch.linalg.vecdot(g, g).double()
 
 
 class model_mode:
