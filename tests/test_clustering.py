@@ -110,7 +110,8 @@ def test_agglomerative_matches_sklearn(index):
 
 def test_projected_index_and_weights(cnn_run, small_digits):
     model, ckpts = cnn_run
-    idx = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=64).index(small_digits.train, progress=False)
+    idx = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=64, projection="gaussian").index(
+        small_digits.train, progress=False)
     res = idx.cluster(4, weights=torch.tensor([0.0, 0.0, 0.0, 1.0]))
     rows = UnitRows(idx, weights=torch.tensor([0.0, 0.0, 0.0, 1.0]))
     assert rows.dim == 64 and res.centers.shape == (len(res.sizes), 64)

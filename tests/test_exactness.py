@@ -153,8 +153,10 @@ def test_checkpoints_loaded_once_per_pass(cnn_run, small_digits, monkeypatch):
     assert len(calls) == len(fresh)
 
 
-def test_batchnorm_buffers_and_eval_mode_via_vmap():
-    """Models with buffers (BatchNorm running stats) and dropout take the vmap path, in eval mode."""
+@pytest.mark.parametrize("per_example,mode", [("auto", "hooks"), ("vmap", "vmap")])
+def test_batchnorm_buffers_and_eval_mode(per_example, mode):
+    """Models with buffers (BatchNorm running stats) and dropout, in eval mode: the BatchNorm handler
+    (hooks) and vmap both agree with the loop."""
     from torch import nn
 
     torch.manual_seed(0)
@@ -164,8 +166,8 @@ def test_batchnorm_buffers_and_eval_mode_via_vmap():
         model(torch.randn(16, 5, dtype=torch.float64))
     ckpts = te.Checkpoints.from_state_dicts([model.state_dict()], [0.3])
     X, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
-    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy)
-    assert tracin.featurizer.mode == "vmap"
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, per_example=per_example)
+    assert tracin.featurizer.mode == mode
     index = tracin.index((X, y), progress=False)
     test = (X[:4], y[:4])
     assert rel_err(index.influence(test), loop_influence(tracin, (X, y), test)) <= 1e-6

@@ -95,14 +95,27 @@ def test_factored_equals_explicit_projection_of_exact_gradients(proj_dim):
         assert torch.allclose(E @ E.T, G @ G.T, rtol=1e-9)
 
 
+class _Big(nn.Module):
+    """A parameter no handler covers, too large for the generic per-example path."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(1100, 1000))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x) + self.table[:3, :3].sum()
+
+
 def test_factored_layers_covered_and_clear_error_otherwise():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(36, 3))
     ck = te.Checkpoints.from_state_dicts([model.state_dict()], [0.1])
-    with pytest.raises(te.TracInError, match="factored' covers Linear and Conv2d"):
-        te.TracIn(model, ck, loss_fn=F.cross_entropy, proj_dim=64, projection="factored")
-    # selecting only the supported layers works
-    t = te.TracIn(model, ck, loss_fn=F.cross_entropy, proj_dim=64, projection="factored", layers=["0", "3"])
+    t = te.TracIn(model, ck, loss_fn=F.cross_entropy, proj_dim=64, projection="factored")
     assert t.featurizer.mode == "factored" and t.dim <= 64
+    big = _Big()
+    with pytest.raises(te.TracInError, match=r"table \(1100, 1000\) = 1100000"):
+        te.TracIn(big, te.Checkpoints.from_state_dicts([big.state_dict()], [0.1]), loss_fn=F.cross_entropy,
+                  proj_dim=64, projection="factored")
     with pytest.raises(te.TracInError, match="too small"):
         te.TracIn(model, ck, loss_fn=F.cross_entropy, proj_dim=2, projection="factored", layers=["0", "3"])
 
@@ -153,7 +166,8 @@ def test_factored_on_cuda_equals_cpu(cnn_run, small_digits):
     assert resident.features(0).is_cuda and torch.equal(resident.features(0).cpu(), feats[0].features(0))
 
 
-def test_factored_rejects_shared_weights_clearly():
+def test_factored_layer_called_twice_sums_its_uses():
+    """A module called twice per forward pass: its gradient is the sum over both calls."""
     class Twice(nn.Module):
         def __init__(self):
             super().__init__()
@@ -162,8 +176,11 @@ def test_factored_rejects_shared_weights_clearly():
         def forward(self, x):
             return self.f(torch.tanh(self.f(x)))
 
-    model = Twice()
-    ck = te.Checkpoints.from_state_dicts([model.state_dict()], [0.1])
-    tracin = te.TracIn(model, ck, loss_fn=F.cross_entropy, proj_dim=16, projection="factored")
-    with pytest.raises(te.TracInError, match="factored' cannot handle this model"):
-        tracin.index((torch.randn(5, 4), torch.randint(0, 4, (5,))), progress=False)
+    torch.manual_seed(0)
+    model = Twice().double()
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    fp = FactoredProjection(gc, 12, seed=1)
+    state = gc.prepare(model.state_dict())
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 4, (5,))
+    rows = fp(state, x, y)
+    assert torch.allclose(fp.expand(rows), gc.reference(state, x, y) @ fp.matrix(), rtol=1e-9, atol=1e-12)

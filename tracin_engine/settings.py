@@ -38,7 +38,8 @@ class IndexSettings:
     checkpoints: per checkpoint a JSON-able identity (name, learning rate, step, size / content).
     learning_rates: eta_c, the weight of checkpoint c.
     proj_dim: None for exact gradients, else the projected length per layer set.
-    seed: the projection's seed.  projection: "gaussian", "rademacher" or "factored".
+    seed: the projection's seed.  projection: "gaussian", "rademacher" or "factored"; None for
+    exact rows (not written: stores of exact rows record no projection).
     per_example: the per-example path the rows were computed with ("hooks", "vmap", "loop").
     layout: the row layout (store/layout.py Layout.to_dict()).
     method: "tracin" (TracInCP rows) or "source" (SOURCE's v(z) rows, with `source` set).
@@ -52,7 +53,7 @@ class IndexSettings:
     learning_rates: tuple[float, ...]
     proj_dim: int | None
     seed: int
-    projection: str
+    projection: str | None
     per_example: str
     layout: dict
     method: str = "tracin"
@@ -67,8 +68,9 @@ class IndexSettings:
         """Flat JSON-able dict (SOURCE's fields at top level, as stores have always been written)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-        if out["projection_generator"] is None:
-            del out["projection_generator"]
+        for optional in ("projection", "projection_generator"):
+            if out[optional] is None:
+                del out[optional]
         if self.source is not None:
             out.update({k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.source).items()})
         else:
@@ -83,6 +85,6 @@ class IndexSettings:
             source = SourceSettings(int(meta["segments"]), tuple(meta["steps"]), meta["curvature"],
                                     tuple(meta["horizons"]))
         return cls(meta["model"], tuple(meta["parameters"]), tuple(meta["checkpoints"]),
-                   tuple(meta["learning_rates"]), meta["proj_dim"], meta["seed"], meta["projection"],
+                   tuple(meta["learning_rates"]), meta["proj_dim"], meta["seed"], meta.get("projection"),
                    meta["per_example"], meta["layout"], meta.get("method", "tracin"), source,
                    meta.get("projection_generator"))

@@ -1,41 +1,40 @@
-"""Per-layer factored random projection of Linear and Conv2d gradients, never materializing them.
+"""Per-layer factored random projection of per-example gradients, never materializing them.
 
 Example:
-    >>> tracin = TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=4096, projection="factored")
+    >>> tracin = TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=4096)   # projection="auto"
     >>> fp = tracin.featurizer.projection          # FactoredProjection
     >>> rows = fp(state, x, y)                     # (B, fp.layout.dim), one batched forward+backward
     >>> fp.expand(rows) ~= G @ fp.matrix()         # G (B, P) exact flat gradients; slow check for tests
 
-A layer with input a and output gradient g (both per example, from one batched forward and one
-backward of sum_b l_b) has weight gradient  dW = sum_l g_l a_l^T  (l: output positions of a Conv2d,
-one position for a Linear; a bias is the weight of a constant input 1 appended to a). With seeded
-factors P_a (A, k_a) and P_g (O, k_g), entries N(0, 1/k) (or +-1/sqrt(k)), the layer's feature is
+A weight block (layers.py) has per-example gradient dW = sum_t r_t c_t^T (handlers/base.py: for a
+Linear r = g_t the output gradient and c = a_t the input at position t, a Conv2d's positions are its
+output pixels, an Embedding's r_t is the one-hot of token t; a bias is the weight of a constant
+column 1 appended to c). With seeded factors P_c (C', k_c) and P_r (R, k_r), entries N(0, 1/k)
+(or +-1/sqrt(k)), the block's feature is
 
-    Z = P_g^T dW P_a = sum_l (P_g^T g_l)(P_a^T a_l)^T          (k_g, k_a)
+    Z = P_r^T dW P_c = sum_t (P_r^T r_t)(P_c^T c_t)^T          (k_r, k_c)
 
-i.e. vec(dW) projected by the Kronecker matrix R = P_g (x) P_a, with E[R R^T] = I so inner products
-are kept in expectation. For a Conv2d, P_a^T a_l over all positions l is a convolution of the input
-with P_a as k_a filters (C, kh, kw) and the bias row as conv bias: no unfold. A Linear gradient is
-rank one, so its row stores the two factors (P_a^T a, P_g^T g) (an "outer" segment, k_a + k_g
-numbers; see layout.py) and inner products of Z are still exact products of factor inner products.
-A factor is the identity (exact) when its full width fits, so small layers are stored exactly.
+i.e. vec(dW) projected by the Kronecker matrix P_r (x) P_c, with E[R R^T] = I so inner products are
+kept in expectation; never a (R, C) matrix per token. For a Conv2d, P_c^T c_t over all positions is
+a convolution of the input with P_c as k_c filters; for an Embedding P_r^T r_t is a row lookup. A
+block with one position per example (Linear on 2-D input) is rank one, so its row stores the two
+factors (P_c^T a, P_r^T g) (an "outer" segment, k_c + k_r numbers; see layout.py). Small vector
+blocks (norm scales and shifts; parameters no handler covers) are projected by one seeded (n, k)
+factor. A factor is the identity (exact) when its full width fits, so small layers are stored exactly.
 
-proj_dim is the row length budget. It is shared over layers by water-filling: layers whose exact
-row fits an equal share are exact, the rest split what is left; inside a layer (k_g, k_a) minimize
-the JL error proxy 1/k_a + 1/k_g (0 for an exact factor) under the layer's budget.
-Other layer types (BatchNorm, LayerNorm, Embedding, ...) are not covered: selecting them raises
-TracInError (choose layers=[...] of Linear/Conv2d, or projection="gaussian").
+proj_dim is the row length budget. It is shared over blocks by water-filling: blocks whose exact
+row fits an equal share are exact, the rest split what is left; inside a block (k_r, k_c) minimize
+the JL error proxy 1/k_c + 1/k_r (0 for an exact factor) under the block's budget.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..errors import TracInError
+from .hooks import Contribution, HookFeaturizer, Unsupported
+from .layers import Block
 from .per_example import GradientComputer
-from .hooks import HookFeaturizer, Unsupported
 from ..store.layout import Layout, Segment
 
 
@@ -63,37 +62,37 @@ def _split(budget: int, A: int, O: int, outer: bool) -> tuple[int, int]:
 
 
 class FactoredProjection(HookFeaturizer):
-    """Projected rows (B, layout.dim <= proj_dim) of Linear/Conv2d layers from hooks on one batched pass."""
+    """Projected rows (B, layout.dim <= proj_dim) of every handled block from hooks on one batched pass."""
 
     def __init__(self, grads: GradientComputer, proj_dim: int, seed: int = 0, kind: str = "gaussian"):
         if kind not in ("gaussian", "rademacher"):
             raise TracInError(f"unknown factor kind {kind!r}; use 'gaussian' or 'rademacher'.")
+        self.proj_dim, self.seed, self.kind = proj_dim, seed, kind
+        self._cache: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         try:
             super().__init__(grads)
         except Unsupported as exc:
-            raise TracInError(f"projection='factored' covers Linear and Conv2d layers only: {exc}. Select "
-                              "those layers with layers=[...] or use projection='gaussian'.") from None
-        self.proj_dim, self.seed, self.kind = proj_dim, seed, kind
-        # per layer: A (input width incl. bias row), O, outer?
-        shapes = []
-        for name, mod, has_w, has_b in self.plan:
-            A = (mod.in_features if isinstance(mod, nn.Linear)
-                 else mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]) * has_w + has_b
-            shapes.append((A, mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels,
-                           isinstance(mod, nn.Linear)))
-        need = 2 * len(shapes)
-        if proj_dim < need:
-            raise TracInError(f"proj_dim={proj_dim} is too small for {len(shapes)} layers with "
+            raise TracInError(f"projection='factored' cannot cover the selected parameters: {exc}. Register a "
+                              "handler for that layer type (docs/handlers.md), select other layers with "
+                              "layers=[...], or use projection='gaussian'.") from None
+
+    # -- budget -------------------------------------------------------------------------------------
+    def relayout(self) -> None:
+        # per block: (A, O, outer): A the column width incl. the bias column (vector blocks: n, O = 1)
+        self.shapes = [(b.a_dim, b.R, b.outer) if b.kind == "kron" else (b.n, 1, False) for b in self.blocks]
+        need = 2 * len(self.shapes)
+        if self.proj_dim < need:
+            raise TracInError(f"proj_dim={self.proj_dim} is too small for {len(self.shapes)} layers with "
                               f"projection='factored'; use at least {need}.")
-        self.k = self._allocate(shapes, proj_dim)
+        self.k = self._allocate(self.shapes, self.proj_dim)
+        self._cache.clear()
         segments, start = [], 0
-        for (A, O, outer), (ka, kg) in zip(shapes, self.k):
+        for (A, O, outer), (ka, kg) in zip(self.shapes, self.k):
             seg = Segment("outer", start, ka, kg) if outer else Segment("dense", start, ka * kg)
             segments.append(seg)
             start += seg.size
-        self.shapes = shapes
+        self.segments = segments
         self.layout = Layout(segments)
-        self._cache: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     def _allocate(shapes: list[tuple[int, int, bool]], budget: int) -> list[tuple[int, int]]:
@@ -109,7 +108,7 @@ class FactoredProjection(HookFeaturizer):
 
     def factors(self, i: int, device: torch.device,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P_a (A, k_a), P_g (O, k_g)) of layer i: generated on the CPU from the seed, so every device,
+        """(P_c (A, k_c), P_r (R, k_r)) of block i: generated on the CPU from the seed, so every device,
         run and process (train and test) gets the same numbers."""
         key = (i, device, dtype)
         if key not in self._cache:
@@ -118,32 +117,49 @@ class FactoredProjection(HookFeaturizer):
                                 _factor(self.seed, i, 1, O, kg, self.kind).to(device, dtype))
         return self._cache[key]
 
-    def _layer_rows(self, mod: nn.Module, a: torch.Tensor, g: torch.Tensor, has_w: bool,
-                    has_b: bool) -> torch.Tensor:
-        i = next(j for j, p in enumerate(self.plan) if p[1] is mod)
-        Pa, Pg = self.factors(i, a.device, a.dtype)
-        B = a.shape[0]
-        if isinstance(mod, nn.Linear):
-            if a.dim() != 2:
-                raise TracInError(f"projection='factored' needs 2-D inputs to Linear layers; layer "
-                                  f"{self.plan[i][0]!r} got shape {tuple(a.shape)}. Use projection='gaussian'.")
-            ones = torch.ones(B, 1, dtype=a.dtype, device=a.device)
-            a1 = torch.cat([a, ones], 1) if has_w and has_b else (a if has_w else ones)
-            return torch.cat([a1 @ Pa, g @ Pg], 1)
-        if has_w:  # P_a^T a_l at every output position: the projection as convolution filters
-            ka, Ckk = Pa.shape[1], Pa.shape[0] - has_b
-            filt = Pa[:Ckk].T.reshape(ka, mod.in_channels, *mod.kernel_size)
-            Az = F.conv2d(a, filt, Pa[Ckk] if has_b else None, mod.stride, mod.padding, mod.dilation)
-            Az = Az.flatten(2)                                                     # (B, k_a, L)
-        else:
-            Az = torch.ones(B, 1, g.shape[2] * g.shape[3], dtype=a.dtype, device=a.device)
-        Gz = torch.einsum("bol,ok->bkl", g.flatten(2), Pg)                         # (B, k_g, L)
-        return torch.bmm(Gz, Az.transpose(1, 2)).flatten(1)                        # (B, k_g * k_a)
+    # -- rows ---------------------------------------------------------------------------------------
+    def block_rows(self, i: int, b: Block, contrib: list[Contribution], out: torch.Tensor) -> None:
+        h0, ctx0, g0 = contrib[0]
+        Pa, Pg = self.factors(i, g0.device, g0.dtype)
+        if b.kind == "vector":
+            v = h0.vector(ctx0, g0)
+            for h, ctx, g in contrib[1:]:
+                v = v + h.vector(ctx, g)
+            out.copy_(v if self.k[i][0] == b.n else v @ Pa)
+            return
+        Pw, pb = (Pa[:b.C], Pa[b.C]) if b.has_bias else (Pa, None)
+        if b.outer:
+            out[:, :Pa.shape[1]] = h0.proj_cols(ctx0, g0, Pw, pb)[:, 0]
+            out[:, Pa.shape[1]:] = h0.proj_rows(ctx0, g0, Pg)[:, 0]
+            return
+        Z = None
+        for h, ctx, g in contrib:
+            z = torch.bmm(h.proj_rows(ctx, g, Pg).transpose(1, 2), h.proj_cols(ctx, g, Pw, pb))  # (B, k_r, k_c)
+            Z = z if Z is None else Z.add_(z)
+        out.copy_(Z.flatten(1))
 
-    # -- the equivalent dense projection (slow; for tests and small models) -------------------------
+    def generic_rows(self, i: int, b: Block, flat: torch.Tensor, out: torch.Tensor) -> None:
+        Pa, _ = self.factors(i, flat.device, flat.dtype)
+        out.copy_(flat if self.k[i][0] == b.n else flat @ Pa)
+
+    # -- checks and the equivalent dense projection (slow; for tests and small models) ---------------
+    def block_sums(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        E = self.expand(rows).sum(0)
+        return list(E.split([ka * kg for ka, kg in self.k]))
+
+    def block_reference(self, b: Block, grads: list[torch.Tensor]) -> torch.Tensor:
+        i = self.blocks.index(b)
+        Pa, Pg = self.factors(i, grads[0].device, grads[0].dtype)
+        if b.kind != "kron":
+            return torch.cat(grads) @ Pa
+        W = b.uses[0].handler.from_params(grads[0].unsqueeze(0))[0]
+        if b.has_bias:
+            W = torch.cat([W, grads[1].unsqueeze(1)], 1)
+        return (Pg.T @ W @ Pa).flatten()
+
     def expand(self, rows: torch.Tensor) -> torch.Tensor:
-        """Rows (B, layout.dim) -> (B, D) dense projected vectors, D = sum_l k_g k_a (outer segments
-        expanded to vec(P_g^T g (P_a^T a)^T)); equals G @ matrix() for the flat gradients G."""
+        """Rows (B, layout.dim) -> (B, D) dense projected vectors, D = sum_l k_r k_c (outer segments
+        expanded to vec(P_r^T g (P_c^T a)^T)); equals G @ matrix() for the flat gradients G."""
         out = []
         for seg in self.layout.segments:
             r = rows[:, seg.start:seg.start + seg.size]
@@ -153,18 +169,27 @@ class FactoredProjection(HookFeaturizer):
         return torch.cat(out, 1)
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """The equivalent projection R (P, D) of flat gradients (GradientComputer order: weight, bias)."""
+        """The equivalent projection R (P, D) of flat gradients (GradientComputer order)."""
         cpu = torch.device("cpu")
         D = sum(ka * kg for ka, kg in self.k)
         R = torch.zeros(self.grads.num_params, D, dtype=dtype)
-        row = col = 0
-        for i, (name, mod, has_w, has_b) in enumerate(self.plan):
+        col = 0
+        for i, b in enumerate(self.blocks):
             Pa, Pg = self.factors(i, cpu, dtype)
             (A, O, _), (ka, kg) = self.shapes[i], self.k[i]
-            K = torch.einsum("oi,nj->onij", Pg, Pa).reshape(O, A, kg * ka)       # row (o, n), col (i, j)
-            parts = ([K[:, :A - has_b].reshape(-1, kg * ka)] if has_w else []) + ([K[:, A - 1]] if has_b else [])
-            for part in parts:
-                R[row:row + part.shape[0], col:col + kg * ka] = part
-                row += part.shape[0]
+            if b.kind == "kron":
+                K = torch.einsum("oi,nj->onij", Pg, Pa).reshape(O, A, kg * ka)    # row (o, n), col (i, j)
+                parts = [b.uses[0].handler.to_params(K[:, :b.C].permute(2, 0, 1)).T]
+                if b.has_bias:
+                    parts.append(K[:, b.C])
+            else:
+                parts, pos = [], 0
+                for n in b.params:
+                    k = self._numel(n)
+                    parts.append(Pa[pos:pos + k])
+                    pos += k
+            for n, part in zip(b.params, parts):
+                o = self.offsets[n]
+                R[o:o + part.shape[0], col:col + kg * ka] = part
             col += kg * ka
         return R

@@ -7,6 +7,7 @@ so an interrupted featurization resumes where it stopped.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from ..data import DataSource
 from ..errors import TracInError
 from ..memory import Backoff, rows_that_fit
 from . import hooks
-from .per_example import GradientComputer, Target
+from .per_example import GradientComputer, Target, VmapFailed
 from ..store.layout import Layout
 from .factored import FactoredProjection
 from .projection import RandomProjection
@@ -26,29 +27,41 @@ from ..store.feature_store import FeatureStore
 class Featurizer:
     """Per-example features at one checkpoint, as rows of `layout` (see layout.py).
 
-    per_example: "auto" (hooks when every selected layer is a plain Linear/Conv2d, else vmap),
-    "hooks", "vmap" (torch.func) or "loop" (slow reference). With a RandomProjection the rows are
-    G R / sqrt(proj_dim) of the flat gradients G (B, P); with a FactoredProjection (mode "factored")
-    they are per-layer factored projections from one batched pass (see factored.py); without a
-    projection, exact gradients (dense or factored).
+    per_example: "auto" (hooks, i.e. layer handlers from one batched pass, when they cover the
+    selected parameters; else torch.func vmap; else the loop), "hooks", "vmap" (torch.func) or
+    "loop" (slow reference). Under "auto" each fallback happens once, with one warning, on the
+    first batch (resolve) or, between vmap and loop (same rows), on any later batch.
+    With a RandomProjection the rows are G R / sqrt(proj_dim) of the flat gradients G (B, P); with a
+    FactoredProjection (mode "factored") they are per-layer factored projections from one batched
+    pass (see factored.py); without a projection, exact gradients (dense or factored). A
+    FactoredProjection built for projection="auto" (auto_projection=True) falls back to the dense
+    Gaussian projection when the hooks cannot run on this model.
     """
 
     MODES = ("auto", "hooks", "vmap", "loop")
 
     def __init__(self, grads: GradientComputer, projection: RandomProjection | FactoredProjection | None = None,
-                 per_example: str = "auto"):
+                 per_example: str = "auto", auto_projection: bool = False):
         if per_example not in self.MODES:
             raise TracInError(f"per_example must be one of {self.MODES}, got {per_example!r}.")
         self.grads, self.projection, self.requested = grads, projection, per_example
+        self.auto_projection = auto_projection
         if isinstance(projection, FactoredProjection):
-            self.hooks, self.mode, self.resolved = None, "factored", True
+            self.hooks, self.mode, self.resolved = None, "factored", False
             return
         self.hooks = hooks.build(grads) if per_example in ("auto", "hooks") else None
         if per_example == "hooks" and self.hooks is None:
-            raise TracInError("per_example='hooks' needs every selected layer to be a plain Linear or "
-                              "Conv2d (groups=1, zero padding); use per_example='vmap'.")
+            raise TracInError("per_example='hooks' needs layer handlers for every selected layer "
+                              "(docs/handlers.md); use per_example='vmap'.")
         self.mode = "hooks" if self.hooks else ("vmap" if per_example == "auto" else per_example)
-        self.resolved = self.mode != "hooks"
+        self.resolved = self.mode == "loop" or per_example == "vmap"
+
+    @property
+    def projection_kind(self) -> str | None:
+        """"factored", the dense kind ("gaussian" / "rademacher"), or None (exact)."""
+        if self.projection is None:
+            return None
+        return "factored" if isinstance(self.projection, FactoredProjection) else self.projection.kind
 
     @property
     def layout(self) -> Layout:
@@ -70,22 +83,52 @@ class Featurizer:
         return self.grads.prepare(state, name)
 
     def resolve(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss") -> None:
-        """Try the hook path on a couple of examples; under "auto" fall back to vmap if it cannot run."""
+        """Settle the path on a couple of examples before any row is stored: the hook path (and its
+        layout), else under "auto" vmap, else the loop; projection="auto": factored, else gaussian."""
         if self.resolved:
             return
-        try:
-            self.hooks(state, x[:2], None if y is None else y[:2], target)
-        except hooks.Unsupported as exc:
-            if self.requested == "hooks":
-                raise TracInError(f"per_example='hooks' cannot run on this model: {exc}; use 'vmap'.") from exc
-            self.hooks, self.mode = None, "vmap"
+        x2, y2 = x[:2], None if y is None else y[:2]
+        if self.mode in ("hooks", "factored"):
+            try:
+                self._hook_path(state, x2, y2, target)
+            except hooks.Unsupported as exc:
+                if self.mode == "factored":
+                    if not self.auto_projection:
+                        raise TracInError(f"projection='factored' cannot handle this model ({exc}); "
+                                          "use projection='gaussian'.") from exc
+                    warnings.warn(f"projection='auto': the factored projection cannot run on this model ({exc}); "
+                                  "using the dense Gaussian projection (slower).", stacklevel=3)
+                    self.use_dense_projection()
+                    return self.resolve(state, x, y, target)
+                elif self.requested == "hooks":
+                    raise TracInError(f"per_example='hooks' cannot run on this model: {exc}; use 'vmap'.") from exc
+                else:
+                    self.hooks, self.mode = None, "vmap"
+        if self.mode == "vmap" and self.requested == "auto":
+            try:
+                self.grads.per_example(state, x2, y2, target)
+            except VmapFailed as exc:
+                self._to_loop(exc)
         self.resolved = True
+
+    def use_dense_projection(self) -> None:
+        """Replace a FactoredProjection by the dense Gaussian one of the same proj_dim and seed (unresolved)."""
+        p = self.projection
+        self.projection = RandomProjection(self.grads.num_params, p.proj_dim, p.seed)
+        self.hooks = hooks.build(self.grads) if self.requested in ("auto", "hooks") else None
+        self.mode = "hooks" if self.hooks is not None else ("vmap" if self.requested == "auto" else self.requested)
+        self.resolved = self.mode == "loop" or self.requested == "vmap"
+
+    def _to_loop(self, exc: Exception) -> None:
+        warnings.warn(f"per_example='auto': torch.func cannot compute per-example gradients for this model "
+                      f"({str(exc).split('. A layer')[0]}); using the per-example loop (slower).", stacklevel=4)
+        self.mode = "loop"
 
     def adopt(self, mode: str) -> None:
         """Use the mode an existing index was built with (when this featurizer was left on "auto")."""
-        if self.requested == "auto" and mode == "vmap" and self.mode != "factored":
-            self.hooks, self.mode = None, "vmap"
-        self.resolved = True
+        if self.requested == "auto" and mode in ("vmap", "loop") and self.mode != "factored":
+            self.hooks, self.mode = None, mode
+        self.resolved = self.mode != "factored" or self.projection.frozen
 
     def __call__(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss") -> torch.Tensor:
         """Tensor (B, dim) in float32 (or float64 for a float64 model)."""
@@ -99,19 +142,27 @@ class Featurizer:
               with_outputs: bool) -> "Rows":
         self.resolve(state, x, y, target)
         out_sq = losses = None
-        try:  # out-of-memory errors pass through unchanged: the caller's memory.Backoff halves the batch
-            if self.mode in ("hooks", "factored"):
-                g, out_sq, losses = (t[0] for t in self._hook_path.many_with_outputs([state], x, y, target))
-            else:
-                g = (self.grads.per_example if self.mode == "vmap" else self.grads.reference)(state, x, y, target)
-                if with_outputs:
-                    out_sq, losses = self.grads.output_stats(state, x, y, target)
-        except hooks.Unsupported as exc:
-            if self.mode == "factored":
-                raise TracInError(f"projection='factored' cannot handle this model ({exc}); "
-                                  "use projection='gaussian'.") from exc
-            raise TracInError(f"the hook path stopped working on this data ({exc}); "
-                              "pass per_example='vmap' to TracIn.") from exc
+        while True:
+            try:  # out-of-memory errors pass through unchanged: the caller's memory.Backoff halves the batch
+                if self.mode in ("hooks", "factored"):
+                    g, out_sq, losses = (t[0] for t in self._hook_path.many_with_outputs([state], x, y, target))
+                else:
+                    try:
+                        g = (self.grads.per_example if self.mode == "vmap" else self.grads.reference)(state, x, y, target)
+                    except VmapFailed as exc:
+                        if self.requested != "auto":
+                            raise
+                        self._to_loop(exc)
+                        continue
+                    if with_outputs:
+                        out_sq, losses = self.grads.output_stats(state, x, y, target)
+                break
+            except hooks.Unsupported as exc:
+                if self.mode == "factored":
+                    raise TracInError(f"projection='factored' cannot handle this model ({exc}); "
+                                      "use projection='gaussian'.") from exc
+                raise TracInError(f"the hook path stopped working on this data ({exc}); "
+                                  "pass per_example='vmap' to TracIn.") from exc
         if g.dtype not in (torch.float32, torch.float64):
             g = g.float()
         if self.projection is not None and self.mode != "factored":
@@ -153,8 +204,16 @@ class Rows:
 
 
 def check_finite(feats: torch.Tensor, start: int, checkpoint_name: str) -> None:
-    """Raise naming the example indices whose features are NaN or infinite."""
-    bad = (~torch.isfinite(feats).all(1)).nonzero().flatten()
+    """Raise naming the example indices whose features are NaN or infinite.
+
+    One row-sum pass (NaN and inf propagate to the sum); rows whose sum is not finite (or
+    overflowed) are then checked entry by entry, so no (B, dim) boolean mask is built for good rows.
+    """
+    sums = feats.sum(1) if feats.dtype in (torch.float32, torch.float64) else feats.float().sum(1)
+    suspect = (~torch.isfinite(sums)).nonzero().flatten()
+    if not len(suspect):
+        return
+    bad = suspect[~torch.isfinite(feats[suspect]).all(1)]
     if len(bad):
         idx = (bad + start).tolist()
         raise TracInError(

@@ -1,79 +1,97 @@
-"""Exact per-example gradient features of Linear and Conv2d layers from one batched forward+backward.
+"""Exact per-example gradient features from one batched forward+backward, by layer handlers.
 
 Example:
     >>> hf = HookFeaturizer(grads)               # grads: GradientComputer; raises Unsupported otherwise
     >>> rows = hf(state, x, y)                   # (B, hf.layout.dim), exact, see layout.py
     >>> G = hf.expand(rows)                      # (B, P): the flat per-example gradients
 
-With per-example objectives l_b and layer input a_b, output o_b, the output gradient
-g_b = dl_b/do_b comes from backpropagating sum_b l_b once (o_b only affects l_b). Then
-    Linear:  dW_b = g_b a_b^T (stored as the pair a_b, g_b: an "outer" segment), db_b = g_b
-    Conv2d:  dW_b = G_b U_b^T with U_b = unfold(a_b) (C k k, L), G_b (O, L);  db_b = G_b 1
-which is the cost of one training step plus small per-layer products (the Captum/Opacus trick,
-with Linear gradients never materialized).
+With per-example objectives l_b and each handled layer's output o_b, the output gradient
+g_b = dl_b/do_b comes from backpropagating sum_b l_b once (o_b only affects l_b). Each block of
+layers.py then turns (what its modules' forward hooks saw, g) into per-example gradients
+(handlers/base.py): a Linear on 2-D input is stored as the pair (a_b, g_b) (an "outer" segment),
+other kron blocks as dW_b = sum_t r_bt c_bt^T, norm layers as their exact vectors, and parameters
+no handler covers through the vmap/loop path restricted to them. This costs one training step plus
+small per-layer products (the Opacus trick, with rank-one Linear gradients never materialized).
+
+The first batch settles the layout (which Linear layers see sequences) and checks that the
+per-example gradients add up to the batch gradient of every handled parameter; a parameter used
+outside its module (F.linear(x, self.emb.weight)) or a layer mixing examples fails that check
+(Unsupported), and the featurizer falls back to vmap.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import math
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call
 
-from ..errors import TracInError
-from .per_example import GradientComputer, Target, model_mode, output_sq_norms, parameter_groups
+from .handlers import KronHandler, Unsupported
+from .layers import GENERIC_LIMIT, Block, generic_sizes, plan_blocks
+from .per_example import GradientComputer, Target, model_mode, output_sq_norms
 from ..store.layout import Layout, Segment
 
+__all__ = ["HookFeaturizer", "Unsupported", "build"]
 
-class Unsupported(TracInError):
-    """The model (or a layer's input) does not fit the hook path; use vmap instead."""
-
-
-def conv_supported(m: nn.Conv2d) -> bool:
-    """Conv2d layers whose per-example gradients unfold exactly: groups=1, zero padding given as numbers."""
-    return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-
-
-def selected_layers(grads: GradientComputer) -> Iterator[tuple[str, nn.Module, bool, bool, bool]]:
-    """Per layer with selected parameters: (module name, module, has weight, has bias, plain), where
-    plain = a Linear or supported Conv2d of which only weight and/or bias are selected."""
-    modules = dict(grads.model.named_modules())
-    selected = set(grads.param_names)
-    for mod_name, names in parameter_groups(grads.model).items():
-        sel = [n for n in names if n in selected]
-        if not sel:
-            continue
-        mod = modules[mod_name]
-        prefix = f"{mod_name}." if mod_name else ""
-        has_w, has_b = prefix + "weight" in sel, prefix + "bias" in sel
-        ok_type = isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and conv_supported(mod))
-        yield mod_name, mod, has_w, has_b, ok_type and len(sel) == has_w + has_b
+Contribution = tuple[Any, Any, torch.Tensor]   # (handler, captured ctx, output gradient g)
 
 
 class HookFeaturizer:
-    """Exact features for models whose selected parameters all sit in Linear or Conv2d layers."""
+    """Exact features for models whose selected parameters the handlers cover (small rest: generic)."""
 
-    def __init__(self, grads: GradientComputer):
+    def __init__(self, grads: GradientComputer, generic_limit: int = GENERIC_LIMIT):
         self.grads = grads
-        self.plan: list[tuple[str, nn.Module, bool, bool]] = []
+        self.blocks: list[Block] = plan_blocks(grads.model, grads.param_names, grads.train_mode)
+        self.generic = next((b for b in self.blocks if b.kind == "generic"), None)
+        if self.generic is not None and (self.generic.n > generic_limit or len(self.blocks) == 1):
+            raise Unsupported(f"no layer handler covers {generic_sizes(grads.model, self.generic)} "
+                              f"({self.generic.n} numbers per example; limit {generic_limit})")
+        params = dict(grads.model.named_parameters())
+        self.offsets, pos = {}, 0
+        for n in grads.param_names:
+            self.offsets[n] = pos
+            pos += params[n].numel()
+        self.frozen = False
+        self.relayout()
+
+    # -- layout -------------------------------------------------------------------------------------
+    def segment(self, i: int, b: Block, start: int) -> Segment:
+        """Block i's segment of an exact row."""
+        if b.kind == "kron" and b.outer:
+            return Segment("outer", start, b.a_dim, b.R)
+        return Segment("dense", start, b.numel)
+
+    def relayout(self) -> None:
         segments, start = [], 0
-        for mod_name, mod, has_w, has_b, plain in selected_layers(grads):
-            if not plain:
-                raise Unsupported(f"layer {mod_name!r} ({type(mod).__name__}) is not a plain Linear/Conv2d")
-            if isinstance(mod, nn.Linear) and has_w:
-                seg = Segment("outer", start, mod.in_features + has_b, mod.out_features)
-            elif isinstance(mod, nn.Linear):
-                seg = Segment("dense", start, mod.out_features)
-            else:
-                k = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
-                seg = Segment("dense", start, mod.out_channels * (k * has_w + has_b))
+        for i, b in enumerate(self.blocks):
+            seg = self.segment(i, b, start)
             segments.append(seg)
             start += seg.size
-            self.plan.append((mod_name, mod, has_w, has_b))
+        self.segments = segments
         self.layout = Layout(segments)
 
+    def _settle(self, calls: dict[int, list], S: int) -> None:
+        """Choose outer (rank one) or dense for each kron block from the first batch; later batches must fit."""
+        changed = False
+        for b in self.blocks:
+            if b.kind != "kron":
+                continue
+            n_calls = sum(len(calls[id(u)]) for u in b.uses)
+            u0 = b.uses[0]
+            rank_one = n_calls == S and getattr(u0.handler, "rank_one_hint", False) and all(
+                u0.handler.positions(ctx, g) == 1 for ctx, g in calls[id(u0)])
+            if rank_one != b.outer:
+                if self.frozen and not rank_one:
+                    raise Unsupported(f"layer {b.describe()} now sees several positions per example; the "
+                                      "row layout was fixed on the first batch (rank one)")
+                if not self.frozen:
+                    b.outer, changed = rank_one, True
+        if changed:
+            self.relayout()
+        self.frozen = True
+
+    # -- one batched pass ---------------------------------------------------------------------------
     def __call__(self, state: dict, inputs: torch.Tensor, targets: torch.Tensor | None,
                  target: Target = "loss") -> torch.Tensor:
         """Rows (B, layout.dim) for a batch; same objective as GradientComputer.per_example."""
@@ -96,10 +114,28 @@ class HookFeaturizer:
         y = None if targets is None else targets.to(gc.device)
         gc.check_args(y, target)
         names = set(gc.param_names)
-        seen: dict[str, list] = {name: [] for name, *_ in self.plan}
-        handles = [mod.register_forward_hook(lambda m, i, o, n=name: seen[n].append((i[0].detach(), o)))
-                   for name, mod, *_ in self.plan]
-        model_outs, losses = [], []
+        uses = [u for b in self.blocks for u in b.uses]
+        seen: dict[int, list] = {id(u): [] for u in uses}
+
+        B = x.shape[0]
+
+        def hook(u):
+            def record(m, i, o):
+                ctx = u.handler.capture(i, o)
+                if B > 1 and isinstance(o, torch.Tensor) and o.shape[0] == 1 and isinstance(ctx, torch.Tensor) \
+                        and ctx.shape[0] == 1:
+                    # an output shared by the batch (position embeddings of ids (1, T)): a per-example copy
+                    # whose gradient is each example's own; it broadcasts downstream as before
+                    o = o.expand(B, *o.shape[1:]).clone()
+                    ctx = ctx.expand(B, *ctx.shape[1:])
+                    seen[id(u)].append((ctx, o))
+                    return o
+                seen[id(u)].append((ctx, o))
+                return None
+            return record
+
+        handles = [u.handler.module.register_forward_hook(hook(u)) for u in uses]
+        model_outs, losses, plist = [], [], []
         try:
             with model_mode(gc.model, gc.train_mode), torch.enable_grad():
                 for state in states:
@@ -107,64 +143,148 @@ class HookFeaturizer:
                     out = functional_call(gc.model, params, (x,))
                     losses.append(gc.checked_objectives(out, y, target))
                     model_outs.append(out)
+                    plist.append(params)
         finally:
             for h in handles:
                 h.remove()
-        if any(len(v) != len(states) for v in seen.values()):
-            raise Unsupported("a layer ran more than once per forward pass (shared weights)")
-        outs = [o for name, *_ in self.plan for _, o in seen[name]]
-        grads = torch.autograd.grad(torch.stack(losses).sum(), outs + model_outs, allow_unused=True)
-        gouts = iter(grads[:len(outs)])
-        rows: list[list[torch.Tensor]] = [[] for _ in states]
-        for name, mod, has_w, has_b in self.plan:
-            for s, (a, o) in enumerate(seen[name]):
-                g = next(gouts)
-                g = torch.zeros_like(o) if g is None else g.detach()
-                rows[s].append(self._layer_rows(mod, a, g, has_w, has_b))
-        out_sq = torch.stack([output_sq_norms(g) for g in grads[len(outs):]])
-        return torch.stack([torch.cat(r, 1) for r in rows]), out_sq, torch.stack(losses).detach().double()
+        S = len(states)
+        for b in self.blocks:
+            for u in b.uses:
+                k = len(seen[id(u)])
+                if k == 0 or k % S:
+                    raise Unsupported(f"layer {u.name!r} ({type(u.handler.module).__name__}) did not run as a "
+                                      "module in the forward pass (its weights are used directly)")
+                for ctx, o in seen[id(u)]:
+                    if u.handler.batch_of(ctx) != B or o.shape[0] != B:
+                        raise Unsupported(f"layer {u.name!r} saw a leading dimension of {o.shape[0]}, not the "
+                                          f"batch size {B} (inputs reshaped across examples)")
+        outs = [o for u in uses for _, o in seen[id(u)]]
+        check = not self.frozen
+        handled = [n for b in self.blocks if b.kind != "generic" for n in b.params]
+        wrt = outs + model_outs + ([p[n] for p in plist for n in handled] if check else [])
+        grads = torch.autograd.grad(torch.stack(losses).sum(), wrt, allow_unused=True)
+        g_iter = iter(grads[:len(outs)])
+        calls: dict[int, list] = {}
+        for u in uses:
+            calls[id(u)] = []
+            for ctx, o in seen[id(u)]:
+                g = next(g_iter)
+                calls[id(u)].append((ctx, torch.zeros_like(o) if g is None else g.detach()))
+        self._settle(calls, S)
+        dtype = next(iter(calls.values()))[0][1].dtype if calls else x.dtype
+        rows = torch.empty(S, B, self.layout.dim, dtype=dtype if dtype.is_floating_point else torch.float32,
+                           device=x.device)
+        for s in range(S):
+            for i, (b, seg) in enumerate(zip(self.blocks, self.segments)):
+                out = rows[s, :, seg.start:seg.start + seg.size]
+                if b.kind == "generic":
+                    self.generic_rows(i, b, gc.per_example_subset(states[s], x, y, target, b.params), out)
+                    continue
+                contrib = []
+                for u in b.uses:
+                    k = len(calls[id(u)]) // S
+                    contrib += [(u.handler, ctx, g) for ctx, g in calls[id(u)][s * k:(s + 1) * k]]
+                self.block_rows(i, b, contrib, out)
+        if check:
+            full = grads[len(outs) + len(model_outs):]
+            self._check_sums(rows, full, handled, plist)
+        out_sq = torch.stack([output_sq_norms(g) for g in grads[len(outs):len(outs) + len(model_outs)]])
+        return rows, out_sq, torch.stack(losses).detach().double()
 
-    @staticmethod
-    def _layer_rows(mod: nn.Module, a: torch.Tensor, g: torch.Tensor, has_w: bool, has_b: bool) -> torch.Tensor:
-        if isinstance(mod, nn.Linear):
-            if a.dim() != 2:
-                raise Unsupported(f"Linear layer got {a.dim()}-D input (a sequence); its gradient is not rank one")
-            if not has_w:
-                return g
-            ones = torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)
-            return torch.cat([torch.cat([a, ones], 1) if has_b else a, g], 1)
-        U = F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (B, Ckk, L)
-        G = g.flatten(2)                                                          # (B, O, L)
-        parts = []
-        if has_w:
-            parts.append(torch.bmm(G, U.transpose(1, 2)).flatten(1))
-        if has_b:
-            parts.append(G.sum(2))
-        return torch.cat(parts, 1)
+    # -- per block ----------------------------------------------------------------------------------
+    def block_rows(self, i: int, b: Block, contrib: list[Contribution], out: torch.Tensor) -> None:
+        """Write block i's exact rows (B, segment size) into `out`."""
+        if b.kind == "vector":
+            h, ctx, g = contrib[0]
+            out.copy_(h.vector(ctx, g))
+            for h, ctx, g in contrib[1:]:
+                out.add_(h.vector(ctx, g))
+            return
+        if b.outer:
+            h, ctx, g = contrib[0]
+            out[:, :b.C] = h.cols(ctx, g)[:, 0]
+            if b.has_bias:
+                out[:, b.C] = 1
+            out[:, b.a_dim:] = h.rows(ctx, g)[:, 0]
+            return
+        nw = b.R * b.C
+        for j, (h, ctx, g) in enumerate(contrib):
+            w = h.to_params(h.grad_matrix(ctx, g))
+            out[:, :nw].copy_(w) if j == 0 else out[:, :nw].add_(w)
+            if b.has_bias:
+                bg = h.bias_grad(ctx, g)
+                out[:, nw:].copy_(bg) if j == 0 else out[:, nw:].add_(bg)
+
+    def generic_rows(self, i: int, b: Block, flat: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the generic block's rows from its exact per-example gradients flat (B, n)."""
+        out.copy_(flat)
+
+    # -- checks and the slow expansion --------------------------------------------------------------
+    def _check_sums(self, rows: torch.Tensor, full: tuple, handled: list[str], plist: list[dict]) -> None:
+        """sum_b of the per-example rows must equal the batch gradient, block by block."""
+        tol = 1e-8 if rows.dtype == torch.float64 else 2e-3
+        k = 0
+        for s in range(rows.shape[0]):
+            per = self.block_sums(rows[s])
+            for b, got in zip(self.blocks, per):
+                if b.kind == "generic":
+                    continue
+                ref = [full[k + j] for j in range(len(b.params))]
+                k += len(b.params)
+                ref = [torch.zeros_like(plist[s][n]) if r is None else r for r, n in zip(ref, b.params)]
+                want = self.block_reference(b, [r.detach().reshape(-1).to(got.dtype) for r in ref])
+                err = (got - want).norm()
+                if not err <= tol * want.norm() + 1e-30:
+                    raise Unsupported(
+                        f"per-example gradients of {b.describe()} do not add up to the batch gradient "
+                        f"(relative error {float(err / (want.norm() + 1e-30)):.2g}): a parameter is used outside "
+                        "its layer's forward, or a layer mixes the examples of a batch")
+
+    def block_sums(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Per block, the sum over examples of what its rows represent (flat, parameter order)."""
+        flat = self.expand(rows).sum(0, keepdim=True)
+        return [torch.cat([flat[0, self.offsets[n]:self.offsets[n] + self._numel(n)] for n in b.params])
+                for b in self.blocks]
+
+    def block_reference(self, b: Block, grads: list[torch.Tensor]) -> torch.Tensor:
+        """What block_sums should equal, from the batch gradients of the block's parameters."""
+        return torch.cat(grads)
+
+    def _numel(self, name: str) -> int:
+        return math.prod(self.grads.shapes[name])
 
     def expand(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows (B, layout.dim) -> flat per-example gradients (B, P) in GradientComputer order."""
-        out = []
-        for (name, mod, has_w, has_b), seg in zip(self.plan, self.layout.segments):
+        flat = torch.empty(rows.shape[0], self.grads.num_params, dtype=rows.dtype, device=rows.device)
+        for b, seg in zip(self.blocks, self.segments):
             r = rows[:, seg.start:seg.start + seg.size]
-            if seg.kind == "outer":
-                a, g = r[:, :seg.a_dim], r[:, seg.a_dim:]
-                full = g.unsqueeze(2) * a.unsqueeze(1)  # (B, out, in [+1])
-                out.append(full[:, :, :mod.in_features].flatten(1))
-                if has_b:
-                    out.append(full[:, :, -1])
-            elif isinstance(mod, nn.Conv2d) and has_w and has_b:
-                nb = mod.out_channels
-                out += [r[:, :-nb], r[:, -nb:]]
+            if b.kind == "kron":
+                h = b.uses[0].handler
+                if b.outer:
+                    full = r[:, b.a_dim:].unsqueeze(2) * r[:, :b.a_dim].unsqueeze(1)   # (B, R, C [+1])
+                    w, bias = h.to_params(full[:, :, :b.C]), full[:, :, b.C] if b.has_bias else None
+                else:
+                    nw = b.R * b.C
+                    w, bias = r[:, :nw], r[:, nw:] if b.has_bias else None
+                self._put(flat, b.params[0], w)
+                if bias is not None:
+                    self._put(flat, b.params[1], bias)
             else:
-                out.append(r)
-        return torch.cat(out, 1)
+                pos = 0
+                for n in b.params:
+                    k = self._numel(n)
+                    self._put(flat, n, r[:, pos:pos + k])
+                    pos += k
+        return flat
+
+    def _put(self, flat: torch.Tensor, name: str, values: torch.Tensor) -> None:
+        o = self.offsets[name]
+        flat[:, o:o + values.shape[1]] = values
 
 
 def build(grads: GradientComputer) -> HookFeaturizer | None:
-    """A HookFeaturizer when every selected layer is a plain Linear/Conv2d, else None."""
+    """A HookFeaturizer when the handlers cover the selected parameters (up to a small generic rest), else None."""
     try:
         return HookFeaturizer(grads)
     except Unsupported:
         return None
-

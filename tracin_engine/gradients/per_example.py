@@ -27,15 +27,49 @@ from ..memory import budget, is_oom
 Target = Any  # "loss" | "prediction" | Callable[[Tensor (1, ...)], Tensor (one value)]
 
 
+class VmapFailed(TracInError):
+    """torch.func (vmap over grad) cannot run this model; the per-example loop can."""
+
+
 def parameter_groups(model: torch.nn.Module) -> dict[str, list[str]]:
-    """Module name -> names of its own trainable parameters, for modules that have any."""
+    """Module name -> names of its own trainable parameters, for modules that have any.
+
+    A parameter shared by several modules (tied weights) belongs to the first, under the name
+    model.named_parameters() gives it.
+    """
+    canon = {id(t): n for n, t in model.named_parameters()}
     groups: dict[str, list[str]] = {}
     for mod_name, mod in model.named_modules():
-        own = [f"{mod_name}.{p}" if mod_name else p for p, t in mod.named_parameters(recurse=False)
-               if t.requires_grad]
+        prefix = f"{mod_name}." if mod_name else ""
+        own = [prefix + p for p, t in mod.named_parameters(recurse=False)
+               if t.requires_grad and canon.get(id(t)) == prefix + p]
         if own:
             groups[mod_name] = own
     return groups
+
+
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """State-dict names of tied parameters and buffers other than their first name (GPT-2's
+    lm_head.weight): a prepared state leaves them out, so functional_call ties them to the first."""
+    seen: set[int] = set()
+    aliases: set[str] = set()
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if id(t) in seen:
+            aliases.add(name)
+        seen.add(id(t))
+    return aliases
+
+
+def last_layer_parameters(model: torch.nn.Module) -> list[str]:
+    """The parameters of the last module (in registration order) that owns trainable ones, tied
+    ones included: for GPT-2, lm_head, whose weight is wte.weight (under its canonical name)."""
+    canon = {id(t): n for n, t in model.named_parameters()}
+    last: list[str] = []
+    for _, mod in model.named_modules():
+        own = [canon[id(t)] for _, t in mod.named_parameters(recurse=False) if t.requires_grad and id(t) in canon]
+        if own:
+            last = own
+    return last
 
 
 def select_parameters(model: torch.nn.Module, layers: str | Sequence[str] | None) -> list[str]:
@@ -46,7 +80,7 @@ def select_parameters(model: torch.nn.Module, layers: str | Sequence[str] | None
     if layers is None:
         return [n for names in groups.values() for n in names]
     if isinstance(layers, str) and layers == "last":
-        return groups[list(groups)[-1]]
+        return last_layer_parameters(model)
     if isinstance(layers, str):
         layers = [layers]
     unknown = [l for l in layers if l not in groups and not any(g.startswith(l + ".") for g in groups)]
@@ -80,6 +114,7 @@ class GradientComputer:
         self.num_params = sum(params[n].numel() for n in self.param_names)
         self.dtype = params[self.param_names[0]].dtype
         self._model_keys = list(model.state_dict().keys())
+        self.aliases = tied_aliases(model)
         self._validated = False
 
     # -- checkpoint state -------------------------------------------------------------------------
@@ -89,7 +124,7 @@ class GradientComputer:
         if keys != set(self._model_keys) and all(k.startswith("module.") for k in keys):
             state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel/DDP
             keys = set(state)
-        missing = [k for k in self._model_keys if k not in keys]
+        missing = [k for k in self._model_keys if k not in keys and k not in self.aliases]
         unexpected = sorted(keys - set(self._model_keys))
         if missing or unexpected:
             raise TracInError(
@@ -99,10 +134,10 @@ class GradientComputer:
                 "state_dict() (a dict holding it under 'state_dict' also works).")
         ref = self.model.state_dict()
         bad = [f"{k}: {tuple(state[k].shape)} vs model {tuple(ref[k].shape)}"
-               for k in self._model_keys if tuple(state[k].shape) != tuple(ref[k].shape)]
+               for k in self._model_keys if k in state and tuple(state[k].shape) != tuple(ref[k].shape)]
         if bad:
             raise TracInError(f"{name} has tensors of the wrong shape: {bad[:5]}; was it saved from another model?")
-        out = {k: state[k].to(self.device) for k in self._model_keys}
+        out = {k: state[k].to(self.device) for k in self._model_keys if k not in self.aliases}
         for k, buf in self.model.named_buffers():  # non-persistent buffers are not in a state dict
             if k not in out:
                 out[k] = buf.to(self.device)
@@ -161,8 +196,8 @@ class GradientComputer:
         self.checked_objectives(out, None if y is None else y[:1], target)
 
     # -- gradients --------------------------------------------------------------------------------
-    def _split(self, state: dict) -> tuple[dict, dict]:
-        sel = {n: state[n] for n in self.param_names}
+    def _split(self, state: dict, names: Sequence[str]) -> tuple[dict, dict]:
+        sel = {n: state[n] for n in names}
         rest = {k: v for k, v in state.items() if k not in sel}
         return sel, rest
 
@@ -172,12 +207,18 @@ class GradientComputer:
         return x.to(self.dtype) if x.is_floating_point() else x
 
     def per_example(self, state: dict, inputs: torch.Tensor, targets: torch.Tensor | None,
-                    target: Target = "loss") -> torch.Tensor:
-        """Tensor (B, P): row b is grad_w of the objective of example b at this checkpoint."""
+                    target: Target = "loss", names: Sequence[str] | None = None) -> torch.Tensor:
+        """Tensor (B, P): row b is grad_w of the objective of example b at this checkpoint.
+
+        names: restrict to these parameters (default: all selected ones); raises VmapFailed when
+        torch.func cannot run the model (the caller may fall back to `reference`).
+        """
+        names = list(self.param_names if names is None else names)
         x = self.cast(inputs)
         y = None if targets is None else targets.to(self.device)
         self._check(state, x, y, target)
-        sel, rest = self._split(state)
+        sel, rest = self._split(state, names)
+        numel = sum(v.numel() for v in sel.values())
 
         def one(p, xb, yb):
             out = functional_call(self.model, {**rest, **p}, (xb.unsqueeze(0),))
@@ -186,8 +227,8 @@ class GradientComputer:
         fn = vmap(grad(one), in_dims=(None, 0, None if y is None else 0),
                   randomness="different" if self.train_mode else "error")
         chunk_bytes = self.memory_budget or budget(self.device, fraction=0.25)
-        chunk = max(1, chunk_bytes // (4 * self.num_params * x.element_size()))
-        rows = []
+        chunk = max(1, chunk_bytes // (4 * numel * x.element_size()))
+        out = None
         with model_mode(self.model, self.train_mode):
             for s in range(0, x.shape[0], chunk):
                 try:
@@ -197,28 +238,43 @@ class GradientComputer:
                 except Exception as exc:  # noqa: BLE001
                     if is_oom(exc):  # memory.py: never wrapped; the caller's Backoff halves the batch
                         raise
-                    raise TracInError(
+                    raise VmapFailed(
                         f"torch.func could not compute per-example gradients for this model: {exc}. "
                         "A layer may use in-place or data-dependent operations; pass "
                         "per_example='loop' to TracIn to use the slower loop.") from exc
-                rows.append(torch.cat([g[n].reshape(g[n].shape[0], -1) for n in self.param_names], 1))
-        return torch.cat(rows)
+                if out is None:
+                    out = torch.empty(x.shape[0], numel, dtype=g[names[0]].dtype, device=x.device)
+                pos = 0
+                for n in names:
+                    k = g[n][0].numel()
+                    out[s:s + chunk, pos:pos + k] = g[n].reshape(g[n].shape[0], -1)
+                    pos += k
+        return out
+
+    def per_example_subset(self, state: dict, inputs: torch.Tensor, targets: torch.Tensor | None,
+                           target: Target, names: Sequence[str]) -> torch.Tensor:
+        """(B, sum of numels) per-example gradients of `names` only: vmap, else the loop."""
+        try:
+            return self.per_example(state, inputs, targets, target, names)
+        except VmapFailed:
+            return self.reference(state, inputs, targets, target, names)
 
     def reference(self, state: dict, inputs: torch.Tensor, targets: torch.Tensor | None,
-                  target: Target = "loss") -> torch.Tensor:
+                  target: Target = "loss", names: Sequence[str] | None = None) -> torch.Tensor:
         """Slow, obviously correct per-example loop: Tensor (B, P). Same objective as per_example."""
+        names = list(self.param_names if names is None else names)
         x = self.cast(inputs)
         y = None if targets is None else targets.to(self.device)
         self._check(state, x, y, target)
         rows = []
         with model_mode(self.model, self.train_mode):
             for b in range(x.shape[0]):
-                params = {k: v.detach().clone().requires_grad_(k in self.shapes) for k, v in state.items()}
+                params = {k: v.detach().clone().requires_grad_(k in names) for k, v in state.items()}
                 out = functional_call(self.model, params, (x[b:b + 1],))
                 val = self._objective(out, None if y is None else y[b:b + 1], target)
-                grads = torch.autograd.grad(val, [params[n] for n in self.param_names], allow_unused=True)
+                grads = torch.autograd.grad(val, [params[n] for n in names], allow_unused=True)
                 rows.append(torch.cat([(torch.zeros_like(params[n]) if g is None else g).reshape(-1)
-                                       for n, g in zip(self.param_names, grads)]))
+                                       for n, g in zip(names, grads)]))
         return torch.stack(rows)
 
     def objectives(self, out: torch.Tensor, y: torch.Tensor | None, target: Target) -> torch.Tensor:
@@ -273,7 +329,9 @@ class GradientComputer:
 
 def output_sq_norms(g_out: torch.Tensor) -> torch.Tensor:
     """||dl_b/df_b||^2 per example from output gradients (B, ...): Tensor (B,) float64."""
-    return g_out.detach().double().reshape(g_out.shape[0], -1).pow(2).sum(1)
+    g = g_out.detach().reshape(g_out.shape[0], -1)
+    g = g if g.dtype in (torch.float32, torch.float64) else g.float()
+    return torch.linalg.vecdot(g, g).double()
 
 
 class model_mode:

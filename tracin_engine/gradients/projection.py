@@ -25,10 +25,13 @@ ten integer passes per entry: cheap on a GPU, never on the CPU side of a CUDA ru
 
 build_projection(kind, grads, proj_dim, seed) picks this dense projection ("gaussian",
 "rademacher") or the per-layer FactoredProjection ("factored", see factored.py), which is much
-faster for Linear/Conv2d models because it never forms the flat per-example gradient.
+faster because it never forms the flat per-example gradient; "auto" (TracIn's default) takes the
+factored one wherever layer handlers cover the model.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -151,15 +154,22 @@ class RandomProjection:
 
 
 def build_projection(kind: str, grads, proj_dim: int | None, seed: int = 0):
-    """None (exact), a RandomProjection ("gaussian" / "rademacher") or a FactoredProjection ("factored")."""
-    if kind not in ("gaussian", "rademacher", "factored"):
-        raise TracInError(f"unknown projection {kind!r}; use 'gaussian', 'rademacher' or 'factored'.")
+    """None (exact), a RandomProjection ("gaussian" / "rademacher") or a FactoredProjection ("factored";
+    "auto": factored where layer handlers cover the selected parameters, else gaussian with a warning)."""
+    if kind not in ("auto", "gaussian", "rademacher", "factored"):
+        raise TracInError(f"unknown projection {kind!r}; use 'auto', 'factored', 'gaussian' or 'rademacher'.")
     if proj_dim is None:
         return None
     if not isinstance(proj_dim, int) or isinstance(proj_dim, bool) or proj_dim <= 0:
         raise TracInError(f"proj_dim must be None (exact) or a positive integer, got {proj_dim!r}.")
-    if kind == "factored":
+    if kind in ("factored", "auto"):
         from .factored import FactoredProjection
 
-        return FactoredProjection(grads, proj_dim, seed)
+        try:
+            return FactoredProjection(grads, proj_dim, seed)
+        except TracInError as exc:
+            if kind == "factored":
+                raise
+            warnings.warn(f"projection='auto': {exc} Using the dense Gaussian projection (slower).", stacklevel=3)
+            kind = "gaussian"
     return RandomProjection(grads.num_params, proj_dim, seed, kind)

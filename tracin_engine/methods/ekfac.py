@@ -1,4 +1,4 @@
-"""EK-FAC curvature of Linear and Conv2d layers, fitted over a group of checkpoints.
+"""EK-FAC curvature of the layers whose handlers give Kronecker factors, fitted over a group of checkpoints.
 
 Example:
     >>> layers = KronLayers(grads)                                  # grads: GradientComputer
@@ -28,21 +28,21 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, hessian, vmap
 
 from ..data import DataSource
 from ..errors import TracInError
 from ..gradients.per_example import GradientComputer, model_mode
-from ..gradients.hooks import selected_layers
+from ..gradients.handlers import KronHandler
+from ..gradients.layers import plan_blocks
 
 CURVATURES = ("gn", "mc", "empirical")
 
 
 @dataclass
 class LayerPlan:
-    """One Linear/Conv2d layer: where its weight (and bias) sit in the flat gradient."""
+    """One layer with Kronecker factors (Linear, Conv1d/2d): where its weight (and bias) sit in the flat gradient."""
 
     name: str
     module: nn.Module
@@ -51,6 +51,7 @@ class LayerPlan:
     has_bias: bool
     w_off: int
     b_off: int | None
+    handler: KronHandler
 
     @property
     def cols(self) -> int:
@@ -89,21 +90,19 @@ class KronLayers:
             pos += int(np.prod(grads.shapes[n]))
         self.plans: list[LayerPlan] = []
         bad = []
-        for mod_name, mod, has_w, has_b, plain in selected_layers(grads):
-            if not (plain and has_w):
-                bad.append(f"{mod_name or '<model>'} ({type(mod).__name__})")
+        for b in plan_blocks(grads.model, grads.param_names, grads.train_mode):
+            h = b.uses[0].handler if b.uses else None
+            if b.kind != "kron" or len(b.uses) != 1 or not h.kronecker:
+                bad += [f"{u.name or '<model>'} ({type(u.handler.module).__name__})" for u in b.uses] or b.params
                 continue
-            prefix = f"{mod_name}." if mod_name else ""
-            in_dim = mod.in_features if isinstance(mod, nn.Linear) else \
-                mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
-            out_dim = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
-            self.plans.append(LayerPlan(mod_name, mod, out_dim, in_dim, has_b, offsets[prefix + "weight"],
-                                        offsets[prefix + "bias"] if has_b else None))
+            self.plans.append(LayerPlan(b.uses[0].name, h.module, b.R, b.C, b.has_bias, offsets[b.params[0]],
+                                        offsets[b.params[1]] if b.has_bias else None, h))
         if bad:
             raise TracInError(
-                f"SOURCE's EK-FAC curvature supports Linear and Conv2d layers (groups=1, numeric zero "
-                f"padding) whose weight is trainable; unsupported layer(s) with selected parameters: {bad}. "
-                "Select supported layers with TracIn(..., layers=[...]) or use method='tracin'.")
+                f"SOURCE's EK-FAC curvature supports layers with Kronecker factors (Linear, Conv1d, Conv2d with "
+                f"groups=1 and numeric zero padding, each used once) whose weight is trainable; unsupported "
+                f"layer(s) or parameters selected: {bad}. Select supported layers with TracIn(..., layers=[...]) "
+                "or use method='tracin'.")
         self.num_params = grads.num_params
 
     # -- flat gradients <-> per-layer matrices ------------------------------------------------------
@@ -111,7 +110,7 @@ class KronLayers:
         """flat (B, P) -> per layer (B, out, in'), bias as the last column."""
         mats = []
         for p in self.plans:
-            W = flat[:, p.w_off:p.w_off + p.out_dim * p.in_dim].reshape(-1, p.out_dim, p.in_dim)
+            W = p.handler.from_params(flat[:, p.w_off:p.w_off + p.out_dim * p.in_dim])
             if p.has_bias:
                 W = torch.cat([W, flat[:, p.b_off:p.b_off + p.out_dim].unsqueeze(2)], 2)
             mats.append(W)
@@ -121,7 +120,7 @@ class KronLayers:
         """Inverse of to_mats: per layer (B, out, in') -> flat (B, P)."""
         flat = torch.zeros(mats[0].shape[0], self.num_params, dtype=mats[0].dtype, device=mats[0].device)
         for p, M in zip(self.plans, mats):
-            flat[:, p.w_off:p.w_off + p.out_dim * p.in_dim] = M[:, :, :p.in_dim].flatten(1)
+            flat[:, p.w_off:p.w_off + p.out_dim * p.in_dim] = p.handler.to_params(M[:, :, :p.in_dim])
             if p.has_bias:
                 flat[:, p.b_off:p.b_off + p.out_dim] = M[:, :, -1]
         return flat
@@ -136,8 +135,8 @@ class KronLayers:
         gc.check_args(y, "loss")
         params = {k: (v.detach().requires_grad_(True) if k in gc.shapes else v) for k, v in state.items()}
         seen: dict[str, list] = {p.name: [] for p in self.plans}
-        handles = [p.module.register_forward_hook(lambda m, i, o, n=p.name: seen[n].append((i[0].detach(), o)))
-                   for p in self.plans]
+        handles = [p.module.register_forward_hook(
+            lambda m, i, o, p=p: seen[p.name].append((p.handler.capture(i, o), o))) for p in self.plans]
         try:
             with model_mode(gc.model, gc.train_mode), torch.enable_grad():
                 out = functional_call(gc.model, params, (x,))
@@ -157,9 +156,12 @@ class KronLayers:
             per_k.append(g)
         result = []
         for j, p in enumerate(self.plans):
-            a, o = seen[p.name][0]
-            gs = torch.stack([torch.zeros_like(o) if g[j] is None else g[j] for g in per_k], 1)
-            result.append((self._inputs(p, a).double(), self._outgrads(p, gs).double()))
+            ctx, o = seen[p.name][0]
+            gs = torch.stack([p.handler.rows(ctx, torch.zeros_like(o) if g[j] is None else g[j]) for g in per_k], 1)
+            a = p.handler.cols(ctx, o)
+            if p.has_bias:
+                a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device)], 2)
+            result.append((a.double(), gs.double()))
         return result
 
     def _output_factors(self, out: torch.Tensor, y: torch.Tensor | None, curvature: str,
@@ -183,24 +185,6 @@ class KronLayers:
             return L.transpose(1, 2)
         eps = torch.randn(flat.shape[0], flat.shape[1], 1, dtype=L.dtype, generator=generator)
         return (L @ eps.to(L.device)).transpose(1, 2)
-
-    @staticmethod
-    def _inputs(p: LayerPlan, a: torch.Tensor) -> torch.Tensor:
-        if isinstance(p.module, nn.Conv2d):
-            m = p.module
-            a = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)  # (B, T, Ckk)
-        else:
-            a = a.reshape(a.shape[0], -1, a.shape[-1])
-        if p.has_bias:
-            a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device)], 2)
-        return a
-
-    @staticmethod
-    def _outgrads(p: LayerPlan, g: torch.Tensor) -> torch.Tensor:
-        B, K = g.shape[:2]
-        if isinstance(p.module, nn.Conv2d):
-            return g.reshape(B, K, p.out_dim, -1).transpose(2, 3)               # (B, K, T, O)
-        return g.reshape(B, K, -1, g.shape[-1])
 
 
 def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, curvature: str = "gn",

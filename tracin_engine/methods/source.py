@@ -137,7 +137,10 @@ def flat_gradients(tracin: Any, state: dict, x: torch.Tensor, y: torch.Tensor | 
 
 
 def _projection(tracin: Any) -> RandomProjection | None:
-    proj = tracin.featurizer.projection
+    fz = tracin.featurizer
+    if fz.auto_projection and fz.projection_kind == "factored":  # projection="auto": SOURCE takes the dense one
+        fz.use_dense_projection()
+    proj = fz.projection
     if proj is not None and not isinstance(proj, RandomProjection):
         raise TracInError("SOURCE supports exact gradients (proj_dim=None) or a dense projection "
                           "(projection='gaussian' or 'rademacher'), not projection='factored'.")

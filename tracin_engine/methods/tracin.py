@@ -37,12 +37,14 @@ class TracIn:
     loss_fn(output (1, ...), target (1, ...)) -> one value (any reduction; it sees one example).
     layers: None (all trainable parameters), "last", or module names.
     proj_dim: None for exact gradients (dim = P), or an int for a seeded random projection.
-    projection: "gaussian" / "rademacher" (dense G R / sqrt(proj_dim) of the flat gradient) or
-    "factored" (per-layer P_g^T dW P_a of Linear/Conv2d layers from one batched forward+backward,
-    never forming per-example gradients: about a training step's cost; see factored.py).
+    projection: "auto" (default: "factored" wherever layer handlers cover the model, else
+    "gaussian"), "factored" (per-layer P_g^T dW P_a from one batched forward+backward, never forming
+    per-example gradients: about a training step's cost; see factored.py), or "gaussian" /
+    "rademacher" (dense G R / sqrt(proj_dim) of the flat gradient).
     device: None picks CUDA when present, else CPU.
-    per_example: "auto" (batched hooks for Linear/Conv2d models, exact and about as fast as a
-    training step; torch.func vmap otherwise), "hooks", "vmap", or "loop" (slow reference).
+    per_example: "auto" (layer handlers from one batched pass, exact and about as fast as a
+    training step; else torch.func vmap; else the loop, each fallback with one warning), "hooks",
+    "vmap", or "loop" (slow reference).
     tf32: allow TF32 float32 products on CUDA for featurization, test gradients and scoring (faster,
     ~1e-3 relative error); False (default) forbids it there, so CUDA agrees with the CPU (docs/gpu.md).
     Results are returned on the CPU whatever the device (the device contract, devices.py).
@@ -50,7 +52,7 @@ class TracIn:
 
     def __init__(self, model: torch.nn.Module, checkpoints: Checkpoints, loss_fn: Callable | None = None,
                  layers: str | Sequence[str] | None = None, proj_dim: int | None = None,
-                 device: str | torch.device | None = None, seed: int = 0, projection: str = "gaussian",
+                 device: str | torch.device | None = None, seed: int = 0, projection: str = "auto",
                  per_example: str = "auto", train_mode: bool = False, tf32: bool = False):
         if not isinstance(model, torch.nn.Module):
             raise TracInError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -62,7 +64,7 @@ class TracIn:
         self.layers, self.proj_dim, self.seed, self.projection_kind = layers, proj_dim, seed, projection
         grads = GradientComputer(model, loss_fn, layers, device, train_mode)
         proj = build_projection(projection, grads, proj_dim, seed)
-        self.featurizer = Featurizer(grads, proj, per_example)
+        self.featurizer = Featurizer(grads, proj, per_example, auto_projection=projection == "auto")
         self.device = grads.device
         self.tf32 = bool(tf32)
         self._prepared: dict[int, dict] = {}
@@ -88,7 +90,8 @@ class TracIn:
             parameters=tuple(self.featurizer.grads.param_names),
             checkpoints=tuple(self.checkpoints.fingerprint()),
             learning_rates=tuple(self.checkpoints.learning_rates.tolist()),
-            proj_dim=self.proj_dim, seed=self.seed, projection=self.projection_kind,
+            proj_dim=self.proj_dim, seed=self.seed,
+            projection=None if self.proj_dim is None else self.featurizer.projection_kind,
             per_example=self.featurizer.mode,
             layout=self.featurizer.layout.to_dict(),
             projection_generator=(self.featurizer.projection.generator

@@ -1,0 +1,210 @@
+"""Real-model benchmark (issue 11): layer handlers against the same model's training step, CPU or GPU.
+
+Prints one JSON object. Run from the repository root:
+    PYTHONPATH=.:tests .venv/bin/python benchmarks/bench_real_models.py [--models resnet,bert,gpt2,vit] [--small]
+Models (tests/models.py; "bert" and "gpt2" are transformers models from configs when transformers is
+installed, else the tests' own BERT/GPT-2-style modules):
+    resnet  ResNet-18-shaped CNN with BatchNorm (eval mode), 3x32x32 inputs, 10 classes
+    bert    BERT-style encoder, 4 layers, hidden 256, sequence 128, attention masks from padding
+    gpt2    GPT-2-style causal LM, 4 layers, hidden 256, sequence 128, lm_head tied to the embedding
+    vit     small ViT (patch 4 on 3x32x32, dim 192, 4 blocks, 3 heads, cls_token and pos_embed)
+Per model, on the same batch (after a few SGD steps, so the checkpoint is not the initialization):
+    train_examples_per_s        forward + backward + optimizer step (SGD, momentum 0.9), median of repeats
+    backward_s                  backward of the summed loss alone (fwd+bwd minus fwd)
+    factored_examples_per_s     TracIn(proj_dim=4096) (projection="auto" -> factored) rows of the batch,
+                                incl. squared norms and the finiteness check; ratio_factored_to_training
+    exact_s, ratio_exact_to_backward   exact rows (layer handlers) of the batch, bookkeeping included
+    bookkeeping_s               squared norms + finiteness check of the exact rows
+    top10_overlap               top-10 proponents of n_test examples over n_train: factored(4096) vs exact
+--small: half the sizes (documented in docs/benchmarks.md when used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import tracin_engine as te
+from tracin_engine.gradients.featurize import check_finite
+
+from models import CausalLM, Encoder, ResNet, ViT, hf_bert, hf_gpt2, lm_loss, token_batch
+
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def build(name: str, small: bool):
+    """(model, data (X, y), loss_fn, description)."""
+    torch.manual_seed(0)
+    s = 2 if small else 1
+    if name == "resnet":
+        model = ResNet(width=64 // s, blocks=(2, 2, 2, 2))
+        n = 256
+        X, y = torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))
+        return model, (X, y), F.cross_entropy, f"ResNet-18 shape, width {64 // s}, BatchNorm, 3x32x32"
+    if name == "vit":
+        model = ViT(dim=192 // s, depth=4, heads=3, patch=4, image=32)
+        n = 256
+        return model, (torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))), F.cross_entropy, \
+            f"ViT dim {192 // s}, 4 blocks, patch 4, 3x32x32"
+    seq, dim, vocab, n = 128 // s, 256 // s, 5000, 128
+    ids = token_batch(n, seq, vocab, pad=0, seed=1)
+    ids[ids > 1] = torch.randint(2, vocab, (int((ids > 1).sum()),))       # realistic spread of tokens
+    hf = _has_transformers()
+    if name == "bert":
+        model = hf_bert(vocab, dim, 4, 4, seq, 2) if hf else Encoder(vocab, dim, 4, 4, seq, 2)
+        y = torch.randint(0, 2, (n,))
+        return model, (ids, y), F.cross_entropy, \
+            f"{'transformers BertForSequenceClassification' if hf else 'BERT-style'}: 4 layers, hidden {dim}, " \
+            f"seq {seq}, vocab {vocab}, attention masks"
+    model = hf_gpt2(vocab, dim, 4, 4, seq) if hf else CausalLM(vocab, dim, 4, 4, seq)
+    y = torch.cat([ids[:, 1:], torch.zeros(n, 1, dtype=torch.long)], 1)
+    y[y == 0] = -100
+    return model, (ids, y), lm_loss, \
+        f"{'transformers GPT2LMHeadModel' if hf else 'GPT-2-style'}: 4 layers, hidden {dim}, seq {seq}, " \
+        f"vocab {vocab}, tied lm_head"
+
+
+def batch_loss(loss_fn, out, y):
+    if loss_fn is lm_loss:
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), ignore_index=-100)
+    return loss_fn(out, y)
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_model(name: str, args) -> dict:
+    model, (X, y), loss_fn, desc = build(name, args.small)
+    dev = torch.device(args.device)
+    model.to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    B = args.batch
+    xb, yb = X[:B].to(dev), y[:B].to(dev)
+    model.train()
+    for s in range(3):                                   # a few steps: a checkpoint that is not the init
+        opt.zero_grad()
+        batch_loss(loss_fn, model(X[s * B:(s + 1) * B].to(dev)), y[s * B:(s + 1) * B].to(dev)).backward()
+        opt.step()
+
+    def step():
+        opt.zero_grad()
+        batch_loss(loss_fn, model(xb), yb).backward()
+        opt.step()
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def fwd():
+        with torch.no_grad():
+            batch_loss(loss_fn, model(xb), yb)
+        sync()
+
+    def fwd_bwd():
+        model.zero_grad()
+        batch_loss(loss_fn, model(xb), yb).backward()
+        sync()
+
+    train_s = median_time(lambda: (step(), sync()), args.repeats)
+    model.eval()                                         # the engine attributes in eval mode
+    fwd_s = median_time(fwd, args.repeats)
+    fb_s = median_time(fwd_bwd, args.repeats)
+    ckpts = te.Checkpoints.from_state_dicts([{k: v.detach().clone() for k, v in model.state_dict().items()}], [1.0])
+    out = {"model": desc, "batch": B, "params": sum(p.numel() for p in model.parameters()),
+           "train_examples_per_s": round(B / train_s, 1), "forward_s": round(fwd_s, 4),
+           "backward_s": round(fb_s - fwd_s, 4), "fwd_bwd_s": round(fb_s, 4)}
+
+    fact = te.TracIn(model, ckpts, loss_fn=loss_fn, proj_dim=args.proj_dim, device=dev)
+    fz = fact.featurizer
+    state = fact.state(0)
+    fz.resolve(state, xb, yb)
+
+    def featurize(f):
+        def go():
+            r = f.rows(state, xb, yb)
+            sq = f.sq_norms(r.features)
+            check_finite(r.features, 0, "bench")
+            sync()
+            return sq
+        return go
+
+    fact_s = median_time(featurize(fz), args.repeats)
+    out.update({"projection": fz.projection_kind, "factored_row_dim": fact.dim,
+                "factored_examples_per_s": round(B / fact_s, 1),
+                "ratio_factored_to_training": round(train_s / fact_s, 3)})
+
+    exact = te.TracIn(model, ckpts, loss_fn=loss_fn, device=dev)
+    ez = exact.featurizer
+    ez.resolve(state, xb, yb)
+    exact_s = median_time(featurize(ez), args.repeats)
+    rows = ez.rows(state, xb, yb).features
+    book_s = median_time(lambda: (ez.sq_norms(rows), check_finite(rows, 0, "bench"), sync()), args.repeats)
+    out.update({"exact_mode": ez.mode, "exact_row_dim": exact.dim, "exact_s": round(exact_s, 4),
+                "ratio_exact_to_backward": round(exact_s / max(fb_s - fwd_s, 1e-9), 2),
+                "ratio_exact_to_fwd_bwd": round(exact_s / fb_s, 2), "bookkeeping_s": round(book_s, 4)})
+    del rows
+
+    if args.n_train:
+        train = (X[:args.n_train], y[:args.n_train])
+        test = (X[-args.n_test:], y[-args.n_test:])
+        t0 = time.perf_counter()
+        ex_idx = exact.index(train, progress=False, batch_size=B)
+        ex_index_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fa_idx = fact.index(train, progress=False, batch_size=B)
+        fa_index_s = time.perf_counter() - t0
+        a, b = ex_idx.top_k(test, k=10).proponents.indices, fa_idx.top_k(test, k=10).proponents.indices
+        overlap = sum(len(set(a[i].tolist()) & set(b[i].tolist())) for i in range(len(a))) / a.numel()
+        out.update({"n_train": args.n_train, "n_test": args.n_test, "top10_overlap": round(overlap, 3),
+                    "index_exact_examples_per_s": round(args.n_train / ex_index_s, 1),
+                    "index_factored_examples_per_s": round(args.n_train / fa_index_s, 1)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="resnet,bert,gpt2,vit")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--proj-dim", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n-train", type=int, default=64)
+    ap.add_argument("--n-test", type=int, default=8)
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "device": args.device,
+                          "load_avg_start": [round(v, 2) for v in os.getloadavg()]},
+              "settings": vars(args), "models": {}}
+    if args.device == "cuda":
+        result["machine"]["gpu"] = torch.cuda.get_device_name(0)
+    for name in args.models.split(","):
+        result["models"][name] = run_model(name, args)
+        print(json.dumps({name: result["models"][name]}), flush=True)
+    result["machine"]["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

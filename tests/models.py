@@ -1,0 +1,208 @@
+"""Small models shaped like the ones people train (written here: torchvision/timm do not import on this
+machine), for handler tests and benchmarks/bench_real_models.py. Sizes are arguments; defaults are tiny.
+
+    ResNet(width, blocks)           ResNet-18-shaped CNN: conv-BN-ReLU basic blocks with shortcuts, 3xHxW input
+    ViT(dim, depth, heads, patch)   patch-embedding Conv2d, cls_token and pos_embed parameters, pre-norm blocks
+    Encoder(vocab, dim, depth, heads, seq)   BERT-style: token + position embeddings (padding_idx 0),
+                                    attention mask from the padding, LayerNorm, a classifier on token 0
+    CausalLM(vocab, dim, depth, heads, seq)  GPT-2-style: causal attention, lm_head.weight is wte.weight
+    Mixed()                         Conv1d, GroupNorm, RMSNorm, LayerNorm and Linear on 3-D inputs
+    hf_bert(...), hf_gpt2(...)      transformers models from small configs, wrapped to take token ids and
+                                    return logits (the attention mask is derived from padding id 0)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+class ResNet(nn.Module):
+    """blocks=(2, 2, 2, 2), width=64 is ResNet-18 (CIFAR stem)."""
+
+    def __init__(self, width: int = 4, blocks=(1, 1), classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        layers, cin = [], width
+        for i, n in enumerate(blocks):
+            cout = width * 2 ** i
+            for j in range(n):
+                layers.append(BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = self.layers(F.relu(self.bn(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, causal: bool = False):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        att = q @ k.transpose(-1, -2) / (D // self.heads) ** 0.5                  # (B, h, T, T)
+        if self.causal:
+            att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        if mask is not None:
+            att = att.masked_fill(~mask[:, None, None, :], float("-inf"))
+        out = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D)
+        return self.proj(out)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, causal: bool = False):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.att = Attention(dim, heads, causal)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, mask=None):
+        x = x + self.att(self.ln1(x), mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class ViT(nn.Module):
+    def __init__(self, dim: int = 16, depth: int = 1, heads: int = 2, patch: int = 4, image: int = 8,
+                 classes: int = 10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, patch)
+        n = (image // patch) ** 2
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
+        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+class Encoder(nn.Module):
+    """Token ids (B, T), 0 = padding; logits (B, classes) from token 0."""
+
+    def __init__(self, vocab: int = 30, dim: int = 16, depth: int = 1, heads: int = 2, seq: int = 8,
+                 classes: int = 3):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim, padding_idx=0)
+        self.pos = nn.Embedding(seq, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+        self.classifier = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        mask = ids != 0
+        x = self.ln(self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)))
+        for b in self.blocks:
+            x = b(x, mask)
+        return self.classifier(x[:, 0])
+
+
+class CausalLM(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab); lm_head.weight is wte.weight (tied)."""
+
+    def __init__(self, vocab: int = 30, dim: int = 16, depth: int = 1, heads: int = 2, seq: int = 8):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.wpe = nn.Embedding(seq, dim)
+        self.blocks = nn.ModuleList([Block(dim, heads, causal=True) for _ in range(depth)])
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device).unsqueeze(0))
+        for b in self.blocks:
+            x = b(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def lm_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of one example: out (1, T, V), y (1, T) (-100 = ignored)."""
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), ignore_index=-100)
+
+
+class Mixed(nn.Module):
+    """Token ids (B, T) through Embedding (padding_idx 1), Conv1d, GroupNorm, RMSNorm, LayerNorm, Linear."""
+
+    def __init__(self, vocab: int = 12, dim: int = 6, classes: int = 3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=1)
+        self.conv = nn.Conv1d(dim, 8, 3, padding=1, stride=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.rms = nn.RMSNorm(8)
+        self.fc = nn.Linear(8, 8)
+        self.ln = nn.LayerNorm(8)
+        self.out = nn.Linear(8, classes)
+
+    def forward(self, ids):
+        x = self.gn(self.conv(self.emb(ids).transpose(1, 2))).transpose(1, 2)   # (B, T, 8)
+        x = self.ln(torch.tanh(self.fc(self.rms(x))))
+        return self.out(x.mean(1))
+
+
+class HFWrapper(nn.Module):
+    """A transformers model as tensor -> logits (attention mask: ids != 0)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids, attention_mask=(ids != 0).long()).logits
+
+
+def hf_bert(vocab: int = 30, dim: int = 16, depth: int = 1, heads: int = 2, seq: int = 8, classes: int = 3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=vocab, hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads,
+                     intermediate_size=4 * dim, max_position_embeddings=seq, num_labels=classes,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
+                     attn_implementation="eager")
+    return HFWrapper(BertForSequenceClassification(cfg))
+
+
+def hf_gpt2(vocab: int = 30, dim: int = 16, depth: int = 1, heads: int = 2, seq: int = 8):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=vocab, n_embd=dim, n_layer=depth, n_head=heads, n_positions=seq,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1,
+                     tie_word_embeddings=True, attn_implementation="eager")
+    return HFWrapper(GPT2LMHeadModel(cfg))
+
+
+def token_batch(n: int, seq: int, vocab: int, pad: int = 0, seed: int = 0) -> torch.Tensor:
+    """(n, seq) ids in 2..vocab-1 with repeated tokens and trailing padding (`pad`) of random length."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, min(vocab, 6), (n, seq), generator=gen)     # few distinct tokens: repeats
+    lengths = torch.randint(seq // 2, seq + 1, (n,), generator=gen)
+    ids[torch.arange(seq).unsqueeze(0) >= lengths.unsqueeze(1)] = pad
+    return ids

@@ -1,0 +1,197 @@
+"""Layer handlers against the float64 per-example loop: every kind, sequences with padding masks, repeated
+tokens, padding_idx, norm layers in eval mode, tied weights; factored rows against the explicit
+projection of exact gradients; the registry; the automatic fallbacks."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tracin_engine as te
+from tracin_engine.gradients.factored import FactoredProjection
+from tracin_engine.gradients.handlers import VectorHandler, handler_for, register_handler
+from tracin_engine.gradients.hooks import HookFeaturizer
+from tracin_engine.gradients.per_example import GradientComputer
+
+from models import CausalLM, Encoder, Mixed, ResNet, ViT, hf_bert, hf_gpt2, lm_loss, token_batch
+
+
+def _resnet():
+    torch.manual_seed(0)
+    m = ResNet(width=3, blocks=(1, 1)).double()
+    m.train()
+    with torch.no_grad():
+        for _ in range(2):                              # non-trivial running statistics
+            m(torch.randn(8, 3, 6, 6, dtype=torch.float64))
+    return m, torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.randint(0, 10, (4,)), F.cross_entropy
+
+
+def _vit():
+    torch.manual_seed(0)
+    return ViT().double(), torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (3,)), F.cross_entropy
+
+
+def _encoder(hf=False):
+    torch.manual_seed(0)
+    m = (hf_bert() if hf else Encoder()).double()
+    return m, token_batch(4, 8, 30), torch.randint(0, 3, (4,)), F.cross_entropy
+
+
+def _lm(hf=False):
+    torch.manual_seed(0)
+    m = (hf_gpt2() if hf else CausalLM()).double()
+    ids = token_batch(3, 8, 30, pad=0)
+    y = torch.cat([ids[:, 1:], torch.zeros(3, 1, dtype=torch.long)], 1)
+    y[y == 0] = -100                                     # padding is not predicted
+    return m, ids, y, lm_loss
+
+
+def _mixed():
+    torch.manual_seed(0)
+    return Mixed().double(), token_batch(4, 7, 12, pad=1), torch.randint(0, 3, (4,)), F.cross_entropy
+
+
+MODELS = {"resnet_bn": _resnet, "vit": _vit, "encoder_mask": _encoder, "causal_lm_tied": _lm, "mixed": _mixed,
+          "hf_bert": lambda: _encoder(True), "hf_gpt2_tied": lambda: _lm(True)}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_handlers_exact_and_factored_match_the_float64_loop(name):
+    if name.startswith("hf_"):
+        pytest.importorskip("transformers")
+    model, x, y, loss = MODELS[name]()
+    gc = GradientComputer(model, loss, device="cpu")
+    state = gc.prepare(model.state_dict())
+    G = gc.reference(state, x, y)                                        # (B, P) slow loop, float64
+    hf = HookFeaturizer(gc)
+    rows = hf(state, x, y)
+    assert torch.allclose(hf.expand(rows), G, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(hf.layout.sq_norms(rows), (G * G).sum(1), rtol=1e-9)
+    fp = FactoredProjection(gc, 512, seed=3)
+    Z = fp(state, x, y)
+    assert fp.layout.dim <= 512
+    assert torch.allclose(fp.expand(Z), G @ fp.matrix(), rtol=1e-8, atol=1e-11)
+
+
+def test_tied_weights_sum_over_uses_and_last_layer_is_the_head():
+    model, x, y, loss = _lm()
+    tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [0.1]), loss_fn=loss,
+                       layers="last")
+    gc = tracin.featurizer.grads
+    assert gc.param_names == ["wte.weight"]                          # lm_head's weight, under its first name
+    assert [u.name for u in tracin.featurizer.hooks.blocks[0].uses] == ["wte", "lm_head"]
+    state = gc.prepare(model.state_dict())
+    assert torch.allclose(tracin.featurizer(state, x, y), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
+
+
+def test_generic_path_covers_parameters_without_a_handler():
+    model = _vit()[0]
+    hf = HookFeaturizer(GradientComputer(model, F.cross_entropy, device="cpu"))
+    assert hf.generic is not None and hf.generic.params == ["cls_token", "pos_embed"]
+
+
+class ScaleNorm(nn.Module):
+    """A user's own layer (the docs/handlers.md example): y = g * x / ||x||, one scalar parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.g * x / x.norm(dim=-1, keepdim=True)
+
+
+class ScaleNormHandler(VectorHandler):
+    covers = ("g",)
+
+    def capture(self, inputs, output):
+        x = inputs[0].detach()
+        return x / x.norm(dim=-1, keepdim=True)
+
+    def vector(self, ctx, g):
+        return (g * ctx).reshape(g.shape[0], -1).sum(1, keepdim=True)
+
+
+def test_register_handler_for_a_user_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), ScaleNorm(), nn.Linear(5, 3)).double()
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    assert HookFeaturizer(gc).generic.params == ["1.g"]              # before: the generic path
+    register_handler(ScaleNorm, ScaleNormHandler)
+    assert handler_for(model[1]) is ScaleNormHandler
+    hf = HookFeaturizer(gc)
+    assert hf.generic is None and [b.kind for b in hf.blocks] == ["kron", "vector", "kron"]
+    state = gc.prepare(model.state_dict())
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    assert torch.allclose(hf.expand(hf(state, x, y)), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
+    with pytest.raises(te.TracInError, match="KronHandler or VectorHandler"):
+        register_handler(ScaleNorm, object)
+
+
+class DirectUse(nn.Module):
+    """An embedding matrix also used outside its module (F.linear): hooks cannot see that use."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, ids):
+        h = torch.tanh(self.fc(self.emb(ids).mean(1)))
+        return F.linear(h, self.emb.weight)
+
+
+class NoVmap(nn.Module):
+    """.item() inside forward (torch.func cannot vmap it; the loop can) and a weight used outside its
+    module (hooks cannot see that use)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x) * float(x.abs().max().item() > -1) + F.linear(x, self.fc.weight)
+
+
+def test_auto_fallbacks_warn_once_and_stay_exact():
+    torch.manual_seed(0)
+    model = DirectUse().double()
+    ck = te.Checkpoints.from_state_dicts([model.state_dict()], [0.1])
+    ids, y = torch.randint(0, 10, (6, 5)), torch.randint(0, 10, (6,))
+    # exact, hooks refused on the first batch (sums do not match) -> vmap, same scores as the loop
+    tracin = te.TracIn(model, ck, loss_fn=F.cross_entropy)
+    index = tracin.index((ids, y), progress=False)
+    assert tracin.featurizer.mode == "vmap"
+    gc = tracin.featurizer.grads
+    G = gc.reference(gc.prepare(model.state_dict()), ids, y)
+    assert torch.allclose(index.features(0), G, rtol=1e-9, atol=1e-12)
+    # proj_dim set, projection="auto": factored refused -> the dense Gaussian projection, one warning
+    with pytest.warns(UserWarning, match="dense Gaussian"):
+        proj = te.TracIn(model, ck, loss_fn=F.cross_entropy, proj_dim=16)
+        proj.index((ids, y), progress=False)
+    assert proj.featurizer.projection_kind == "gaussian"
+    with pytest.raises(te.TracInError, match="factored' cannot handle this model"):
+        te.TracIn(model, ck, loss_fn=F.cross_entropy, proj_dim=16, projection="factored").index((ids, y), progress=False)
+    # vmap fails -> the loop, with one warning, never an error naming per_example='loop'
+    model = NoVmap().double()
+    ck = te.Checkpoints.from_state_dicts([model.state_dict()], [0.1])
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    tracin = te.TracIn(model, ck, loss_fn=F.cross_entropy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        index = tracin.index((X, y), progress=False, batch_size=2)
+    assert tracin.featurizer.mode == "loop"
+    assert sum("per-example loop" in str(w.message) for w in caught) == 1
+    gc = tracin.featurizer.grads
+    assert torch.allclose(index.features(0), gc.reference(gc.prepare(model.state_dict()), X, y), rtol=1e-12)
+
+
+def test_projection_auto_is_factored_where_handlers_cover():
+    model = _resnet()[0].float()
+    t = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [0.1]), loss_fn=F.cross_entropy,
+                  proj_dim=64)
+    assert t.featurizer.projection_kind == "factored" and t.metadata()["projection"] == "factored"

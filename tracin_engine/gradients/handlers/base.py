@@ -1,0 +1,127 @@
+"""What a layer handler is: the per-layer knowledge behind exact, factored and EK-FAC features.
+
+A handler wraps one module and knows, from what a forward hook saw (`capture`) and the gradient
+g of the module's output (from one batched backward of sum_b l_b), the per-example gradient of the
+module's own parameters. Two families:
+
+KronHandler: the weight gradient of example b is a sum of outer products over positions t,
+    dW_b = sum_t r_bt c_bt^T        W viewed as a (R, C) matrix ("rows", "cols"),
+(Linear: r = g_t, c = a_t; Conv: t = output positions, c = unfolded patches; Embedding: r = the
+one-hot of token t, c = g_t). A bias is the weight of a constant column 1 appended to c, so the
+bias gradient is sum_t r_bt. This gives, without forming a per-example gradient per token,
+    exact:     dW_b = R_b^T C_b  (one bmm),  or (c_b, r_b) when T = 1 (rank one, stored as factors)
+    factored:  P_r^T dW_b P_c = sum_t (P_r^T r_bt)(P_c^T c_bt)^T       (k_r, k_c)
+    EK-FAC:    A = E[c c^T], S = E[r r^T] (when `kronecker` is True).
+VectorHandler: small parameters (norm scales and shifts) whose per-example gradient (B, n) is
+computed directly, exactly.
+
+Shapes: B examples, T positions, R rows, C cols (without the bias column).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import TracInError
+
+
+class Unsupported(TracInError):
+    """The model (or a layer's input) does not fit the hook path; use vmap instead."""
+
+
+class LayerHandler:
+    """Base of all handlers. One instance per module; `covers` are the local parameter names handled."""
+
+    kind = "base"
+    covers: tuple[str, ...] = ("weight", "bias")
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    @classmethod
+    def unsupported(cls, module: nn.Module, train_mode: bool) -> str | None:
+        """Why this module cannot be handled (then its parameters take the generic path), or None."""
+        return None
+
+    def capture(self, inputs: tuple, output: torch.Tensor) -> Any:
+        """What the forward hook keeps (detached): by default the first input."""
+        return inputs[0].detach()
+
+    @staticmethod
+    def batch_of(ctx: Any) -> int:
+        return ctx.shape[0]
+
+
+class KronHandler(LayerHandler):
+    """dW_b = sum_t r_bt c_bt^T (+ bias column). Subclasses give `shape`, `rows`, `cols`; they may
+    override the projected and exact forms with cheaper ones (a convolution, a row lookup)."""
+
+    kind = "kron"
+    kronecker = True   # EK-FAC factors A = E[c c^T], S = E[r r^T] are meaningful
+
+    def shape(self) -> tuple[int, int]:
+        """(R, C) of the weight viewed as a matrix (bias excluded)."""
+        raise NotImplementedError
+
+    @property
+    def has_bias(self) -> bool:
+        return getattr(self.module, "bias", None) is not None
+
+    def rows(self, ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        """(B, T, R) row-side vectors."""
+        raise NotImplementedError
+
+    def cols(self, ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) column-side vectors (without the bias column)."""
+        raise NotImplementedError
+
+    def positions(self, ctx: Any, g: torch.Tensor) -> int:
+        """T: how many outer products make up one example's gradient."""
+        return self.rows(ctx, g).shape[1]
+
+    def proj_rows(self, ctx: Any, g: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+        """(B, T, k_r) = rows @ P_r."""
+        return self.rows(ctx, g) @ P
+
+    def proj_cols(self, ctx: Any, g: torch.Tensor, P: torch.Tensor, p_bias: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, k_c) = [cols, 1] @ P_c, P (C, k_c) the weight part, p_bias (k_c,) the bias row."""
+        z = self.cols(ctx, g) @ P
+        return z if p_bias is None else z + p_bias
+
+    def grad_matrix(self, ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        """(B, R, C) exact per-example weight gradients."""
+        return torch.bmm(self.rows(ctx, g).transpose(1, 2), self.cols(ctx, g))
+
+    def bias_grad(self, ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        """(B, R) exact per-example bias gradients: sum_t r_bt."""
+        return self.rows(ctx, g).sum(1)
+
+    def to_params(self, W: torch.Tensor) -> torch.Tensor:
+        """(B, R, C) -> (B, numel) in the weight parameter's own (flattened) order."""
+        return W.flatten(1)
+
+    def from_params(self, flat: torch.Tensor) -> torch.Tensor:
+        """Inverse of to_params: (B, numel) -> (B, R, C)."""
+        R, C = self.shape()
+        return flat.reshape(flat.shape[0], R, C)
+
+
+class VectorHandler(LayerHandler):
+    """Small parameters whose per-example gradients are computed exactly: `vector` gives (B, n)."""
+
+    kind = "vector"
+
+    def size(self) -> int:
+        return sum(getattr(self.module, n).numel() for n in self.present())
+
+    def present(self) -> list[str]:
+        """Local names of the covered parameters this module has, in registration order."""
+        own = dict(self.module.named_parameters(recurse=False))
+        return [n for n in own if n in self.covers]
+
+    def vector(self, ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        """(B, n) per-example gradients of the present parameters, each flattened, in order."""
+        raise NotImplementedError

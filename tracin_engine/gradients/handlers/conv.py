@@ -1,0 +1,77 @@
+"""Conv1d and Conv2d (groups=1, zero padding given as numbers): t = output positions, c = unfolded patches.
+
+The projected columns P_c^T c_t at every position are a convolution of the input with P_c as k_c
+filters (C, kh, kw) and the bias row as the conv bias, so patches are never unfolded for projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import register_handler
+from .base import KronHandler
+
+
+def _pair(v, one_d: bool, fill: int):
+    return (fill, v[0]) if one_d else tuple(v)
+
+
+class ConvHandler(KronHandler):
+    """Conv1d runs as a Conv2d of height 1: the same unfold and filter arithmetic."""
+
+    rank_one_hint = False
+
+    @classmethod
+    def unsupported(cls, module, train_mode):
+        if module.groups != 1:
+            return f"groups={module.groups}"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}"
+        if isinstance(module.padding, str):
+            return f"padding={module.padding!r}"
+        return None
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        one_d = isinstance(module, nn.Conv1d)
+        self.one_d = one_d
+        self.kernel = _pair(module.kernel_size, one_d, 1)
+        self.stride = _pair(module.stride, one_d, 1)
+        self.padding = _pair(module.padding, one_d, 0)
+        self.dilation = _pair(module.dilation, one_d, 1)
+
+    def capture(self, inputs, output):
+        a = inputs[0].detach()
+        return a.unsqueeze(2) if self.one_d else a
+
+    def shape(self):
+        m = self.module
+        return m.out_channels, m.in_channels * self.kernel[0] * self.kernel[1]
+
+    def rows(self, ctx, g):
+        return g.flatten(2).transpose(1, 2)                                        # (B, L, O)
+
+    def cols(self, ctx, g):
+        return F.unfold(ctx, self.kernel, self.dilation, self.padding, self.stride).transpose(1, 2)
+
+    def positions(self, ctx, g):
+        return g.flatten(2).shape[2]
+
+    def proj_cols(self, ctx, g, P, p_bias):
+        k = P.shape[1]
+        filt = P.T.reshape(k, self.module.in_channels, *self.kernel)
+        z = F.conv2d(ctx, filt, p_bias, self.stride, self.padding, self.dilation)  # (B, k, H', W')
+        return z.flatten(2).transpose(1, 2)
+
+    def grad_matrix(self, ctx, g):
+        U = F.unfold(ctx, self.kernel, self.dilation, self.padding, self.stride)  # (B, Ckk, L)
+        return torch.bmm(g.flatten(2), U.transpose(1, 2))                          # (B, O, Ckk)
+
+    def bias_grad(self, ctx, g):
+        return g.flatten(2).sum(2)
+
+
+register_handler(nn.Conv1d, ConvHandler)
+register_handler(nn.Conv2d, ConvHandler)

@@ -1,0 +1,97 @@
+"""Normalization layers' scale and shift (exact, they are small): grad w = sum g * x_hat, grad b = sum g.
+
+x_hat is the normalized input the layer multiplies by its scale, recomputed in the forward hook:
+    LayerNorm:  (x - mean) / sqrt(var + eps) over normalized_shape
+    GroupNorm:  the same over each group of channels (and all positions)
+    BatchNorm:  (x - running_mean) / sqrt(running_var + eps) per channel (eval mode only: in train
+                mode batch statistics couple the examples, so there is no per-example gradient)
+    RMSNorm:    x / sqrt(mean(x^2) + eps) over normalized_shape
+Sums run over every dimension but the batch and the parameter's own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import register_handler
+from .base import VectorHandler
+
+
+class _Norm(VectorHandler):
+    """Subclasses give x_hat (B, ...) and `pshape`: how x_hat and g are viewed as (B, positions, *param shape)."""
+
+    def x_hat(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, ...) -> (B, -1, n): positions x parameter entries."""
+        raise NotImplementedError
+
+    def capture(self, inputs, output):
+        with torch.no_grad():
+            return self.view(self.x_hat(inputs[0].detach()))
+
+    def vector(self, ctx, g):
+        g = self.view(g)
+        parts = [(g * ctx).sum(1) if n == "weight" else g.sum(1) for n in self.present()]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+class LayerNormHandler(_Norm):
+    def _dims(self, x):
+        return tuple(range(x.dim() - len(self.module.normalized_shape), x.dim()))
+
+    def x_hat(self, x):
+        d = self._dims(x)
+        var, mean = torch.var_mean(x, d, unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.module.eps)
+
+    def view(self, t):
+        n = 1
+        for s in self.module.normalized_shape:
+            n *= s
+        return t.reshape(t.shape[0], -1, n)
+
+
+class RMSNormHandler(LayerNormHandler):
+    def x_hat(self, x):
+        eps = self.module.eps if self.module.eps is not None else torch.finfo(x.dtype).eps
+        return x * torch.rsqrt(x.pow(2).mean(self._dims(x), keepdim=True) + eps)
+
+
+class _Channel(_Norm):
+    """Per-channel parameters (dim 1): view (B, C, ...) as (B, positions, C)."""
+
+    def view(self, t):
+        return t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2)
+
+
+class GroupNormHandler(_Channel):
+    def x_hat(self, x):
+        B, G = x.shape[0], self.module.num_groups
+        xg = x.reshape(B, G, -1)
+        var, mean = torch.var_mean(xg, 2, unbiased=False, keepdim=True)
+        return ((xg - mean) * torch.rsqrt(var + self.module.eps)).reshape(x.shape)
+
+
+class BatchNormHandler(_Channel):
+    @classmethod
+    def unsupported(cls, module, train_mode):
+        if train_mode:
+            return "BatchNorm in train mode (batch statistics couple the examples)"
+        if not module.track_running_stats or module.running_mean is None:
+            return "BatchNorm without running statistics (uses batch statistics)"
+        return None
+
+    def x_hat(self, x):
+        m = self.module
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x - m.running_mean.reshape(shape)) * torch.rsqrt(m.running_var.reshape(shape) + m.eps)
+
+
+register_handler(nn.LayerNorm, LayerNormHandler)
+register_handler(nn.GroupNorm, GroupNormHandler)
+register_handler(nn.modules.batchnorm._BatchNorm, BatchNormHandler)
+if hasattr(nn, "RMSNorm"):
+    register_handler(nn.RMSNorm, RMSNormHandler)
