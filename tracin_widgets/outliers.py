@@ -354,8 +354,10 @@ class SelfInfluenceGallery(GalleryBase):
     def _detail_rows(self, i: int) -> list[tuple[str, str]]:
         rows = [("rank", f"{int(self.rank[i]) + 1} of {len(self.scores)}"),
                 ("self-influence", f"{float(self.scores[i]):.4g}")]
-        if self._losses is not None and not math.isnan(float(self._losses[-1, i])):
-            rows.append(("final training loss", f"{float(self._losses[-1, i]):.3g}"))
+        if self._per_checkpoint is not None:
+            for c, v in enumerate(self._per_checkpoint[:, i].tolist()):
+                loss = float("nan") if self._losses is None else float(self._losses[c, i])
+                rows.append((f"checkpoint {c}", f"{v:.4g}" + ("" if math.isnan(loss) else f" \u00b7 loss {loss:.3g}")))
         rows.append(("mark", self.gallery.marks.get(str(i), "none")))
         if i in self._relabels:
             rows.append(("new label", self.renderer.label(self._relabels[i])))
