@@ -13,11 +13,11 @@ function el(tag, cls, text) {
   return e;
 }
 
-function fmtScore(s, signed = true) {
-  if (s === null || s === undefined) return "";
-  const a = Math.abs(s);
-  const t = a !== 0 && (a < 1e-3 || a >= 1e4) ? s.toExponential(2) : s.toPrecision(3);
-  return (signed && s > 0 ? "+" : "") + t;
+function fmtScore(v, signed = true) {
+  if (v === null || v === undefined) return "";
+  const a = Math.abs(v);
+  const t = a !== 0 && (a < 1e-3 || a >= 1e4) ? v.toExponential(2) : v.toPrecision(3);
+  return (signed && v > 0 ? "+" : "") + t;
 }
 
 function floats(view) {   // float32 bytes (DataView / ArrayBuffer) -> Float32Array (copied: offsets may be unaligned)
@@ -216,11 +216,11 @@ function render({ model, el: host }) {
 
   // -- scatter (self-influence against loss): drag a box to brush, double-click to clear ------------
   function drawScatter() {
-    const s = model.get("scatter") || {};
+    const sc = model.get("scatter") || {};
     plot.replaceChildren();
-    plot.hidden = !s.x;
-    if (!s.x) return;
-    const xs = floats(s.x), ys = floats(s.y);
+    plot.hidden = !sc.x;
+    if (!sc.x) return;
+    const xs = floats(sc.x), ys = floats(sc.y);
     const W = 420, H = 240, L = 46, B = 32, T = 8, R = 8;
     const lo = (a) => a.reduce((m, v) => (Number.isFinite(v) && v < m ? v : m), Infinity);
     const hi = (a) => a.reduce((m, v) => (Number.isFinite(v) && v > m ? v : m), -Infinity);
@@ -236,7 +236,7 @@ function render({ model, el: host }) {
     canvas.width = W * dpr; canvas.height = H * dpr;
     canvas.style.width = `${W}px`; canvas.style.height = `${H}px`;
     canvas.setAttribute("role", "img");
-    canvas.setAttribute("aria-label", `scatter of ${s.ylabel} against ${s.xlabel}; drag a box to show those examples`);
+    canvas.setAttribute("aria-label", `scatter of ${sc.ylabel} against ${sc.xlabel}; drag a box to show those examples`);
     const ctx = canvas.getContext("2d");
     const css = getComputedStyle(root);
     const fg = css.getPropertyValue("--tw-fg").trim() || "#222";
@@ -246,10 +246,10 @@ function render({ model, el: host }) {
       ctx.strokeStyle = fg; ctx.fillStyle = fg; ctx.lineWidth = 1;
       ctx.beginPath(); ctx.moveTo(L, T); ctx.lineTo(L, H - B); ctx.lineTo(W - R, H - B); ctx.stroke();
       ctx.font = "10px sans-serif";
-      ctx.fillText(s.xlabel || "", L, H - 6);
+      ctx.fillText(sc.xlabel || "", L, H - 6);
       ctx.fillText(x0.toPrecision(2), L, H - B + 12);
       ctx.fillText(x1.toPrecision(2), W - R - 28, H - B + 12);
-      ctx.save(); ctx.translate(10, H - B); ctx.rotate(-Math.PI / 2); ctx.fillText(s.ylabel || "", 0, 0); ctx.restore();
+      ctx.save(); ctx.translate(10, H - B); ctx.rotate(-Math.PI / 2); ctx.fillText(sc.ylabel || "", 0, 0); ctx.restore();
       ctx.fillText(y1.toPrecision(2), 14, T + 8);
       ctx.fillText(y0.toPrecision(2), 14, H - B);
       ctx.fillStyle = "rgba(110, 110, 200, 0.45)";
@@ -257,8 +257,8 @@ function render({ model, el: host }) {
         if (Number.isFinite(xs[i]) && Number.isFinite(ys[i])) ctx.fillRect(px(xs[i]) - 1, py(ys[i]) - 1, 2, 2);
       }
       ctx.fillStyle = "#e65100";
-      (s.highlight || []).forEach((i) => { if (i < xs.length) ctx.fillRect(px(xs[i]) - 2, py(ys[i]) - 2, 4, 4); });
-      const b = box || (s.brush ? { a: px(s.brush[0]), b: px(s.brush[1]), c: py(s.brush[3]), d: py(s.brush[2]) } : null);
+      (sc.highlight || []).forEach((i) => { if (i < xs.length) ctx.fillRect(px(xs[i]) - 2, py(ys[i]) - 2, 4, 4); });
+      const b = box || (sc.brush ? { a: px(sc.brush[0]), b: px(sc.brush[1]), c: py(sc.brush[3]), d: py(sc.brush[2]) } : null);
       if (b) {
         ctx.strokeStyle = "#1565c0"; ctx.setLineDash([4, 3]);
         ctx.strokeRect(Math.min(b.a, b.b), Math.min(b.c, b.d), Math.abs(b.b - b.a), Math.abs(b.d - b.c));
@@ -281,7 +281,7 @@ function render({ model, el: host }) {
     });
     canvas.addEventListener("dblclick", () => send({ action: "brush" }));
     const clear = el("button", "tw-btn tw-brush-clear", "clear brush");
-    clear.disabled = !s.brush;
+    clear.disabled = !sc.brush;
     clear.addEventListener("click", () => send({ action: "brush" }));
     plot.append(canvas, clear);
   }
@@ -305,13 +305,18 @@ function render({ model, el: host }) {
       head.append(title, el("span", "tw-note", s.note || ""));
       sec.appendChild(head);
       if (s.mix && s.mix.length) sec.appendChild(mixNode(s.mix));
-      if (s.confusion && s.confusion.labels) sec.appendChild(confusionNode(s, s.confusion));
-      if (s.pager && s.pager.n_pages > 1) sec.appendChild(pagerNode(s, s.pager));
+      const main = el("div", "tw-strip-main");   // pager + tiles; beside the confusion matrix when there is one
+      if (s.pager && s.pager.n_pages > 1) main.appendChild(pagerNode(s, s.pager));
       const row = el("div", "tw-tiles" + (s.wrap ? " tw-wrap" : ""));
       row.setAttribute("role", "list");
       s.tiles.forEach((t) => row.appendChild(tileNode(s, t)));
       if (!s.tiles.length) row.appendChild(el("div", "tw-empty", "nothing to show"));
-      sec.appendChild(row);
+      main.appendChild(row);
+      if (s.confusion && s.confusion.labels) {
+        const both = el("div", "tw-strip-body");
+        both.append(confusionNode(s, s.confusion), main);
+        sec.appendChild(both);
+      } else sec.appendChild(main);
       return sec;
     });
     body.replaceChildren(...nodes);
@@ -365,10 +370,10 @@ function render({ model, el: host }) {
     if (row.classList.contains("tw-wrap")) {
       const tiles = Array.from(row.querySelectorAll(":scope > .tw-tile"));
       let last = fig;
-      for (const t of tiles.slice(tiles.indexOf(fig) + 1)) { if (t.offsetTop > fig.offsetTop + 2) break; last = t; }
+      for (const node of tiles.slice(tiles.indexOf(fig) + 1)) { if (node.offsetTop > fig.offsetTop + 2) break; last = node; }
       last.after(detail);
     } else {
-      row.closest(".tw-strip").after(detail);
+      row.closest(".tw-strip-main").after(detail);
     }
   }
 
@@ -445,12 +450,12 @@ function render({ model, el: host }) {
     const cx = r.left + r.width / 2;
     const down = key === "ArrowDown";
     let best = null, bestRow = Infinity, bestDx = Infinity;
-    for (const t of tiles) {
-      const q = t.getBoundingClientRect();
+    for (const node of tiles) {
+      const q = node.getBoundingClientRect();
       const dy = down ? q.top - r.top : r.top - q.top;
       if (dy < r.height / 2) continue;                    // same row or the wrong way
       const dx = Math.abs(q.left + q.width / 2 - cx);
-      if (dy < bestRow - 1 || (Math.abs(dy - bestRow) <= 1 && dx < bestDx)) { best = t; bestRow = dy; bestDx = dx; }
+      if (dy < bestRow - 1 || (Math.abs(dy - bestRow) <= 1 && dx < bestDx)) { best = node; bestRow = dy; bestDx = dx; }
     }
     return best;
   }
