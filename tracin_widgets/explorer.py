@@ -82,8 +82,6 @@ class InfluenceExplorer(GalleryBase):
         self.picker = W.Text(value="0", description="test example", continuous_update=False,
                              style={"description_width": "initial"}, layout=W.Layout(width="190px"))
         self.picker.add_class("tw-picker")
-        self.back_btn = W.Button(description="\u2190 back", tooltip="previous query (b)", layout=W.Layout(width="auto"))
-        self.back_btn.add_class("tw-back-btn")
         self.emb_toggle = W.ToggleButton(value=bool(embeddings), description="embedding neighbours",
                                          tooltip="also show nearest neighbours of the penultimate-layer embedding",
                                          layout=W.Layout(width="auto"))
@@ -102,7 +100,7 @@ class InfluenceExplorer(GalleryBase):
         self.help_line = W.HTML("<small>click: select + details &middot; Alt+click or <b>q</b>: make it the query "
                                 "&middot; <b>b</b>: back &middot; arrows / Enter / Escape</small>")
         browse_ctl = [self.sort_box, self.true_box, self.pred_box] if browse else []
-        row = [self.picker, self.back_btn, self.method_picker, self.emb_toggle, *browse_ctl, self.help_line]
+        row = [self.picker, self.method_picker, self.emb_toggle, *browse_ctl, self.help_line]
         super().__init__(index, train_data, controls=row, **kwargs)
         self._texts["test"] = test_text
         self.gallery.actions = ["query"]
@@ -115,7 +113,6 @@ class InfluenceExplorer(GalleryBase):
             self.true_box.layout.display = self.pred_box.layout.display = "none"
         self.show_embeddings = bool(embeddings)
         self.picker.observe(self._guard(self._on_picker), names="value")
-        self.back_btn.on_click(self._guard(lambda _b: self.back()))
         self.emb_toggle.observe(self._guard(lambda ch: setattr(self, "show_embeddings", ch["new"])), names="value")
         self.observe(self._guard(self._on_query), names=["test_index", "train_query"])
         self.method_picker.observe(self._guard(lambda ch: setattr(self, "method", ch["new"])), names="value")
@@ -389,7 +386,6 @@ class InfluenceExplorer(GalleryBase):
     def _refresh_history(self) -> None:
         self.gallery.history = [{"label": f"{'test' if r == 'test' else 'train'} #{j}", "current": n == self._hist_pos}
                                 for n, (r, j) in enumerate(self._history)]
-        self.back_btn.disabled = self._hist_pos <= 0
 
     def refresh(self) -> None:
         self._refresh_history()

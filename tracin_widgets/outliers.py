@@ -212,8 +212,6 @@ class SelfInfluenceGallery(GalleryBase):
                                  "found it hard to fit (likely mislabelled, ambiguous or rare)")
         strip["pager"] = None
         for t in strip["tiles"]:
-            if t["pred"] and t["label"] and t["pred"] != t["label"]:
-                t["sub"] = "likely mislabelled"
             new = self._relabels.get(t["index"])
             if new is not None:
                 t["sub"] = f"relabelled \u2192 {self.renderer.label(new)}"

@@ -238,8 +238,7 @@ function render({ model, el: host }) {
     canvas.setAttribute("role", "img");
     canvas.setAttribute("aria-label", `scatter of ${sc.ylabel} against ${sc.xlabel}; drag a box to show those examples`);
     const ctx = canvas.getContext("2d");
-    const css = getComputedStyle(root);
-    const fg = css.getPropertyValue("--tw-fg").trim() || "#222";
+    const fg = getComputedStyle(root).color || "#222";      // the theme's resolved text colour
     const paint = (box) => {
       ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
       ctx.clearRect(0, 0, W, H);
@@ -286,15 +285,20 @@ function render({ model, el: host }) {
     plot.append(canvas, clear);
   }
 
-  function draw() {
-    pending = 0;
-    revokeLater(urls);
-    urls = [];
+  function drawHeader() {   // status, counts and breadcrumbs: cheap, never touches the tiles (or the focus)
     status.textContent = model.get("status") || "";
     status.title = model.get("help") || "";
     counts.textContent = model.get("counts") || "";
     counts.hidden = !counts.textContent;
     drawHistory();
+  }
+
+  function draw() {
+    pending = 0;
+    const hadFocus = root.contains(document.activeElement) || root.dataset.hadFocus === "1";
+    revokeLater(urls);
+    urls = [];
+    drawHeader();
     const strips = model.get("strips") || [];
     const nodes = strips.map((s) => {
       const sec = el("section", "tw-strip");
@@ -322,7 +326,7 @@ function render({ model, el: host }) {
     body.replaceChildren(...nodes);
     decorate();
     drawDetail();
-    if (root.dataset.hadFocus === "1" && !root.contains(document.activeElement) && host.isConnected) {
+    if (hadFocus && !root.contains(document.activeElement) && host.isConnected) {
       const again = (focusKey && body.querySelector(`.tw-tile[data-key="${CSS.escape(focusKey)}"]`))
         || body.querySelector(".tw-tile.tw-query") || body.querySelector(".tw-tile");
       if (again) again.focus({ preventScroll: true });
@@ -396,7 +400,7 @@ function render({ model, el: host }) {
         img.src = pngUrl(png, detailUrls);
         img.alt = alt || title;
         box.appendChild(img);
-      } else box.appendChild(el("pre", "tw-detail-text", text || ""));
+      } else box.appendChild(el("div", "tw-detail-text", text || ""));
       box.appendChild(el("figcaption", null, title));
       return box;
     };
@@ -507,8 +511,8 @@ function render({ model, el: host }) {
       if (fig && document.activeElement !== fig && document.activeElement.closest(".tw-tile")) fig.focus({ preventScroll: true });
     }
   };
-  const handlers = [["change:strips", schedule], ["change:status", schedule], ["change:help", schedule],
-    ["change:counts", schedule], ["change:history", schedule], ["change:selected", onActive],
+  const handlers = [["change:strips", schedule], ["change:status", drawHeader], ["change:help", drawHeader],
+    ["change:counts", drawHeader], ["change:history", drawHeader], ["change:selected", onActive],
     ["change:marks", decorate], ["change:active", onActive], ["change:detail", drawDetail],
     ["change:actions", drawDetail], ["change:scatter", drawScatter]];
   handlers.forEach(([event, fn]) => model.on(event, fn));
@@ -529,7 +533,10 @@ function render({ model, el: host }) {
   let tries = 0;
   const retry = () => { hideFallback(); if (++tries < 20) setTimeout(retry, 250); };
   retry();
+  const themeWatch = new MutationObserver(() => drawScatter());   // axes follow a theme change
+  themeWatch.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light"] });
   return () => {
+    themeWatch.disconnect();
     window.removeEventListener("keydown", onKey, true);
     if (pending) cancelAnimationFrame(pending);
     handlers.forEach(([event, fn]) => model.off(event, fn));
