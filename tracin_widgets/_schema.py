@@ -62,7 +62,7 @@ TILE_FIELDS = {
 DETAIL_FIELDS = {
     "index": "training index", "title": "heading", "alt": "image description", "png": "PNG bytes or None",
     "text": "full text when there is no png", "rows": "[[name, value]] table",
-    "bars": "{title, labels, values} a per-checkpoint bar chart, or None",
+    "bars": "{title, labels, values, color?} a per-checkpoint bar chart ('self': one colour), or None",
     "compare": "{title, png, text} the query beside the clicked example, or None",
     "relabel": "{options: [[value, label]], current} choices for 'relabel', or None",
 }

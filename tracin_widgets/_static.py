@@ -33,7 +33,7 @@ def _tile_html(t: dict, scale: float, signed: bool = True) -> str:
         body = (f'<img src="data:image/png;base64,{base64.b64encode(t["png"]).decode()}" alt="{alt}">')
     else:
         body = f'<pre role="img" aria-label="{alt}">{html.escape(t.get("text") or "")}</pre>'
-    attr = f'data-test-index="{t["index"]}"' if t.get("pinned") else f'data-index="{t["index"]}"'
+    attr = f'data-test-index="{t["index"]}"' if t["role"] == "test" else f'data-index="{t["index"]}"'
     head = ("test #" if t["role"] == "test" else "#") + str(t["index"])
     cap = f"{head} <b>{html.escape(t['label'])}</b>"
     if t.get("pred"):

@@ -364,7 +364,7 @@ class SelfInfluenceGallery(GalleryBase):
     def _detail_extra(self, i: int) -> dict:
         extra: dict = {}
         if self._per_checkpoint is not None:
-            extra["bars"] = {"title": "self-influence per checkpoint", "values": self._per_checkpoint[:, i].tolist(),
+            extra["bars"] = {"title": "self-influence per checkpoint", "values": self._per_checkpoint[:, i].tolist(), "color": "self",
                              "labels": [f"checkpoint {c}" for c in range(self._per_checkpoint.shape[0])]}
         if self.classes:
             classes = sorted(set(self.labels.tolist()))

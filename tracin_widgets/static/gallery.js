@@ -358,7 +358,7 @@ function render({ model, el: host }) {
     b.values.forEach((v, i) => {
       const row = el("div", "tw-bars-row");
       const track = el("div", "tw-bars-track" + (signed ? "" : " tw-unsigned"));
-      const fill = el("div", "tw-bars-fill " + (v >= 0 ? "tw-pos" : "tw-neg"));
+      const fill = el("div", "tw-bars-fill " + (b.color === "self" ? "tw-self" : v >= 0 ? "tw-pos" : "tw-neg"));
       fill.style.width = `${((signed ? 50 : 100) * Math.abs(v) / max).toFixed(1)}%`;
       track.appendChild(fill);
       row.append(el("span", "tw-bars-label", b.labels[i]), track, el("span", "tw-bars-value", fmtScore(v, signed)));
