@@ -131,7 +131,11 @@ def test_scatter_and_brush(g, cnn_index):
     s = cnn_index.outliers().scores
     torch.testing.assert_close(x.double(), torch.log10(s).double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(yv.double(), cnn_index.store.losses[-1].double(), rtol=1e-5, atol=1e-6)
-    assert sc["highlight"] == ids(g) and sc["ylabel"] == "final training loss"
+    assert g.gallery.highlight == ids(g) and sc["ylabel"] == "final training loss"
+    sent = []
+    g.gallery.observe(sent.append, names="scatter")
+    g.page = 1
+    assert sent == [] and g.gallery.highlight == ids(g)                    # the points are not sent again
     lo = float(torch.quantile(yv, 0.8))
     g.gallery.send_action({"action": "brush", "x0": -99, "x1": 99, "y0": lo, "y1": 99})          # drag a box
     inside = [i for i in g.order.tolist() if float(yv[i]) >= lo]

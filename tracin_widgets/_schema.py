@@ -41,6 +41,8 @@ TRAITS: dict[str, Trait] = {
     "history": Trait(lambda: traitlets.List(traitlets.Dict()),
                      "breadcrumbs of visited queries: [{label, current}], oldest first"),
     "scatter": Trait(lambda: traitlets.Dict(), "a brushable scatter (SCATTER_FIELDS); {} for none"),
+    "highlight": Trait(lambda: traitlets.List(traitlets.Int()),
+                       "training indices drawn on top of the scatter (the current page); sent apart from its points"),
 }
 
 STRIP_FIELDS = {
@@ -69,7 +71,6 @@ DETAIL_FIELDS = {
 SCATTER_FIELDS = {
     "x": "float32 bytes, one value per training example", "y": "float32 bytes, same length",
     "xlabel": "axis title", "ylabel": "axis title", "brush": "[x0, x1, y0, y1] in data units or None",
-    "highlight": "[training indices] drawn on top (the current page)",
 }
 MESSAGES = {  # what the browser sends with model.send (Gallery.on_action receives it)
     "query": "{action, index}: use a training example as the query",

@@ -113,6 +113,7 @@ class SelfInfluenceGallery(GalleryBase):
         self.observe(self._guard(lambda _ch: self.refresh()), names="page")
         self._losses = eng.train_losses(index) if index is not None else None
         self._scatter_on = bool(scatter)
+        self._points: tuple[bytes, bytes] | None = None
         self.refresh()
 
     @staticmethod
@@ -191,13 +192,15 @@ class SelfInfluenceGallery(GalleryBase):
         return x, self._losses[-1]
 
     def _scatter(self) -> dict:
+        """The scatter trait (points as float32 bytes, made once); unchanged dicts are not sent again."""
         if self._losses is None or not self._scatter_on:
             return {}
-        x, y = self.scatter_coords()
+        if self._points is None:
+            x, y = self.scatter_coords()
+            self._points = (x.numpy().astype(np.float32).tobytes(), y.numpy().astype(np.float32).tobytes())
         xlabel = "log10 self-influence" if bool((self.scores > 0).all()) else "self-influence"
-        return {"x": x.numpy().astype(np.float32).tobytes(), "y": y.numpy().astype(np.float32).tobytes(),
-                "xlabel": xlabel, "ylabel": "final training loss", "brush": None if self.brush is None else list(self.brush),
-                "highlight": self.page_indices().tolist()}
+        return {"x": self._points[0], "y": self._points[1], "xlabel": xlabel, "ylabel": "final training loss",
+                "brush": None if self.brush is None else list(self.brush)}
 
     # -- view -------------------------------------------------------------------------------------------
     def _strips(self) -> list[dict]:
@@ -249,7 +252,9 @@ class SelfInfluenceGallery(GalleryBase):
         self.prev_btn.disabled = self.page <= 0
         self.next_btn.disabled = self.page >= self.n_pages - 1
         super().refresh()
-        self.gallery.scatter = self._scatter()
+        with self.gallery.hold_sync():
+            self.gallery.scatter = self._scatter()
+            self.gallery.highlight = self.page_indices().tolist() if self.gallery.scatter else []
 
     # -- marks, relabels, undo ----------------------------------------------------------------------------
     @property

@@ -256,7 +256,7 @@ function render({ model, el: host }) {
         if (Number.isFinite(xs[i]) && Number.isFinite(ys[i])) ctx.fillRect(px(xs[i]) - 1, py(ys[i]) - 1, 2, 2);
       }
       ctx.fillStyle = "#e65100";
-      (sc.highlight || []).forEach((i) => { if (i < xs.length) ctx.fillRect(px(xs[i]) - 2, py(ys[i]) - 2, 4, 4); });
+      (model.get("highlight") || []).forEach((i) => { if (i < xs.length) ctx.fillRect(px(xs[i]) - 2, py(ys[i]) - 2, 4, 4); });
       const b = box || (sc.brush ? { a: px(sc.brush[0]), b: px(sc.brush[1]), c: py(sc.brush[3]), d: py(sc.brush[2]) } : null);
       if (b) {
         ctx.strokeStyle = "#1565c0"; ctx.setLineDash([4, 3]);
@@ -514,7 +514,7 @@ function render({ model, el: host }) {
   const handlers = [["change:strips", schedule], ["change:status", drawHeader], ["change:help", drawHeader],
     ["change:counts", drawHeader], ["change:history", drawHeader], ["change:selected", onActive],
     ["change:marks", decorate], ["change:active", onActive], ["change:detail", drawDetail],
-    ["change:actions", drawDetail], ["change:scatter", drawScatter]];
+    ["change:actions", drawDetail], ["change:scatter", drawScatter], ["change:highlight", drawScatter]];
   handlers.forEach(([event, fn]) => model.on(event, fn));
   draw();
   drawScatter();
