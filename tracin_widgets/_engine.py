@@ -5,6 +5,9 @@ test_features, influence / influence_per_checkpoint / top_k / similarity with fe
 self_influence_per_checkpoint, outliers, cluster). Everything else they need is a function here, so
 when the engine's modules move, only this file follows them.
 
+Importing this module imports neither torch nor the engine (the IPython extension reads RESULT_TYPES
+at `%load_ext` time); each function imports what it needs.
+
 Example:
     >>> from tracin_widgets import _engine as eng
     >>> eng.train_losses(index)            # Tensor (C, n_train) float64 (NaN where not recorded) or None
@@ -14,12 +17,33 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from tracin_engine.data import as_source            # noqa: F401 - re-exported for the galleries
-from tracin_engine.errors import TracInError        # noqa: F401 - re-exported for the galleries
+# engine result types the extension formats, by (module, class name), so nothing is imported until one is shown
+RESULT_TYPES = {
+    ("tracin_engine.topk", "TopK"): "topk",
+    ("tracin_engine.topk", "Neighbors"): "neighbors",
+    ("tracin_engine.index", "GradientIndex"): "index",
+    ("tracin_engine.clustering", "Clusters"): "clusters",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TracInError":          # `from ._engine import TracInError`, imported on first use
+        from tracin_engine.errors import TracInError
+
+        return TracInError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def as_source(data: Any, batch_fn: Any = None):
+    """The engine's DataSource for what users pass as data (tracin_engine.data.as_source)."""
+    from tracin_engine.data import as_source as _as_source
+
+    return _as_source(data, batch_fn)
 
 
 def store_path(index: Any) -> Path | None:
@@ -39,6 +63,8 @@ def train_losses(index: Any) -> torch.Tensor | None:
     """l(w_c, z) recorded while featurizing: Tensor (C, n_train) float64, NaN where not recorded; None if absent."""
     store = getattr(index, "store", None)
     losses = getattr(store, "losses", None)
+    import torch
+
     if losses is None or bool(torch.isnan(losses).all()):
         return None
     return losses.double()
@@ -59,6 +85,8 @@ def per_checkpoint_row(index: Any, features: torch.Tensor, i: int) -> torch.Tens
     features: (C, 1, dim) from index.test_features. With a stored feature matrix this reads one row per
     checkpoint (fast at any n_train); otherwise it falls back to index.influence_per_checkpoint.
     """
+    import torch
+
     layout = getattr(index, "layout", None)
     if layout is not None and hasattr(index, "features") and hasattr(index, "store"):
         t = features.double()
@@ -84,6 +112,7 @@ def nearest_neighbors(train_emb: torch.Tensor, query_emb: torch.Tensor, k: int):
 
 def model_outputs(index: Any, data: Any, batch_size: int = 512) -> torch.Tensor:
     """Model outputs at the last checkpoint, eval mode, no gradients: Tensor (n, ...) float on the CPU."""
+    import torch
     from torch.func import functional_call
 
     tracin = index.tracin
@@ -109,6 +138,8 @@ def example_losses(index: Any, outputs: torch.Tensor, labels: torch.Tensor) -> t
     Integer class labels with 2-D outputs use cross-entropy (what F.cross_entropy averages); anything
     else calls loss_fn on one example at a time.
     """
+    import torch
+
     if outputs.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point():
         return -torch.log_softmax(outputs.double(), 1).gather(1, labels.long().view(-1, 1))[:, 0]
     loss_fn = index.tracin.loss_fn

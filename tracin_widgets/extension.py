@@ -22,12 +22,9 @@ import html
 import shlex
 from typing import Any
 
-_TYPES = {  # (module, class name) -> formatter function name in this module
-    ("tracin_engine.topk", "TopK"): "_topk_html",
-    ("tracin_engine.topk", "Neighbors"): "_neighbors_html",
-    ("tracin_engine.index", "GradientIndex"): "_index_html",
-    ("tracin_engine.clustering", "Clusters"): "_clusters_html",
-}
+from ._engine import RESULT_TYPES
+
+_TYPES = {key: f"_{kind}_html" for key, kind in RESULT_TYPES.items()}  # (module, class) -> formatter in this module
 MAX_ROWS = 5  # test examples shown per TopK before "... more"
 _context: dict[str, Any] = {"train": None, "test": None, "renderer": None, "options": {}}
 USE_OPTIONS = ("render", "class_names", "feature_names", "max_chars", "text", "test_text")
@@ -217,7 +214,7 @@ def _describe(data: Any) -> str:
 
 
 def _source(data: Any):
-    from tracin_engine.data import as_source
+    from ._engine import as_source
 
     return as_source(data)
 
