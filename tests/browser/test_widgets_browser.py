@@ -34,12 +34,15 @@ torch.manual_seed(0)
 model = DigitsCNN(width=4, hidden=16)
 run = tempfile.mkdtemp()
 train(model, train_data, run, epochs=8, n_checkpoints=2, lr=0.3)
-index = te.TracIn(model, te.Checkpoints.from_dir(run), loss_fn=F.cross_entropy).index(train_data, progress=False)
+tracin = te.TracIn(model, te.Checkpoints.from_dir(run), loss_fn=F.cross_entropy)
+index = tracin.index(train_data, progress=False)
+source = tracin.index(train_data, method="source", progress=False)
 def ids(w, key):
     return [t["index"] for s in w.gallery.strips if s["key"] == key for t in s["tiles"]]
 """
 CELLS = [
-    "explorer = tw.InfluenceExplorer(index, train_data, test_data, k=6, class_names=split.class_names)\nexplorer",
+    "explorer = tw.InfluenceExplorer(index, train_data, test_data, k=6, class_names=split.class_names,\n"
+    "                                methods={'SOURCE': source})\nexplorer",
     "outliers = tw.SelfInfluenceGallery(index, train_data, page_size=24, class_names=split.class_names)\noutliers",
     "clusters = tw.ClusterGallery(index, train_data, n_clusters=4, per_cluster=8, class_names=split.class_names)\n"
     "clusters",
@@ -301,8 +304,21 @@ def test_galleries_in_browser(server, page, jl, frontend):
 
     errs = py("print(json.dumps([repr(w.last_error) for w in (explorer, outliers, clusters, texts)]))")
     assert errs == ["None"] * 4
+    expect(page.locator(".tw-method select").first).to_be_visible()           # the method dropdown is shown too
     # every console error fails the test (blob ERR_FILE_NOT_FOUND on a redraw included), except two that
     # Notebook 7 itself logs in this headless setup, with no widget on the page involved
     foreign = ("Command 'filebrowser:open-path' not registered", "reading 'schema'")
     errors = [e for e in page.console_errors if not any(f in e for f in foreign)]
     assert not errors, errors
+
+    # -- reopened without the kernel that made the widgets: the static copies show the galleries
+    page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")
+    page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.context.model.dirty", timeout=20_000)
+    page.evaluate("window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
+    jl.open_notebook(page, server.url(f"widgets_{frontend}.ipynb", frontend))          # a new kernel, nothing run
+    page.wait_for_function("() => { const f = Array.from(document.querySelectorAll('.tw-static-fallback'));"
+                           " return f.length === 4 && f.every(e => e.offsetParent !== null); }", timeout=20_000)
+    assert page.locator(".tw-gallery").count() == 0
+    assert page.locator(".tw-static-fallback figure[data-index]").count() >= 6 + 6 + 24
+    page.locator(".tw-static-fallback").nth(1).scroll_into_view_if_needed()
+    jl.shot(page, f"widgets_{frontend}_reopened")

@@ -530,13 +530,20 @@ function render({ model, el: host }) {
     });
     return true;
   };
-  let tries = 0;
-  const retry = () => { hideFallback(); if (++tries < 20) setTimeout(retry, 250); };
-  retry();
+  let fallbackWatch = null;
+  const watchFallback = (tries) => {   // the output area exists once the view is attached; the copy may come later
+    const area = host.closest(".jp-OutputArea, .output");
+    if (!area) { if (tries < 40) setTimeout(() => watchFallback(tries + 1), 250); return; }
+    hideFallback();
+    fallbackWatch = new MutationObserver(hideFallback);
+    fallbackWatch.observe(area, { childList: true, subtree: true });
+  };
+  watchFallback(0);
   const themeWatch = new MutationObserver(() => drawScatter());   // axes follow a theme change
   themeWatch.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light"] });
   return () => {
     themeWatch.disconnect();
+    if (fallbackWatch) fallbackWatch.disconnect();
     window.removeEventListener("keydown", onKey, true);
     if (pending) cancelAnimationFrame(pending);
     handlers.forEach(([event, fn]) => model.off(event, fn));
