@@ -14,7 +14,12 @@ synchronously inside the set; without a kernel the comm is a no-op, so the brows
                            checkpoint, top-k over n_train, new thumbnails and predictions
   explorer_query_warm_ms   the same query again later (query result and thumbnails cached)
   explorer_train_query_ms  a shown training example becomes the query (the Alt+click action)
-  explorer_detail_ms       open a tile's detail (per-checkpoint scores against all n_train)
+  explorer_detail_ms       open a tile's detail (per-checkpoint scores, bar chart, the query beside it)
+  explorer_browse_click_ms a test example in the test-example browser clicked (it becomes the query; cold)
+  explorer_confusion_ms    a confusion-matrix cell clicked (the browser filtered to it)
+  explorer_back_ms         the back action (a query seen before)
+  outliers_mark_ms         s on the open tile: mark, save, the next tile's detail opens (auto-advance)
+  outliers_brush_ms        a box brushed on the scatter (ranking restricted to it)
   outliers_page_cold_ms    SelfInfluenceGallery: next page (48 new thumbnails)
   outliers_page_warm_ms    back to a page already seen
   outliers_filter_ms       label filter changed (ranking restricted to one label)
@@ -82,10 +87,19 @@ def main() -> None:
     explorer_open_s = time.perf_counter() - t0
     cold = [timed(lambda j=j: setattr(ex, "test_index", j)) for j in order]
     warm = [timed(lambda j=j: setattr(ex, "test_index", j)) for j in order]
-    shown = [t["index"] for t in ex.gallery.strips[1]["tiles"]]
+    shown = [t["index"] for s in ex.gallery.strips if s["key"] == "proponents" for t in s["tiles"]]
     train_q = [timed(lambda i=i: ex.gallery.send_action({"action": "query", "index": i})) for i in shown[:5]]
     ex.test_index = order[0]
     detail = [timed(lambda i=i: setattr(ex.gallery, "active", i)) for i in shown]
+    ex.gallery.active = -1
+    ex.test_sort = "loss"                                     # other test examples than the ones timed above
+    picks = [j for j in ex.browsed().tolist() if j not in order][:args.queries]
+    browse = [timed(lambda j=j: ex.gallery.send_action({"action": "test", "index": j})) for j in picks]
+    cm = ex.outcomes.confusion()
+    cells = [(r, c) for r in range(len(cm)) for c in range(len(cm)) if cm[r, c] > 0][:args.queries]
+    confusion = [timed(lambda r=r, c=c: ex.gallery.send_action({"action": "confusion", "strip": "tests", "row": r,
+                                                                    "col": c})) for r, c in cells]
+    back = [timed(lambda: ex.gallery.send_action({"action": "back"})) for _ in range(min(10, len(picks) - 1))]
     assert ex.last_error is None, ex.last_error
 
     t0 = time.perf_counter()
@@ -95,6 +109,15 @@ def main() -> None:
     page_cold = [timed(lambda p=p: setattr(g, "page", p)) for p in pages]
     page_warm = [timed(lambda p=p: setattr(g, "page", p)) for p in pages]
     filt = [timed(lambda v=v: setattr(g, "label_filter", v)) for v in list(range(10)) + [None]]
+    g.page = 0
+    g.gallery.active = int(g.page_indices()[0])
+
+    def mark_open() -> None:
+        g.gallery.send_action({"action": "mark", "index": g.gallery.active, "mark": "suspicious", "advance": True})
+    marks = [timed(mark_open) for _ in range(args.queries)]
+    x, y = g.scatter_coords()
+    qx, qy = torch.quantile(x.float(), torch.linspace(0.5, 0.95, args.queries)), torch.quantile(y.float(), 0.5)
+    brush = [timed(lambda a=a: setattr(g, "brush", (float(a), float(x.max()), float(qy), float(y.max())))) for a in qx]
     assert g.last_error is None, g.last_error
 
     print(json.dumps({
@@ -105,6 +128,8 @@ def main() -> None:
         "explorer_open_s": round(explorer_open_s, 2), "outliers_open_s": round(outliers_open_s, 2),
         "engine_top_k_ms": stats(engine), "explorer_query_cold_ms": stats(cold), "explorer_query_warm_ms": stats(warm),
         "explorer_train_query_ms": stats(train_q), "explorer_detail_ms": stats(detail),
+        "explorer_browse_click_ms": stats(browse), "explorer_confusion_ms": stats(confusion),
+        "explorer_back_ms": stats(back), "outliers_mark_ms": stats(marks), "outliers_brush_ms": stats(brush),
         "outliers_page_cold_ms": stats(page_cold), "outliers_page_warm_ms": stats(page_warm),
         "outliers_filter_ms": stats(filt),
     }, indent=1))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from IPython.core.interactiveshell import InteractiveShell
 from tracin_engine.store.topk import Neighbors, TopK
 from tracin_widgets import extension as ext
 
-EXT_FILE = Path(ext.__file__)
 
 
 @pytest.fixture()
@@ -87,7 +85,7 @@ def test_help_and_errors(ip, capsys):
     assert "%tracin explore" in capsys.readouterr().out
     with pytest.raises(UsageError, match="unknown subcommand 'frobnicate'"):
         ip.run_line_magic("tracin", "frobnicate")
-    with pytest.raises(UsageError, match="must be a GradientIndex"):
+    with pytest.raises(UsageError, match="must be an index"):
         ip.run_line_magic("tracin", "info 42")
     with pytest.raises(UsageError, match="could not evaluate 'no_such_name'"):
         ip.run_line_magic("tracin", "info no_such_name")
@@ -116,9 +114,8 @@ def test_real_topk_from_an_index_renders_the_engine_ranking(ip, cnn_index, small
 
 
 def test_module_imports_neither_torch_nor_widgets():
-    code = ("import importlib.util, sys\n"
-            f"spec = importlib.util.spec_from_file_location('tw_ext', {str(EXT_FILE)!r})\n"
-            "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+    code = ("import sys\n"
+            "import tracin_widgets.extension as mod\n"
             "bad = [m for m in ('torch', 'tracin_engine', 'ipywidgets', 'anywidget') if m in sys.modules]\n"
             "assert not bad, bad\n"
             "assert callable(mod.load_ipython_extension)\n")
@@ -162,3 +159,60 @@ def test_clusters_render_sizes_label_mix_and_representatives(ip, cnn_index, smal
     top = int(counts.argmax())
     assert f"{top}: {int(counts[top]) / int(clusters.sizes[0]):.0%}" in out
     assert out.count("<img") == sum(min(4, len(r)) for r in clusters.representatives)
+
+
+def _documented_forms() -> list[str]:
+    """Every `%tracin ...` form in HELP, twice: without the optional [...] parts and with all of them."""
+    import re
+
+    forms = []
+    for line in ext.HELP.splitlines():
+        m = re.match(r"\s+%tracin (\S.*?)(?:\s{2,}|$)", line)
+        if not m:
+            continue
+        usage = m.group(1)
+        forms.append(re.sub(r"\s*\[[^\]]*\]", "", usage).strip())
+        forms.append(re.sub(r"[\[\]]", "", usage).strip())
+    return list(dict.fromkeys(forms))
+
+
+def test_every_documented_form_of_the_magic_runs(ip, cnn_index, small_digits, capsys):
+    import tracin_widgets as tw
+
+    forms = _documented_forms()
+    assert len(forms) >= 12 and any(f.startswith("outliers") and "page_size=48" in f for f in forms)
+    ip.user_ns.update(index=cnn_index, split=small_digits, result=cnn_index.top_k(small_digits.test, k=3),
+                      render_fn=lambda x: x, texts=[f"example {i}" for i in range(300)])
+    values = {"INDEX": "index", "TRAIN": "split.train", "TEST": "split.test", "RESULT": "result", "ROW": "2",
+              "f": "render_fn", "names": "split.class_names", "texts": "texts"}
+    kinds = {"explore": tw.InfluenceExplorer, "outliers": tw.SelfInfluenceGallery, "clusters": tw.ClusterGallery}
+    for form in forms:
+        line = " ".join(values.get(w.split("=")[-1], w.split("=")[-1]) if "=" not in w else
+                        f"{w.split('=')[0]}={values.get(w.split('=')[1], w.split('=')[1])}" for w in form.split())
+        if not line.startswith("use") and "use" not in form:
+            ext.run_command("use split.train split.test class_names=split.class_names", ip.user_ns)
+        out = ip.run_line_magic("tracin", line)
+        cmd = line.split()[0]
+        if cmd in kinds:
+            assert isinstance(out, kinds[cmd]) and out.last_error is None, line
+            if "page_size=48" in line:
+                assert out.page_size == 48
+            if "k=8" in line:
+                assert out.k == 8
+            if "n=8" in line:
+                assert len(out.clusters.sizes) == 8
+        elif cmd == "show":
+            row = int(line.split()[2]) if len(line.split()) > 2 else 0
+            assert f"test #{row} " in out.data and out.data.count("<img") == 1 + 6
+    capsys.readouterr()
+
+
+def test_outliers_accepts_k_and_text_options_show_original_text(ip, cnn_index, small_digits):
+    ip.user_ns.update(index=cnn_index, split=small_digits, texts=[f"sentence number {i}" for i in range(300)])
+    ip.run_line_magic("tracin", "use split.train split.test text=texts")
+    g = ip.run_line_magic("tracin", "outliers index k=12")                # the old documented name still works
+    assert g.page_size == 12 and len(g.gallery.strips[0]["tiles"]) == 12
+    t = g.gallery.strips[0]["tiles"][0]
+    assert t["png"] is None and t["text"] == f"sentence number {t['index']}"
+    with pytest.raises(UsageError, match="unknown option"):
+        ip.run_line_magic("tracin", "outliers index colour=3")

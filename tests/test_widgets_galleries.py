@@ -48,8 +48,10 @@ def test_explorer_strips_match_the_full_influence_matrix(explorer, cnn_index, sm
         assert ids(explorer, "proponents") == pro
         assert ids(explorer, "opponents") == opp
         torch.testing.assert_close(scores(explorer, "proponents"), full[i, pro], rtol=1e-4, atol=1e-6)
-        assert strip(explorer, "query")["tiles"][0] | {"png": None} == explorer._tile("test", i, pinned=True) | {"png": None}
-        assert explorer.picker.value == i
+        query = strip(explorer, "query")["tiles"][0]
+        assert query | {"png": None, "sub": ""} == explorer._tile("test", i, pinned=True) | {"png": None}
+        assert query["sub"] == explorer.outcomes.describe(i) and query["sub"].startswith("loss ")
+        assert explorer.picker.value == str(i)
     assert (scores(explorer, "proponents") > 0).all() and (scores(explorer, "opponents") < 0).all()
 
 
@@ -65,15 +67,16 @@ def test_explorer_tiles_carry_labels_predictions_and_png_bytes(explorer, cnn_ind
 def test_thumbnails_travel_as_binary_buffers(explorer):
     state, paths, buffers = _remove_buffers(explorer.gallery.get_state())
     n_png = sum(t["png"] is not None for s in explorer.gallery.strips for t in s["tiles"])
-    assert n_png == 11 and len(buffers) == n_png            # query + 5 + 5, each one buffer
+    n_tests = len(strip(explorer, "tests")["tiles"])
+    assert n_tests == 24 and n_png == 11 + n_tests and len(buffers) == n_png   # browser + query + 5 + 5
     assert all(p[0] == "strips" and p[-1] == "png" for p in paths)
 
 
 def test_picker_and_test_index_follow_each_other(explorer):
-    explorer.picker.value = 4
+    explorer.picker.value = "4"
     assert explorer.test_index == 4 and explorer.query == ("test", 4)
     explorer.test_index = 6
-    assert explorer.picker.value == 6 and strip(explorer, "query")["tiles"][0]["index"] == 6
+    assert explorer.picker.value == "6" and strip(explorer, "query")["tiles"][0]["index"] == 6
     with pytest.raises(TracInError, match="test_index=40 is out of range"):
         explorer.test_index = 40
 
@@ -83,8 +86,10 @@ def test_query_action_uses_a_training_example(explorer, cnn_index, small_digits)
     explorer.gallery.send_action({"action": "query", "index": target})      # Alt+click / q / detail button
     assert explorer.query == ("train", target) and explorer.test_index is None
     X, y = small_digits.train
-    ref = cnn_index.top_k((X[target:target + 1], y[target:target + 1]), k=5)
-    assert ids(explorer, "proponents") == ref.proponents.indices[0].tolist()
+    ref = cnn_index.top_k((X[target:target + 1], y[target:target + 1]), k=6)   # the query is left out of its lists
+    assert target in ref.proponents.indices[0].tolist()                      # (it is its own top proponent)
+    assert ids(explorer, "proponents") == [j for j in ref.proponents.indices[0].tolist() if j != target][:5]
+    assert ids(explorer, "opponents") == [j for j in ref.opponents.indices[0].tolist() if j != target][:5]
     pinned = strip(explorer, "query")["tiles"][0]
     assert pinned["pinned"] and pinned["role"] == "train" and pinned["index"] == target
     explorer.test_index = 1                                                  # back to a test example
@@ -118,7 +123,7 @@ def test_embedding_toggle_adds_the_nearest_neighbour_strip(explorer, cnn_index, 
                             embed(cnn_index.tracin, small_digits.test)[:1], k=5)
     assert ids(explorer, "embedding") == ref.indices[0].tolist()
     explorer.show_embeddings = False
-    assert [s["key"] for s in explorer.gallery.strips] == ["query", "proponents", "opponents"]
+    assert [s["key"] for s in explorer.gallery.strips] == ["tests", "query", "proponents", "opponents"]
 
 
 def test_callback_errors_are_shown_not_swallowed(cnn_index, small_digits):
@@ -126,8 +131,8 @@ def test_callback_errors_are_shown_not_swallowed(cnn_index, small_digits):
         if float(x.sum()) == float(small_digits.test[0][3].sum()):
             raise ValueError("cannot draw this one")
         return x
-    ex = tw.InfluenceExplorer(cnn_index, small_digits.train, small_digits.test, k=3, render=render)
-    ex.picker.value = 3                                                      # a control's callback fails
+    ex = tw.InfluenceExplorer(cnn_index, small_digits.train, small_digits.test, k=3, render=render, browse=0)
+    ex.picker.value = "3"                                                    # a control's callback fails
     assert isinstance(ex.last_error, ValueError)
     assert "cannot draw this one" in "".join(o.get("text", "") for o in ex.errors.outputs)
 
@@ -139,11 +144,19 @@ def test_explorer_static_views(explorer):
     html = explorer._repr_html_()
     for i in ids(explorer, "proponents") + ids(explorer, "opponents"):
         assert f'data-index="{i}"' in html
-    assert html.count("data:image/png;base64,") == 11 and 'alt="training example' in html
-    data, _ = DisplayFormatter().format(explorer)
-    assert "text/html" in data and "application/vnd.jupyter.widget-view+json" in data
+    assert html.count("data:image/png;base64,") == 11 + 24 and 'alt="training example' in html
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    InteractiveShell.instance()
+    with capture_output() as shown:                   # the widget view, then a static copy beside it
+        explorer._ipython_display_()
+    kinds = [set(o.data) for o in shown.outputs]
+    assert "application/vnd.jupyter.widget-view+json" in kinds[0] and "text/html" in kinds[1]
+    assert 'class="tw-static-fallback"' in shown.outputs[1].data["text/html"]
+    assert DisplayFormatter().format(explorer) == ({}, {})          # IPython leaves display to _ipython_display_
     fig = explorer.to_figure()
-    assert isinstance(fig, Figure) and len([ax for ax in fig.axes if ax.images]) == 11
+    assert isinstance(fig, Figure) and len([ax for ax in fig.axes if ax.images]) == 10 + 11
     df = explorer.to_dataframe()
     assert list(df["index"][:5]) == ids(explorer, "proponents") and set(df["strip"]) == {"proponents", "opponents"}
 
@@ -167,7 +180,7 @@ def test_pages_follow_the_self_influence_ranking(outliers, cnn_index):
     assert ids(outliers, "page") == order[:16]
     outliers.next_btn.click()
     assert outliers.page == 1 and ids(outliers, "page") == order[16:32]
-    assert outliers.page_box.value == 2 and strip(outliers, "page")["note"] == "ranks 17-32 of 300"
+    assert outliers.page_box.value == 2 and strip(outliers, "page")["note"].startswith("ranks 17-32 of 300;")
     outliers.page = 99                                                       # clamped to the last page
     assert outliers.page == 18 and ids(outliers, "page") == order[288:] and outliers.next_btn.disabled
     torch.testing.assert_close(scores(outliers, "page"), s[order[288:]].double())
@@ -199,15 +212,16 @@ def test_marks_selected_and_dataframe(outliers, cnn_index):
     assert df["self_influence"].iloc[0] == pytest.approx(float(cnn_index.outliers().scores[top[0]]))
     outliers.gallery.send_action({"action": "mark", "index": top[0], "mark": "clear"})
     assert top[0] not in outliers.marks
-    with pytest.raises(TracInError, match="mark must be one of"):
+    with pytest.raises(TracInError, match="mark must be 'suspicious', 'fine' or None"):
         outliers.mark([1], "odd")
     assert len(outliers.to_dataframe(all_examples=True)) == 300
 
 
 def test_parameter_space_ranking_and_per_checkpoint_detail(cnn_index, small_digits):
     g = tw.SelfInfluenceGallery(cnn_index, small_digits.train, page_size=8, space="parameters")
-    assert "||g_c(z)||^2 (parameter space)" in g._status()
-    assert "||dl/df_c(z)||^2 (output space)" in tw.SelfInfluenceGallery(cnn_index, small_digits.train)._status()
+    assert "||g_c(z)||^2: self-influence of the parameters" in g.gallery.help
+    assert "||dl/df_c(z)||^2: self-influence of the model output" in tw.SelfInfluenceGallery(
+        cnn_index, small_digits.train).gallery.help
     s = cnn_index.self_influence()
     assert ids(g, "page") == sorted(range(len(s)), key=lambda j: -float(s[j]))[:8]
     top = ids(g, "page")[0]

@@ -53,7 +53,7 @@ def test_self_influence_gallery_of_a_source_index_ranks_by_source_self_influence
     _, source_index = two_methods
     g = tw.SelfInfluenceGallery(source_index, small_digits.train, page_size=8)
     s = source_index.self_influence()
-    assert g.space == "parameters" and "(parameter space)" in g._status()
+    assert g.space == "parameters" and "self-influence of the parameters" in g.gallery.help
     assert g.ranked()[:8].tolist() == torch.argsort(s, descending=True, stable=True)[:8].tolist()
     with pytest.raises(te.TracInError, match="no output-space self-influence"):
         tw.SelfInfluenceGallery(source_index, small_digits.train, space="output")

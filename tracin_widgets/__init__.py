@@ -2,12 +2,15 @@
 
     import tracin_widgets as tw
     tw.InfluenceExplorer(index, train_data, test_data, k=8)   # a query -> proponents / opponents
-    tw.SelfInfluenceGallery(index, train_data)                # ranked by self-influence; mark; .to_dataframe()
+    tw.SelfInfluenceGallery(index, train_data)                # ranked by self-influence; mark, relabel, undo;
+                                                              # .to_dataframe(), .to_csv(), .cleaned()
+    tw.cleaned_dataset(train_data, marks, relabels)           # the training data after review (for retraining)
     tw.ClusterGallery(index, train_data, n_clusters=8)        # TracIn clusters as strips
 
 Every gallery: `selected` (training indices clicked), keyboard navigation (arrows, Enter, Escape),
 `_repr_html_` (static thumbnail grid) and `to_figure()` (matplotlib). Options shared by all:
-render= (example -> PIL image | array | str | dict), class_names=, feature_names=,
+render= (example -> PIL image | array | str | dict), text= (original text of each training example),
+class_names=, feature_names=,
 predictions= ("auto": argmax of the model output when labels are integer classes; True; False;
 or a tensor of predicted classes).
 """
@@ -18,8 +21,8 @@ from typing import Any
 from .extension import load_ipython_extension, unload_ipython_extension  # %load_ext tracin_widgets
 
 _LAZY = {"ClusterGallery": ".clusters", "InfluenceExplorer": ".explorer", "Renderer": ".render",
-         "SelfInfluenceGallery": ".outliers"}
-__all__ = ["ClusterGallery", "InfluenceExplorer", "Renderer", "SelfInfluenceGallery"]
+         "SelfInfluenceGallery": ".outliers", "CleanedData": ".review", "cleaned_dataset": ".review"}
+__all__ = ["CleanedData", "ClusterGallery", "InfluenceExplorer", "Renderer", "SelfInfluenceGallery", "cleaned_dataset"]
 
 
 def __getattr__(name: str) -> Any:

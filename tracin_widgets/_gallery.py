@@ -2,15 +2,12 @@
 
 Example:
     >>> g = Gallery(strips=[{"key": "top", "title": "top", "scale": 1.0, "tiles": [tile]}])
-    >>> g.on_action(lambda msg: print(msg))        # {"action": "query" | "mark", "index": i, ...}
+    >>> g.on_action(lambda msg: print(msg))        # {"action": "query" | "mark" | ..., "index": i, ...}
     >>> g.selected                                  # [training indices], toggled by clicks
 
-Traits (all synced): strips: list of {key, title, note, scale, wrap, mix: [[label, count]], tiles};
-a tile is {index, role: "train" | "test", label, pred, score, alt, png: bytes | None, text}.
-PNG bytes travel as binary buffers (ipywidgets extracts bytes from nested state), never as lists.
-selected: list of training indices; active: training index whose detail is open (-1: none);
-detail: {index, title, alt, png, text, rows: [[name, value]]}; marks: {"index": "suspicious" | "fine"};
-actions: buttons the detail offers ("query", "suspicious", "fine", "clear"); status: a line of text.
+Its synced traits, the fields of strips / tiles / the detail, and the messages the browser sends are
+declared once, in _schema.py (a test checks gallery.js against them). PNG bytes travel as binary
+buffers (ipywidgets extracts bytes from nested state), never as lists.
 """
 
 from __future__ import annotations
@@ -21,22 +18,18 @@ from typing import Any, Callable
 import anywidget
 import traitlets
 
+from ._schema import trait_types
+
 _STATIC = Path(__file__).parent / "static"
 
+_GalleryTraits = type("_GalleryTraits", (traitlets.HasTraits,), trait_types())   # the schema's traits, as a mixin
 
-class Gallery(anywidget.AnyWidget):
+
+class Gallery(anywidget.AnyWidget, _GalleryTraits):
     """Strips of thumbnail tiles; Python fills the traits, the browser only draws and reports clicks."""
 
     _esm = _STATIC / "gallery.js"
     _css = _STATIC / "gallery.css"
-
-    strips = traitlets.List(traitlets.Dict()).tag(sync=True)
-    selected = traitlets.List(traitlets.Int()).tag(sync=True)
-    active = traitlets.Int(-1).tag(sync=True)
-    detail = traitlets.Dict().tag(sync=True)
-    marks = traitlets.Dict(value_trait=traitlets.Unicode()).tag(sync=True)
-    actions = traitlets.List(traitlets.Unicode()).tag(sync=True)
-    status = traitlets.Unicode("").tag(sync=True)
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
@@ -44,7 +37,7 @@ class Gallery(anywidget.AnyWidget):
         self.on_msg(self._on_msg)
 
     def on_action(self, handler: Callable[[dict], None]) -> None:
-        """Call handler(msg) for each action the browser sends: {"action": "query"|"mark", "index": i, ...}."""
+        """Call handler(msg) for each action the browser sends (see _schema.MESSAGES)."""
         self._handlers.append(handler)
 
     def send_action(self, msg: dict) -> None:

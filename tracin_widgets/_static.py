@@ -15,36 +15,42 @@ import io
 import textwrap
 
 POS, NEG = "#1a7f37", "#c62828"
+COLORS = {"similarity": "#1f5fbf", "self": "#8a4b00"}   # one-colour bars (the widget's light theme)
 _CSS = ("<style>.tw-static{font:12px sans-serif}.tw-static .tw-s-row{display:flex;flex-wrap:wrap;gap:4px;margin:2px 0 8px}"
         ".tw-static figure{margin:0;width:78px;text-align:center;border:1px solid #ddd;border-radius:4px;padding:3px}"
+        ".tw-static figure:has(pre){width:150px}"
         ".tw-static img{width:64px;height:64px;object-fit:contain;image-rendering:pixelated;background:#000}"
-        ".tw-static pre{width:72px;height:64px;overflow:hidden;font-size:9px;white-space:pre-wrap;text-align:left;margin:0}"
+        ".tw-static pre{width:100%;max-height:5.3em;overflow:hidden;font:11px/1.3 sans-serif;white-space:pre-wrap;"
+        "word-break:normal;overflow-wrap:break-word;text-align:left;margin:0}"
         ".tw-static figcaption{font-size:10px;line-height:1.25}.tw-static .tw-s-bar{height:4px;background:#eee;position:relative}"
         ".tw-static .tw-s-fill{position:absolute;top:0;bottom:0}</style>")
 
 
-def _fmt(score: float) -> str:
-    return f"{score:+.3g}"
+def _fmt(score: float, signed: bool = True) -> str:
+    return f"{score:+.3g}" if signed else f"{score:.3g}"
 
 
-def _tile_html(t: dict, scale: float, signed: bool = True) -> str:
+def _tile_html(t: dict, scale: float, signed: bool = True, color: str = "influence") -> str:
     alt = html.escape(t["alt"], quote=True)
     if t.get("png"):
         body = (f'<img src="data:image/png;base64,{base64.b64encode(t["png"]).decode()}" alt="{alt}">')
     else:
         body = f'<pre role="img" aria-label="{alt}">{html.escape(t.get("text") or "")}</pre>'
-    attr = f'data-test-index="{t["index"]}"' if t.get("pinned") else f'data-index="{t["index"]}"'
+    attr = f'data-test-index="{t["index"]}"' if t["role"] == "test" else f'data-index="{t["index"]}"'
     head = ("test #" if t["role"] == "test" else "#") + str(t["index"])
     cap = f"{head} <b>{html.escape(t['label'])}</b>"
     if t.get("pred"):
         cap += f" &rarr; {html.escape(t['pred'])}"
+    if t.get("sub"):
+        cap += f"<br><span style='color:#555'>{html.escape(t['sub'])}</span>"
     s = t.get("score")
     if s is not None:
         frac = min(1.0, abs(s) / scale) if scale > 0 else 0.0
         half = 50 if signed else 100
-        side = (f"left:{100 - half}%;background:{POS}" if s >= 0 else f"right:50%;background:{NEG}")
+        tone = COLORS.get(color, POS if s >= 0 else NEG)
+        side = f"left:{100 - half}%;background:{tone}" if s >= 0 or not signed else f"right:50%;background:{tone}"
         cap += (f'<div class="tw-s-bar"><div class="tw-s-fill" style="{side};width:{half * frac:.1f}%"></div></div>'
-                f'<span style="color:{POS if s >= 0 else NEG}">{_fmt(s)}</span>')
+                f'<span style="color:{tone}">{_fmt(s, signed)}</span>')
     return f"<figure {attr}>{body}<figcaption>{cap}</figcaption></figure>"
 
 
@@ -57,7 +63,7 @@ def strips_html(strips: list[dict], title: str = "") -> str:
         note = f" <span style='color:#666'>{html.escape(s.get('note', ''))}</span>" if s.get("note") else ""
         parts.append(f"<div><b>{html.escape(s['title'])}</b>{note}</div>")
         scale = float(s.get("scale") or 0.0)
-        tiles = "".join(_tile_html(t, scale, s.get("signed", True)) for t in s["tiles"])
+        tiles = "".join(_tile_html(t, scale, s.get("signed", True), s.get("color", "influence")) for t in s["tiles"])
         parts.append(f'<div class="tw-s-row">{tiles or "<i>nothing to show</i>"}</div>')
     parts.append("</div>")
     return "".join(parts)

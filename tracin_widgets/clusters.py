@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tracin_engine.errors import TracInError
+from ._engine import TracInError
 
 from ._base import GalleryBase
 
@@ -59,7 +59,6 @@ class ClusterGallery(GalleryBase):
 
     def _strips(self) -> list[dict]:
         strips = []
-        scale = float(self.self_influence.max()) if self.self_influence is not None else None
         n_reps = {k: len(self.clusters.representatives[k]) for k in self.order}
         for k in self.order:
             idx = self.shown(k)
@@ -68,13 +67,18 @@ class ClusterGallery(GalleryBase):
             mix_text = ", ".join(f"{lab} {100 * n / total:.0f}%" for lab, n in mix[:4])
             scores = self.self_influence[idx] if self.self_influence is not None else None
             strips.append(self._strip(f"cluster-{k}", f"cluster {k}: {int(self.clusters.sizes[k])} examples",
-                                      idx, scores, scale=scale, mix=mix, signed=False,
+                                      idx, scores, mix=mix, signed=False, color="self",
+                                      help="bar: self-influence sum_c eta_c ||g_c(z)||^2, scaled to this cluster's largest",
                                       note=f"{n_reps[k]} representatives first" + (f"; labels {mix_text}" if mix_text else "")))
         return strips
 
     def _status(self) -> str:
-        return (f"{len(self.order)} TracIn clusters of {len(self.train)} training examples (largest first); "
-                "bar: self-influence in the parameter space, sum_c eta_c ||g_c(z)||^2")
+        return (f"{len(self.order)} TracIn clusters of {len(self.train)} training examples (largest first): "
+                "examples the model learns alike; a long bar marks a member that is hard to fit")
+
+    def _help(self) -> str:
+        return ("clusters of gradients compared by cosine (distance 1 - similarity); bar: self-influence "
+                "sum_c eta_c ||g_c(z)||^2, scaled per cluster")
 
     def _detail_rows(self, i: int) -> list[tuple[str, str]]:
         k = int(self.clusters.labels[i])

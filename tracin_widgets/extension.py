@@ -22,24 +22,24 @@ import html
 import shlex
 from typing import Any
 
-_TYPES = {  # (module, class name) -> formatter function name in this module
-    ("tracin_engine.store.topk", "TopK"): "_topk_html",
-    ("tracin_engine.store.topk", "Neighbors"): "_neighbors_html",
-    ("tracin_engine.methods.index", "GradientIndex"): "_index_html",
-    ("tracin_engine.analysis.clustering", "Clusters"): "_clusters_html",
-}
+from ._engine import RESULT_TYPES
+
+_TYPES = {key: f"_{kind}_html" for key, kind in RESULT_TYPES.items()}  # (module, class) -> formatter in this module
 MAX_ROWS = 5  # test examples shown per TopK before "... more"
-_context: dict[str, Any] = {"train": None, "test": None, "renderer": None}
+_context: dict[str, Any] = {"train": None, "test": None, "renderer": None, "options": {}}
+USE_OPTIONS = ("render", "class_names", "feature_names", "max_chars", "text", "test_text")
 
 HELP = """%tracin: shortcuts for TracIn influence in notebooks.
 
   %tracin help                          this text
-  %tracin use TRAIN [TEST] [render=f class_names=names feature_names=names]
-                                        data the result indices refer to (TopK shows thumbnails)
+  %tracin use TRAIN [TEST] [render=f class_names=names feature_names=names text=texts test_text=texts]
+                                        data the result indices refer to (TopK shows thumbnails);
+                                        text= / test_text=: the original text of each example
   %tracin use off                       forget it (TopK shows a table of indices and scores)
   %tracin info INDEX                    checkpoints, learning rates, feature size, storage
+  %tracin show RESULT [ROW]             row ROW of a TopK (default 0) with its test example's thumbnail
   %tracin explore INDEX [TRAIN TEST] [k=8]    InfluenceExplorer: a test example -> proponents / opponents
-  %tracin outliers INDEX [TRAIN] [k=24]       SelfInfluenceGallery: highest self-influence first
+  %tracin outliers INDEX [TRAIN] [page_size=48]   SelfInfluenceGallery: highest self-influence first
   %tracin clusters INDEX [TRAIN] [n=8]        ClusterGallery: TracIn clusters as strips
   %tracin status                        what is registered, versions, device
 
@@ -67,7 +67,7 @@ def unload_ipython_extension(ip) -> None:
     for cls, func in list(formatter.type_printers.items()):
         if func in funcs:
             del formatter.type_printers[cls]
-    _context.update(train=None, test=None, renderer=None)
+    _context.update(train=None, test=None, renderer=None, options={})
 
 
 # -- the magic -------------------------------------------------------------------------------------
@@ -129,30 +129,33 @@ def run_command(line: str, ns: dict) -> Any:
         return None
     if cmd == "use":
         if args == ["off"]:
-            _context.update(train=None, test=None, renderer=None)
+            _context.update(train=None, test=None, renderer=None, options={})
             print("tracin: data forgotten; results display as tables")
             return None
         pos, opts = _parse(args, ns)
         if not 1 <= len(pos) <= 2:
             raise _Usage("`%tracin use` takes TRAIN and optionally TEST.")
-        unknown = set(opts) - {"render", "class_names", "feature_names", "max_chars"}
+        unknown = set(opts) - set(USE_OPTIONS)
         if unknown:
-            raise _Usage(f"unknown option(s) {sorted(unknown)} for `%tracin use`.")
+            raise _Usage(f"unknown option(s) {sorted(unknown)} for `%tracin use`; known: {list(USE_OPTIONS)}.")
         from .render import Renderer
 
-        _context.update(train=pos[0], test=pos[1] if len(pos) > 1 else None, renderer=Renderer(**opts))
+        renderer = Renderer(**{k: v for k, v in opts.items() if k not in ("text", "test_text")})
+        _context.update(train=pos[0], test=pos[1] if len(pos) > 1 else None, renderer=renderer, options=opts)
         print(f"tracin: results show thumbnails of {len(_source(pos[0]))} training examples")
         return None
     if cmd == "status":
         return _status()
-    if cmd not in ("info", "explore", "outliers", "clusters"):
+    if cmd not in ("info", "explore", "outliers", "clusters", "show"):
         raise _Usage(f"unknown subcommand {cmd!r}.")
     pos, opts = _parse(args, ns)
+    if cmd == "show":
+        return _show(pos)
     if not pos:
         raise _Usage(f"`%tracin {cmd}` needs an index: `%tracin {cmd} index`.")
     index = pos[0]
-    if type(index).__name__ != "GradientIndex":
-        raise _Usage(f"the first argument must be a GradientIndex (from tracin.index(...)), "
+    if not all(hasattr(index, a) for a in ("n_train", "top_k", "self_influence")):
+        raise _Usage(f"the first argument must be an index (tracin.index(...), a SOURCE index or an ensemble), "
                      f"got {type(index).__name__}.")
     if cmd == "info":
         print(_index_text(index))
@@ -160,11 +163,39 @@ def run_command(line: str, ns: dict) -> Any:
     train = _data(pos, 1, "train")
     import tracin_widgets as tw
 
+    shared = {k: v for k, v in _context["options"].items() if k in ("render", "class_names", "feature_names", "text")}
     if cmd == "explore":
-        return tw.InfluenceExplorer(index, train, _data(pos, 2, "test"), **opts)
+        known = {"k", "test_index", "target", "embeddings", "browse", "methods", "predictions"}
+        _check_opts(cmd, opts, known)
+        if "test_text" in _context["options"]:
+            shared["test_text"] = _context["options"]["test_text"]
+        return tw.InfluenceExplorer(index, train, _data(pos, 2, "test"), **{**shared, **opts})
     if cmd == "outliers":
-        return tw.SelfInfluenceGallery(index, train, **opts)
-    return tw.ClusterGallery(index, train, n_clusters=opts.pop("n", 8), **opts)
+        if "k" in opts:                           # `k=` (tiles per page) kept as another name for page_size
+            opts["page_size"] = opts.pop("k")
+        _check_opts(cmd, opts, {"page_size", "space", "weights", "marks_file", "scatter", "predictions"})
+        return tw.SelfInfluenceGallery(index, train, **{**shared, **opts})
+    _check_opts(cmd, opts, {"n", "per_cluster", "predictions"})
+    return tw.ClusterGallery(index, train, n_clusters=opts.pop("n", 8), **{**shared, **opts})
+
+
+def _check_opts(cmd: str, opts: dict, known: set[str]) -> None:
+    unknown = set(opts) - known - {"render", "class_names", "feature_names", "text"}
+    if unknown:
+        raise _Usage(f"unknown option(s) {sorted(unknown)} for `%tracin {cmd}`; known: {sorted(known)}.")
+
+
+def _show(pos: list[Any]):
+    """`%tracin show RESULT [ROW]`: one row of a TopK, headed by that test example's thumbnail."""
+    from IPython.display import HTML
+
+    if not pos or not hasattr(pos[0], "proponents"):
+        raise _Usage("`%tracin show` needs a TopK result: `%tracin show result 3`.")
+    result, row = pos[0], int(pos[1]) if len(pos) > 1 else 0
+    n = len(result.proponents.indices)
+    if not 0 <= row < n:
+        raise _Usage(f"row {row} is out of range; the result has {n} test example(s) (0..{n - 1}).")
+    return HTML(_topk_html(result[row], rows=[row]))
 
 
 def _status() -> None:
@@ -183,7 +214,7 @@ def _describe(data: Any) -> str:
 
 
 def _source(data: Any):
-    from tracin_engine.data import as_source
+    from ._engine import as_source
 
     return as_source(data)
 
@@ -225,16 +256,21 @@ def _neighbors_html(nb) -> str:
             f"{f'<div>... {more} more rows</div>' if more > 0 else ''}</div>")
 
 
-def _topk_html(topk) -> str:
+def _topk_html(topk, rows: list[int] | None = None) -> str:
+    """rows: the test example of each row (known for a full result, or given by `%tracin show`)."""
     pro, opp = topk.proponents, topk.opponents
     n, k = pro.indices.shape
+    test = _context["test"]
+    if rows is None and test is not None and n == len(_source(test)):
+        rows = list(range(n))
     blocks = []
     for r in range(min(n, MAX_ROWS)):
         head = f"test example {r}" if n > 1 else "test example"
-        test = _context["test"]
-        if test is not None and n == len(_source(test)):
-            thumb, label = _thumbnail(test, r)
-            head = f"{thumb} test #{r} · {html.escape(label)}"
+        if n == 1 and rows is None:
+            head = "one test example (which one is not known here: `%tracin show result ROW` shows it with its image)"
+        if test is not None and rows is not None:
+            thumb, label = _thumbnail(test, rows[r], role="test")
+            head = f"{thumb} test #{rows[r]} · {html.escape(label)}"
         pro_tiles = _tiles(pro.indices[r], pro.scores[r], "pro")
         opp_tiles = _tiles(opp.indices[r], opp.scores[r], "opp")
         blocks.append(f"<div class='tracin-query'><b>{head}</b>"
@@ -246,12 +282,14 @@ def _topk_html(topk) -> str:
 
 
 def _index_text(index) -> str:
-    lrs = ", ".join(f"{v:g}" for v in index.learning_rates.tolist())
-    store = index.store
-    where = str(store.path) if getattr(store, "path", None) else "memory"
-    return (f"GradientIndex: {index.n_train} training examples x {store.n_checkpoints} checkpoints\n"
-            f"  learning rates: [{lrs}]\n  feature size per example and checkpoint: {store.dim} "
-            f"(proj_dim={index.tracin.proj_dim}, parameters={index.tracin.num_params})\n  stored in: {where}")
+    from . import _engine as eng
+
+    lrs = ", ".join(f"{v:g}" for v in index.tracin.checkpoints.learning_rates.tolist())
+    where = eng.store_path(index)
+    dim = getattr(getattr(index, "store", None), "dim", None)
+    return (f"{type(index).__name__}: {index.n_train} training examples x {len(index.tracin.checkpoints)} checkpoints\n"
+            f"  learning rates: [{lrs}]\n  feature size per example and checkpoint: {dim if dim is not None else 'n/a'} "
+            f"(proj_dim={index.tracin.proj_dim}, parameters={index.tracin.num_params})\n  stored in: {where or 'memory'}")
 
 
 def _index_html(index) -> str:
@@ -285,14 +323,18 @@ def _clusters_html(clusters) -> str:
             f"({html.escape(str(getattr(clusters, 'method', '')))})</div><table>{head}{''.join(rows)}</table></div>")
 
 
-def _thumbnail(data: Any, i: int) -> tuple[str, str]:
-    """(an <img> or <pre> snippet, the label text) for example i of data, drawn by render.Renderer."""
+def _thumbnail(data: Any, i: int, role: str = "train") -> tuple[str, str]:
+    """(an <img> or <pre> snippet, the label text) for example i of data, drawn by render.Renderer
+    (or the original text given with `%tracin use ... text=` / `test_text=`)."""
     import base64
 
     from .render import Renderer
 
     renderer = _context.get("renderer") or Renderer()
     x, y = _source(data).example(int(i))
+    texts = _context["options"].get("text" if role == "train" else "test_text")
+    if texts is not None:
+        x = texts(int(i)) if callable(texts) else texts[int(i)]
     view = renderer.view(x)
     if view.png is not None:
         return f"<img src='data:image/png;base64,{base64.b64encode(view.png).decode()}'>", renderer.label(y)
