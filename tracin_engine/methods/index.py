@@ -27,7 +27,7 @@ from ..data import BatchFn, as_source
 from ..devices import output_device, to_output
 from ..errors import TracInError
 from ..fingerprint import data_fingerprint
-from ..inputs import check_k
+from ..checks import check_k
 from ..gradients.per_example import Target
 from ..store.scoring import full_scores, score_blocks, self_influence
 from ..store import files

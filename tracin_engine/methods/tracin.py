@@ -20,7 +20,7 @@ from ..devices import output_device, tf32_mode
 from ..errors import TracInError
 from ..settings import IndexSettings
 from ..fingerprint import data_fingerprint
-from ..inputs import check_device, explain_input_error
+from ..checks import check_device, explain_input_error
 from ..memory import Backoff, fits, is_oom
 from ..gradients.featurize import Featurizer, check_finite, featurize
 from ..gradients.per_example import GradientComputer, Target
