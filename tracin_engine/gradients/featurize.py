@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import inputs as tree
 from ..checkpoints import Checkpoints
 from ..data import DataSource
 from ..errors import TracInError
 from . import hooks
-from .per_example import GradientComputer, Target
+from .per_example import GradientComputer, Target, VmapUnsupported
 from ..store.layout import Layout
 from .factored import FactoredProjection
 from .projection import RandomProjection
@@ -47,7 +48,7 @@ class Featurizer:
             raise TracInError("per_example='hooks' needs every selected layer to be a plain Linear or "
                               "Conv2d (groups=1, zero padding); use per_example='vmap'.")
         self.mode = "hooks" if self.hooks else ("vmap" if per_example == "auto" else per_example)
-        self.resolved = self.mode != "hooks"
+        self.resolved = self.mode != "hooks" and per_example != "auto"
 
     @property
     def layout(self) -> Layout:
@@ -69,21 +70,30 @@ class Featurizer:
         return self.grads.prepare(state, name)
 
     def resolve(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss") -> None:
-        """Try the hook path on a couple of examples; under "auto" fall back to vmap if it cannot run."""
+        """Try the hook path on a couple of examples; under "auto" fall back to vmap if it cannot run,
+        and from vmap to the loop when torch.func cannot trace the model (data-dependent Python
+        control flow, as in Hugging Face attention masks)."""
         if self.resolved:
             return
-        try:
-            self.hooks(state, x[:2], None if y is None else y[:2], target)
-        except hooks.Unsupported as exc:
-            if self.requested == "hooks":
-                raise TracInError(f"per_example='hooks' cannot run on this model: {exc}; use 'vmap'.") from exc
-            self.hooks, self.mode = None, "vmap"
+        x2, y2 = tree.take(x, 0, 2), None if y is None else y[:2]
+        if self.mode == "hooks":
+            try:
+                self.hooks(state, x2, y2, target)
+            except hooks.Unsupported as exc:
+                if self.requested == "hooks":
+                    raise TracInError(f"per_example='hooks' cannot run on this model: {exc}; use 'vmap'.") from exc
+                self.hooks, self.mode = None, "vmap"
+        if self.mode == "vmap" and self.requested == "auto":
+            try:
+                self.grads.per_example(state, x2, y2, target)
+            except VmapUnsupported:
+                self.mode = "loop"
         self.resolved = True
 
     def adopt(self, mode: str) -> None:
         """Use the mode an existing index was built with (when this featurizer was left on "auto")."""
-        if self.requested == "auto" and mode == "vmap" and self.mode != "factored":
-            self.hooks, self.mode = None, "vmap"
+        if self.requested == "auto" and mode in ("vmap", "loop") and self.mode != "factored":
+            self.hooks, self.mode = None, mode
         self.resolved = True
 
     def __call__(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss") -> torch.Tensor:
@@ -185,8 +195,9 @@ class _Chunk:
                 target: Target) -> Rows:
         while True:
             try:
-                return Rows.cat([featurizer.rows(state, x[s:s + self.size], None if y is None else y[s:s + self.size],
-                                                 target) for s in range(0, x.shape[0], self.size)])
+                return Rows.cat([featurizer.rows(state, tree.take(x, s, s + self.size),
+                                                 None if y is None else y[s:s + self.size], target)
+                                 for s in range(0, tree.length(x), self.size)])
             except torch.OutOfMemoryError as exc:
                 if self.size == 1:
                     raise TracInError("out of memory featurizing a single example; select fewer layers "
@@ -227,8 +238,8 @@ def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSour
                 return e <= lo or s >= hi or store.is_done(c, max(s, lo), min(e, hi))
 
             for start, x, y in source.batches(batch_size, skip=skip):
-                a, b = max(start, lo) - start, min(start + x.shape[0], hi) - start
-                rows = chunk.compute(featurizer, state, x[a:b], None if y is None else y[a:b], target)
+                a, b = max(start, lo) - start, min(start + tree.length(x), hi) - start
+                rows = chunk.compute(featurizer, state, tree.take(x, a, b), None if y is None else y[a:b], target)
                 check_finite(rows.features, start + a, name)
                 store.write(c, start + a, rows.features, featurizer.sq_norms(rows.features),
                             out_sq_norms=rows.out_sq_norms, losses=rows.losses)

@@ -15,12 +15,11 @@ with Linear gradients never materialized).
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from ..errors import TracInError
 from .per_example import GradientComputer, Target, model_mode, output_sq_norms, parameter_groups
@@ -74,17 +73,17 @@ class HookFeaturizer:
             self.plan.append((mod_name, mod, has_w, has_b))
         self.layout = Layout(segments)
 
-    def __call__(self, state: dict, inputs: torch.Tensor, targets: torch.Tensor | None,
+    def __call__(self, state: dict, inputs: Any, targets: torch.Tensor | None,
                  target: Target = "loss") -> torch.Tensor:
         """Rows (B, layout.dim) for a batch; same objective as GradientComputer.per_example."""
         return self.many([state], inputs, targets, target)[0]
 
-    def many(self, states: list[dict], inputs: torch.Tensor, targets: torch.Tensor | None,
+    def many(self, states: list[dict], inputs: Any, targets: torch.Tensor | None,
              target: Target = "loss") -> torch.Tensor:
         """Rows (S, B, layout.dim) of one batch at S checkpoints, from a single backward pass."""
         return self.many_with_outputs(states, inputs, targets, target)[0]
 
-    def many_with_outputs(self, states: list[dict], inputs: torch.Tensor, targets: torch.Tensor | None,
+    def many_with_outputs(self, states: list[dict], inputs: Any, targets: torch.Tensor | None,
                           target: Target = "loss") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows (S, B, layout.dim), ||dl_b/df_b||^2 (S, B) and l_b (S, B) (float64), f_b the output.
 
@@ -92,8 +91,7 @@ class HookFeaturizer:
         gives each checkpoint's own output gradients (cheaper than S backward calls for queries).
         """
         gc = self.grads
-        x = gc.cast(inputs)
-        y = None if targets is None else targets.to(gc.device)
+        x, y = gc.batch(inputs, targets)
         gc.check_args(y, target)
         names = set(gc.param_names)
         seen: dict[str, list] = {name: [] for name, *_ in self.plan}
@@ -104,7 +102,7 @@ class HookFeaturizer:
             with model_mode(gc.model, gc.train_mode), torch.enable_grad():
                 for state in states:
                     params = {k: (v.detach().requires_grad_(True) if k in names else v) for k, v in state.items()}
-                    out = functional_call(gc.model, params, (x,))
+                    out = gc.forward(params, x, y)
                     losses.append(gc.checked_objectives(out, y, target))
                     model_outs.append(out)
         finally:

@@ -168,13 +168,13 @@ class SourceIndex(GradientIndex):
         """Gradients at the final checkpoint (projected like v when proj_dim is set): (1, m, dim)."""
         tr = self.tracin
         source = as_source(test_data, batch_fn)
-        preds = tr.predictions(source) if isinstance(target, str) and target == "prediction" else None
+        predicting = isinstance(target, str) and target == "prediction"
         tr.resolve(source)
         proj, state = _projection(tr), tr.state(len(tr.checkpoints) - 1)
         rows = []
         for start, x, y in source.batches(batch_size):
-            if preds is not None:
-                y = preds[start:start + x.shape[0]]
+            if predicting:
+                y = tr.featurizer.grads.prediction_targets(state, x, y)
             g = flat_gradients(tr, state, x, y, target)
             check_finite(g, start, "the final checkpoint (test data)")
             rows.append(proj(g) if proj is not None else g)
@@ -256,7 +256,7 @@ def build_source_index(tracin: "TracIn", train_data: Any, segments: int = 1, ste
                 if c == last:
                     g_final = g
             v = source_update(layers, cv, seg.horizon, v, g_sum / len(seg.checkpoints), n)
-        selfs[start:start + x.shape[0]] = (g_final * v).sum(1).cpu()
+        selfs[start:start + len(v)] = (g_final * v).sum(1).cpu()
         f = proj(v.to(torch.float64 if dtype == torch.float64 else torch.float32)) if proj is not None else v
         fs.write(0, start, f, f.double().pow(2).sum(1))
     index = SourceIndex(tracin, fs, settings, selfs)

@@ -27,7 +27,12 @@ from ..store.feature_store import FeatureStore
 class TracIn:
     """TracInCP over `checkpoints` for `model`.
 
-    loss_fn(output (1, ...), target (1, ...)) -> one value (any reduction; it sees one example).
+    loss_fn: None ("classification"), a name from losses.py ("regression", "causal_lm", "masked_lm",
+    "token_classification", "seq2seq"), or loss_fn(output (1, ...), target (1, ...)) -> one value
+    (any reduction; it sees one example).
+    output_fn: picks the tensor to attribute from what the model returns (default: a tensor as is,
+    a tuple's first element, a dict's or ModelOutput's "logits"); the model is called as model(x),
+    model(*x) or model(**x) for a tensor, tuple or dict batch (data.py).
     layers: None (all trainable parameters), "last", or module names.
     proj_dim: None for exact gradients (dim = P), or an int for a seeded random projection.
     projection: "gaussian" / "rademacher" (dense G R / sqrt(proj_dim) of the flat gradient) or
@@ -41,7 +46,7 @@ class TracIn:
     def __init__(self, model: torch.nn.Module, checkpoints: Checkpoints, loss_fn: Callable | None = None,
                  layers: str | Sequence[str] | None = None, proj_dim: int | None = None,
                  device: str | torch.device | None = None, seed: int = 0, projection: str = "gaussian",
-                 per_example: str = "auto", train_mode: bool = False):
+                 per_example: str = "auto", train_mode: bool = False, output_fn: Callable | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TracInError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not isinstance(checkpoints, Checkpoints):
@@ -49,7 +54,7 @@ class TracIn:
                               "Checkpoints.from_files(paths, learning_rates=[...]) or Checkpoints.from_dir(run_dir).")
         self.model, self.checkpoints, self.loss_fn = model, checkpoints, loss_fn
         self.layers, self.proj_dim, self.seed, self.projection_kind = layers, proj_dim, seed, projection
-        grads = GradientComputer(model, loss_fn, layers, device, train_mode)
+        grads = GradientComputer(model, loss_fn, layers, device, train_mode, output_fn=output_fn)
         proj = build_projection(projection, grads, proj_dim, seed)
         self.featurizer = Featurizer(grads, proj, per_example)
         self.device = grads.device
@@ -84,9 +89,9 @@ class TracIn:
     def resolve(self, source) -> None:
         """Settle the per-example path on the first examples before any feature is stored."""
         if not self.featurizer.resolved:
-            _, x, _ = next(iter(source.batches(2)))
+            _, x, y = next(iter(source.batches(2)))
             state = self.state(len(self.checkpoints) - 1)
-            preds = self.featurizer.grads.predictions(state, x)
+            preds = self.featurizer.grads.prediction_targets(state, x, y)
             self.featurizer.resolve(state, x, preds, "prediction")
 
     def state(self, c: int) -> dict:
@@ -157,25 +162,29 @@ class TracIn:
                  batch_size: int = 256) -> torch.Tensor:
         """Per-checkpoint features of (test) examples: Tensor (C, m, dim) on the device.
 
-        target="prediction" uses the class the last checkpoint predicts (no labels needed).
+        target="prediction" uses the class the last checkpoint predicts (no labels needed; language
+        models: the sequence's own tokens, see losses.py).
         """
         source = as_source(data, batch_fn)
-        preds = self.predictions(source) if isinstance(target, str) and target == "prediction" else None
+        predicting = isinstance(target, str) and target == "prediction"
         self.resolve(source)
+        last = self.state(len(self.checkpoints) - 1) if predicting else None
         out = torch.empty(len(self.checkpoints), len(source), self.dim, device=self.device,
                           dtype=torch.float64 if self.featurizer.grads.dtype == torch.float64 else torch.float32)
         C = len(self.checkpoints)
         if len(source) <= 64 and self._states_cached:  # a query: all checkpoints in one backward pass
             _, x, y = next(iter(source.batches(len(source))))
-            out[:] = self.featurizer.many([self.state(c) for c in range(C)], x, y if preds is None else preds, target)
+            if predicting:
+                y = self.featurizer.grads.prediction_targets(last, x, y)
+            out[:] = self.featurizer.many([self.state(c) for c in range(C)], x, y, target)
             for c in range(C):
                 check_finite(out[c], 0, f"checkpoint {c} (test data)")
             return out
         for c in range(C):
             state = self.state(c)
             for start, x, y in source.batches(batch_size):
-                if preds is not None:
-                    y = preds[start:start + x.shape[0]]
+                if predicting:
+                    y = self.featurizer.grads.prediction_targets(last, x, y)
                 f = self.featurizer(state, x, y, target)
                 check_finite(f, start, f"checkpoint {c} (test data)")
                 out[c, start:start + f.shape[0]] = f
