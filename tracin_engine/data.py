@@ -56,6 +56,15 @@ def _split_item(item: Any, batch_fn: BatchFn | None) -> tuple[Any, Any]:
     return item, None
 
 
+def _untranspose(v: Any) -> Any:
+    """A dict value that PyTorch's default collate turned from per-example lists (length T) into a list
+    of T tensors (B,) -> one tensor (B, T)."""
+    if isinstance(v, (list, tuple)) and v and all(torch.is_tensor(t) and t.dim() == 1 for t in v) \
+            and len({t.shape for t in v}) == 1:
+        return torch.stack(list(v), 1)
+    return v
+
+
 def _fix(batch_fn: BatchFn | None) -> str:
     if batch_fn is not None:
         return ("your batch_fn must return (inputs, targets) with inputs a tensor, a tuple or a dict of tensors, "
@@ -155,6 +164,8 @@ class DataSource:
         if self.is_loader:
             start = 0
             for batch in self.data:
+                if isinstance(batch, Mapping) and self.batch_fn is None:
+                    batch = {k: _untranspose(v) for k, v in batch.items()}
                 x, y = self._convert(*_split_item(batch, self.batch_fn))
                 stop = start + tree.length(x)
                 if not (skip and skip(start, stop)):

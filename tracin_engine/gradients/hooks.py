@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TracInError
-from .per_example import GradientComputer, Target, model_mode, output_sq_norms, parameter_groups
+from .per_example import GradientComputer, Target, model_mode, output_sq_norms, parameter_groups, tied_modules
 from ..store.layout import Layout, Segment
 
 
@@ -58,7 +58,10 @@ class HookFeaturizer:
         self.grads = grads
         self.plan: list[tuple[str, nn.Module, bool, bool]] = []
         segments, start = [], 0
+        tied = tied_modules(grads.model)
         for mod_name, mod, has_w, has_b, plain in selected_layers(grads):
+            if mod_name in tied:
+                raise Unsupported(f"layer {mod_name!r} shares its weight with another layer (tied weights)")
             if not plain:
                 raise Unsupported(f"layer {mod_name!r} ({type(mod).__name__}) is not a plain Linear/Conv2d")
             if isinstance(mod, nn.Linear) and has_w:

@@ -23,7 +23,7 @@ import torch
 from torch.func import grad, vmap
 
 from .. import inputs as tree
-from ..checkpoint_formats import match_keys
+from ..checkpoint_formats import match_keys, tied_aliases
 from ..errors import TracInError
 from ..losses import Loss, resolve_loss
 from .calls import OutputFn, call_model
@@ -32,14 +32,32 @@ Target = Any  # "loss" | "prediction" | Callable[[Tensor (1, ...)], Tensor (one 
 
 
 def parameter_groups(model: torch.nn.Module) -> dict[str, list[str]]:
-    """Module name -> names of its own trainable parameters, for modules that have any."""
+    """Module name -> names of its own trainable parameters, for modules that have any.
+
+    A parameter shared by several modules (tied weights: GPT-2's lm_head and token embedding)
+    belongs to the first module that holds it, under the name model.named_parameters() gives it."""
     groups: dict[str, list[str]] = {}
+    seen: set[int] = set()
     for mod_name, mod in model.named_modules():
-        own = [f"{mod_name}.{p}" if mod_name else p for p, t in mod.named_parameters(recurse=False)
-               if t.requires_grad]
+        own = []
+        for p, t in mod.named_parameters(recurse=False):
+            if t.requires_grad and id(t) not in seen:
+                seen.add(id(t))
+                own.append(f"{mod_name}.{p}" if mod_name else p)
         if own:
             groups[mod_name] = own
     return groups
+
+
+def tied_modules(model: torch.nn.Module) -> set[str]:
+    """Names of modules holding a trainable parameter that another module also holds (tied weights).
+    Their gradient sums over every use, so per-layer hooks on one module would miss a part."""
+    holders: dict[int, list[str]] = {}
+    for mod_name, mod in model.named_modules():
+        for _, t in mod.named_parameters(recurse=False):
+            if t.requires_grad:
+                holders.setdefault(id(t), []).append(mod_name)
+    return {name for names in holders.values() if len(names) > 1 for name in names}
 
 
 def select_parameters(model: torch.nn.Module, layers: str | Sequence[str] | None) -> list[str]:
@@ -88,13 +106,15 @@ class GradientComputer:
         self.shapes = {n: tuple(params[n].shape) for n in self.param_names}
         self.num_params = sum(params[n].numel() for n in self.param_names)
         self.dtype = params[self.param_names[0]].dtype
-        self._model_keys = list(model.state_dict().keys())
+        self._aliases = tied_aliases(model.state_dict())  # tied weights: one key each (functional_call ties)
+        self._model_keys = [k for k in model.state_dict() if k not in self._aliases]
         self._validated = False
 
     # -- checkpoint state -------------------------------------------------------------------------
     def prepare(self, state: dict[str, torch.Tensor], name: str = "checkpoint") -> dict[str, torch.Tensor]:
         """Check keys/shapes against the model and move the state to the device."""
         state = match_keys(state, self.model.state_dict(), name)  # wrapper prefixes, tied weights
+        state = {k: v for k, v in state.items() if k not in self._aliases}
         keys = set(state)
         missing = [k for k in self._model_keys if k not in keys]
         unexpected = sorted(keys - set(self._model_keys))

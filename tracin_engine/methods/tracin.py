@@ -172,7 +172,7 @@ class TracIn:
         out = torch.empty(len(self.checkpoints), len(source), self.dim, device=self.device,
                           dtype=torch.float64 if self.featurizer.grads.dtype == torch.float64 else torch.float32)
         C = len(self.checkpoints)
-        if len(source) <= 64 and self._states_cached:  # a query: all checkpoints in one backward pass
+        if len(source) <= 64 and self._states_cached and not source.is_loader:  # a query: one backward pass
             _, x, y = next(iter(source.batches(len(source))))
             if predicting:
                 y = self.featurizer.grads.prediction_targets(last, x, y)
