@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from . import checkpoint_formats as formats
 from .errors import TracInError
 from .fingerprint import state_digest
 
@@ -94,6 +95,13 @@ def check_learning_rate(value: Any, where: str) -> float:
     return lr
 
 
+def _read(path: Path, facts: bool = True) -> tuple[dict, dict]:
+    """(state dict, facts) of a checkpoint file or folder in any format (see checkpoint_formats.py)."""
+    if formats.handles(path):
+        return formats.read_checkpoint(path, facts)
+    return _split_payload(_load_file(path), str(path))
+
+
 def _load_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -130,7 +138,9 @@ class Checkpoints(Sequence[Checkpoint]):
     @classmethod
     def from_files(cls, paths: Sequence[str | os.PathLike], learning_rates: Sequence[float] | None = None,
                    steps: Sequence[int] | None = None) -> "Checkpoints":
-        """Files written by torch.save: a state dict, or a dict holding one plus `learning_rate`."""
+        """Files written by torch.save (a state dict, or a dict holding one plus `learning_rate`),
+        Hugging Face Trainer checkpoint-N folders, Lightning .ckpt or .safetensors files
+        (checkpoint_formats.py); learning rates and steps are read from them when not given."""
         paths = [Path(p) for p in paths]
         if not paths:
             raise TracInError("from_files got an empty list of paths.")
@@ -146,7 +156,7 @@ class Checkpoints(Sequence[Checkpoint]):
                 if not path.exists():
                     raise TracInError(f"checkpoint file {path} does not exist; check the path.")
             else:
-                _, facts = _split_payload(_load_file(path), str(path))
+                _, facts = _read(path)
                 lr = _read_lr(facts)
                 if lr is None:
                     raise TracInError(
@@ -176,15 +186,17 @@ class Checkpoints(Sequence[Checkpoint]):
 
     @classmethod
     def from_dir(cls, run_dir: str | os.PathLike) -> "Checkpoints":
-        """Checkpoints written by CheckpointRecorder into run_dir, ordered by step."""
+        """Checkpoints in run_dir, ordered by step: files written by CheckpointRecorder, a Hugging Face
+        Trainer output folder (checkpoint-N/ folders) or a PyTorch Lightning folder of .ckpt files."""
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise TracInError(f"{run_dir} is not a directory; pass the folder CheckpointRecorder wrote.")
         found = sorted((int(m.group(1)), p) for p in run_dir.iterdir() if (m := _FILE_RE.search(p.name)))
+        found = found or formats.find_checkpoints(run_dir)
         if not found:
             raise TracInError(
-                f"{run_dir} holds no checkpoint-<step>.pt files; record them with "
-                "CheckpointRecorder(run_dir).save(model, optimizer, step)."
+                f"{run_dir} holds no checkpoint-<step>.pt files, Trainer checkpoint-<step>/ folders or "
+                "Lightning .ckpt files; record them with CheckpointRecorder(run_dir).save(model, optimizer, step)."
             )
         return cls.from_files([p for _, p in found])
 
@@ -214,7 +226,7 @@ class Checkpoints(Sequence[Checkpoint]):
         if isinstance(ckpt.source, Mapping):
             state = dict(ckpt.source)
         else:
-            state, _ = _split_payload(_load_file(Path(ckpt.source)), str(ckpt.source))
+            state, _ = _read(Path(ckpt.source), facts=False)
         if i not in self._digests:  # computed once, while loading
             self._digests[i] = state_digest(state)
         size = sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))

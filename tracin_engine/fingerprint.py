@@ -16,9 +16,11 @@ give a different digest on every pass: a store can only be resumed or reopened w
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
+
+from . import inputs as tree
 
 HASH_BATCH = 512
 
@@ -57,15 +59,22 @@ class DataHasher:
         self.example_shape: list[int] | None = None
         self.example_dtype: str | None = None
 
-    def update(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        _update(self.x, x)
+    def update(self, x: Any, y: torch.Tensor | None) -> None:
+        """x: a tensor, or a tuple / dict of tensors (inputs.py); dict keys are hashed with their tensors."""
+        if torch.is_tensor(x):
+            _update(self.x, x)
+        else:
+            if isinstance(x, Mapping):
+                self.x.update(("dict:" + ",".join(map(str, x))).encode())
+            for t in tree.leaves(x):
+                _update(self.x, t)
         if y is None:
             self.y.update(b"none")
         else:
             _update(self.y, y)
-        if self.example_shape is None:
+        if self.n == 0 and torch.is_tensor(x):  # the shape check of test examples covers plain tensors
             self.example_shape, self.example_dtype = list(x.shape[1:]), str(x.dtype).replace("torch.", "")
-        self.n += int(x.shape[0])
+        self.n += tree.length(x)
 
     def result(self) -> dict:
         """{'n', 'digest', 'example_shape', 'example_dtype'}: JSON-able, stored in a store's metadata."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.func import functional_call
 
 from ..data import BatchFn, as_source
 from ..errors import TracInError
@@ -44,8 +43,8 @@ def embed(tracin: Any, data: Any, layer: str | None = None, checkpoint: int = -1
     try:
         with torch.no_grad():
             for _, x, _ in source.batches(batch_size):
-                x = x.to(tracin.device)
-                functional_call(tracin.model, state, (x.to(tracin.featurizer.grads.dtype) if x.is_floating_point() else x,))
+                gc = tracin.featurizer.grads
+                gc.forward(state, gc.cast(x))
     finally:
         hook.remove()
         tracin.model.train(was)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import inputs as tree
 from ..checkpoints import Checkpoints
 from ..data import DataSource
 from ..errors import TracInError
@@ -87,7 +88,7 @@ class Featurizer:
         layout), else under "auto" vmap, else the loop; projection="auto": factored, else gaussian."""
         if self.resolved:
             return
-        x2, y2 = x[:2], None if y is None else y[:2]
+        x2, y2 = tree.take(x, 0, 2), None if y is None else y[:2]
         if self.mode in ("hooks", "factored"):
             try:
                 self._hook_path(state, x2, y2, target)
@@ -250,8 +251,9 @@ class _Chunk:
                 target: Target) -> tuple[Rows, torch.Tensor]:
         """(Rows of the batch, their squared norms (B,) float64), micro-batch by micro-batch."""
         def step(size: int) -> tuple[Rows, torch.Tensor]:
-            rows = Rows.cat([featurizer.rows(state, x[s:s + size], None if y is None else y[s:s + size], target)
-                             for s in range(0, x.shape[0], size)])
+            rows = Rows.cat([featurizer.rows(state, tree.take(x, s, s + size), None if y is None else y[s:s + size],
+                                              target)
+                             for s in range(0, tree.length(x), size)])
             return rows, featurizer.sq_norms(rows.features)
 
         return self.backoff.run(step)
@@ -288,8 +290,8 @@ def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSour
                 return e <= lo or s >= hi or store.is_done(c, max(s, lo), min(e, hi))
 
             for start, x, y in source.batches(batch_size, skip=skip):
-                a, b = max(start, lo) - start, min(start + x.shape[0], hi) - start
-                rows, sq_norms = chunk.compute(featurizer, state, x[a:b], None if y is None else y[a:b], target)
+                a, b = max(start, lo) - start, min(start + tree.length(x), hi) - start
+                rows, sq_norms = chunk.compute(featurizer, state, tree.take(x, a, b), None if y is None else y[a:b], target)
                 check_finite(rows.features, start + a, name)
                 store.write(c, start + a, rows.features, sq_norms,
                             out_sq_norms=rows.out_sq_norms, losses=rows.losses)

@@ -25,8 +25,8 @@ import math
 from typing import Any
 
 import torch
-from torch.func import functional_call
 
+from .. import inputs as tree
 from .handlers import KronHandler, Unsupported
 from .layers import GENERIC_LIMIT, Block, generic_sizes, plan_blocks
 from .per_example import GradientComputer, Target, model_mode, output_sq_norms
@@ -92,17 +92,17 @@ class HookFeaturizer:
         self.frozen = True
 
     # -- one batched pass ---------------------------------------------------------------------------
-    def __call__(self, state: dict, inputs: torch.Tensor, targets: torch.Tensor | None,
+    def __call__(self, state: dict, inputs: Any, targets: torch.Tensor | None,
                  target: Target = "loss") -> torch.Tensor:
         """Rows (B, layout.dim) for a batch; same objective as GradientComputer.per_example."""
         return self.many([state], inputs, targets, target)[0]
 
-    def many(self, states: list[dict], inputs: torch.Tensor, targets: torch.Tensor | None,
+    def many(self, states: list[dict], inputs: Any, targets: torch.Tensor | None,
              target: Target = "loss") -> torch.Tensor:
         """Rows (S, B, layout.dim) of one batch at S checkpoints, from a single backward pass."""
         return self.many_with_outputs(states, inputs, targets, target)[0]
 
-    def many_with_outputs(self, states: list[dict], inputs: torch.Tensor, targets: torch.Tensor | None,
+    def many_with_outputs(self, states: list[dict], inputs: Any, targets: torch.Tensor | None,
                           target: Target = "loss") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows (S, B, layout.dim), ||dl_b/df_b||^2 (S, B) and l_b (S, B) (float64), f_b the output.
 
@@ -110,14 +110,13 @@ class HookFeaturizer:
         gives each checkpoint's own output gradients (cheaper than S backward calls for queries).
         """
         gc = self.grads
-        x = gc.cast(inputs)
-        y = None if targets is None else targets.to(gc.device)
+        x, y = gc.batch(inputs, targets)
         gc.check_args(y, target)
         names = set(gc.param_names)
         uses = [u for b in self.blocks for u in b.uses]
         seen: dict[int, list] = {id(u): [] for u in uses}
 
-        B = x.shape[0]
+        B = tree.length(x)
 
         def hook(u):
             def record(m, i, o):
@@ -140,7 +139,7 @@ class HookFeaturizer:
             with model_mode(gc.model, gc.train_mode), torch.enable_grad():
                 for state in states:
                     params = {k: (v.detach().requires_grad_(True) if k in names else v) for k, v in state.items()}
-                    out = functional_call(gc.model, params, (x,))
+                    out = gc.forward(params, x, y)
                     losses.append(gc.checked_objectives(out, y, target))
                     model_outs.append(out)
                     plist.append(params)
@@ -171,9 +170,9 @@ class HookFeaturizer:
                 g = next(g_iter)
                 calls[id(u)].append((ctx, torch.zeros_like(o) if g is None else g.detach()))
         self._settle(calls, S)
-        dtype = next(iter(calls.values()))[0][1].dtype if calls else x.dtype
+        dtype = next(iter(calls.values()))[0][1].dtype if calls else gc.dtype
         rows = torch.empty(S, B, self.layout.dim, dtype=dtype if dtype.is_floating_point else torch.float32,
-                           device=x.device)
+                           device=gc.device)
         for s in range(S):
             for i, (b, seg) in enumerate(zip(self.blocks, self.segments)):
                 out = rows[s, :, seg.start:seg.start + seg.size]

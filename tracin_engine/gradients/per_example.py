@@ -5,10 +5,12 @@ Example:
     >>> state = gc.prepare(checkpoints.load(0))          # validated, on the device
     >>> G = gc.per_example(state, X, y)                  # Tensor (B, P), P = gc.num_params
 
-The objective for one example z = (x, y) at weights w is
-    target="loss":        l(w, z) = loss_fn(model(x[None]), y[None])
-    target="prediction":  -logit_c(w, x), c = the class the final checkpoint predicts
-    target=f (callable):  -f(model(x[None]))      (proponents increase f)
+The objective for one example z = (x, y) at weights w, with f = model(x[None]) (called through
+calls.call_model: x a tensor, a tuple or a dict of tensors; the output tensor picked by output_fn), is
+    target="loss":        l(w, z) = loss(f, y[None])           (loss: losses.py, named or a function)
+    target="prediction":  loss.prediction(f, c): -logit_c for classification, c the class the final
+                          checkpoint predicts; -log p(tokens) for language models (losses.py)
+    target=g (callable):  -g(f)                                (proponents increase g)
 so a positive TracIn score always means "training on z moved the model towards this output".
 The fast path is torch.func.vmap over torch.func.grad; `reference` is a slow loop kept for tests.
 """
@@ -18,24 +20,29 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
+from .. import inputs as tree
+from ..checkpoint_formats import match_keys, tied_aliases
 from ..devices import resolve_device
 from ..errors import TracInError
+from ..losses import Loss, resolve_loss
 from ..memory import budget, is_oom
+from .calls import OutputFn, call_model
 
 Target = Any  # "loss" | "prediction" | Callable[[Tensor (1, ...)], Tensor (one value)]
 
 
 class VmapFailed(TracInError):
-    """torch.func (vmap over grad) cannot run this model; the per-example loop can."""
+    """torch.func (vmap over grad) cannot run this model; the per-example loop can (per_example="auto"
+    falls back to it with one warning)."""
 
 
 def parameter_groups(model: torch.nn.Module) -> dict[str, list[str]]:
     """Module name -> names of its own trainable parameters, for modules that have any.
 
-    A parameter shared by several modules (tied weights) belongs to the first, under the name
-    model.named_parameters() gives it.
+    A parameter shared by several modules (tied weights: GPT-2's lm_head and token embedding)
+    belongs to the first module that holds it, under the name model.named_parameters() gives it.
     """
     canon = {id(t): n for n, t in model.named_parameters()}
     groups: dict[str, list[str]] = {}
@@ -46,18 +53,6 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, list[str]]:
         if own:
             groups[mod_name] = own
     return groups
-
-
-def tied_aliases(model: torch.nn.Module) -> set[str]:
-    """State-dict names of tied parameters and buffers other than their first name (GPT-2's
-    lm_head.weight): a prepared state leaves them out, so functional_call ties them to the first."""
-    seen: set[int] = set()
-    aliases: set[str] = set()
-    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        if id(t) in seen:
-            aliases.add(name)
-        seen.add(id(t))
-    return aliases
 
 
 def last_layer_parameters(model: torch.nn.Module) -> list[str]:
@@ -96,15 +91,18 @@ class GradientComputer:
 
     model is never modified: weights come from the checkpoint state through functional_call.
     train_mode=False evaluates in eval mode (dropout off, BatchNorm running stats).
+    loss_fn: a name, a function or a Loss (losses.resolve_loss); loss_fn None means classification.
+    output_fn: picks the output tensor from what the model returns (calls.model_output).
     device None: the model's device if it is not the CPU, else CUDA when present (devices.resolve_device).
     memory_budget: bytes for one vmap chunk; None takes a quarter of the device's free memory per call.
     """
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable | None,
+    def __init__(self, model: torch.nn.Module, loss_fn: str | Callable | Loss | None,
                  layers: str | Sequence[str] | None = None, device: str | torch.device | None = None,
-                 train_mode: bool = False, memory_budget: int | None = None):
+                 train_mode: bool = False, memory_budget: int | None = None, output_fn: OutputFn | None = None):
         self.model = model
-        self.loss_fn = loss_fn
+        self.loss_fn = resolve_loss(loss_fn)
+        self.output_fn = output_fn
         self.device = resolve_device(device, model)
         self.train_mode = train_mode
         self.memory_budget = memory_budget
@@ -113,18 +111,17 @@ class GradientComputer:
         self.shapes = {n: tuple(params[n].shape) for n in self.param_names}
         self.num_params = sum(params[n].numel() for n in self.param_names)
         self.dtype = params[self.param_names[0]].dtype
-        self._model_keys = list(model.state_dict().keys())
-        self.aliases = tied_aliases(model)
+        self.aliases = set(tied_aliases(model.state_dict()))  # tied weights: one key each (functional_call ties)
+        self._model_keys = [k for k in model.state_dict() if k not in self.aliases]
         self._validated = False
 
     # -- checkpoint state -------------------------------------------------------------------------
     def prepare(self, state: dict[str, torch.Tensor], name: str = "checkpoint") -> dict[str, torch.Tensor]:
         """Check keys/shapes against the model and move the state to the device."""
+        state = match_keys(state, self.model.state_dict(), name)  # wrapper prefixes, tied weights
+        state = {k: v for k, v in state.items() if k not in self.aliases}
         keys = set(state)
-        if keys != set(self._model_keys) and all(k.startswith("module.") for k in keys):
-            state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel/DDP
-            keys = set(state)
-        missing = [k for k in self._model_keys if k not in keys and k not in self.aliases]
+        missing = [k for k in self._model_keys if k not in keys]
         unexpected = sorted(keys - set(self._model_keys))
         if missing or unexpected:
             raise TracInError(
@@ -134,12 +131,12 @@ class GradientComputer:
                 "state_dict() (a dict holding it under 'state_dict' also works).")
         ref = self.model.state_dict()
         bad = [f"{k}: {tuple(state[k].shape)} vs model {tuple(ref[k].shape)}"
-               for k in self._model_keys if k in state and tuple(state[k].shape) != tuple(ref[k].shape)]
+               for k in self._model_keys if tuple(state[k].shape) != tuple(ref[k].shape)]
         if bad:
             raise TracInError(f"{name} has tensors of the wrong shape: {bad[:5]}; was it saved from another model?")
-        out = {k: state[k].to(self.device) for k in self._model_keys if k not in self.aliases}
+        out = {k: state[k].to(self.device) for k in self._model_keys}
         for k, buf in self.model.named_buffers():  # non-persistent buffers are not in a state dict
-            if k not in out:
+            if k not in out and k not in self.aliases:
                 out[k] = buf.to(self.device)
         return out
 
@@ -148,7 +145,7 @@ class GradientComputer:
         if isinstance(target, str) and target == "loss":
             val = self.loss_fn(out, y)
         elif isinstance(target, str) and target == "prediction":
-            val = -out.reshape(out.shape[0], -1).gather(1, y.reshape(-1, 1).long()).sum()
+            val = self.loss_fn.prediction(out, y)
         elif callable(target):
             val = -target(out)
         else:
@@ -160,25 +157,29 @@ class GradientComputer:
                 "(use reduction='mean' or 'sum', or sum over the non-batch dimensions).")
         return val.reshape(())
 
-    def _forward(self, state: dict, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, state, (x,))
+    def forward(self, state: dict, x: Any, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The model output tensor (B, ...) for inputs x (tensor, tuple or dict; calls.call_model).
+        y is passed to the model as labels=... only for losses that need it (seq2seq)."""
+        labels = y if self.loss_fn.model_labels and y is not None and not y.is_floating_point() else None
+        return call_model(self.model, state, x, self.output_fn, labels)
+
+    def batch(self, inputs: Any, targets: torch.Tensor | None) -> tuple[Any, torch.Tensor | None]:
+        """(inputs on the device, floats in the engine's dtype; the loss targets on the device or None).
+        The targets are the labels, or derived from the inputs (causal_lm: the input_ids), with
+        padding (attention_mask == 0) set to -100 where the loss says so (losses.py)."""
+        x = self.cast(inputs)
+        y = None if targets is None else targets.to(self.device)
+        return x, self.loss_fn.targets(x, y)
 
     def check_args(self, y: torch.Tensor | None, target: Target) -> None:
-        """Fail early when the objective cannot be formed (no loss_fn, no labels)."""
-        if isinstance(target, str) and target == "loss":
-            if self.loss_fn is None:
-                raise TracInError("no loss_fn was given; pass loss_fn=... to TracIn or use target='prediction'.")
-            if y is None:
-                raise TracInError("the data has no labels; pass (X, y) or use target='prediction' for unlabeled data.")
+        """Fail early when the objective cannot be formed (no labels)."""
+        if isinstance(target, str) and target == "loss" and y is None:
+            raise TracInError(self.loss_fn.no_labels())
 
     def check_outputs(self, out: torch.Tensor, y: torch.Tensor | None, target: Target) -> None:
-        """Class-index labels must lie in 0..C-1 for a (B, C) output; names the bad positions."""
-        if y is not None and isinstance(target, str) and target == "loss" and out.dim() == 2 \
-                and not y.is_floating_point() and y.dim() == 1:
-            bad = ((y < 0) | (y >= out.shape[1])).nonzero().flatten().tolist()
-            if bad:
-                raise TracInError(f"labels out of range for {out.shape[1]} classes at positions {bad[:10]} "
-                                  f"(values {y[bad[:10]].tolist()}); labels must be class indices 0..{out.shape[1] - 1}.")
+        """Labels must fit the output (class indices 0..C-1, token ids below the vocabulary size)."""
+        if isinstance(target, str) and target == "loss":
+            self.loss_fn.check(out, y)
 
     @staticmethod
     def loss_error(exc: Exception, out: torch.Tensor, y: torch.Tensor | None) -> TracInError:
@@ -188,12 +189,13 @@ class GradientComputer:
             f"loss_fn failed: {exc}. Model output has shape {tuple(out.shape)}, targets {ydesc}. "
             "For classification pass int64 class indices; for regression float targets shaped like the output.")
 
-    def _check(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target) -> None:
+    def _check(self, state: dict, x: Any, y: torch.Tensor | None, target: Target) -> None:
         """Run one example eagerly so that bad labels or losses fail with a clear message."""
         self.check_args(y, target)
+        y1 = None if y is None else y[:1]
         with torch.no_grad(), model_mode(self.model, self.train_mode):
-            out = self._forward(state, x[:1])
-        self.checked_objectives(out, None if y is None else y[:1], target)
+            out = self.forward(state, tree.take(x, 0, 1), y1)
+        self.checked_objectives(out, y1, target)
 
     # -- gradients --------------------------------------------------------------------------------
     def _split(self, state: dict, names: Sequence[str]) -> tuple[dict, dict]:
@@ -201,49 +203,52 @@ class GradientComputer:
         rest = {k: v for k, v in state.items() if k not in sel}
         return sel, rest
 
-    def cast(self, x: torch.Tensor) -> torch.Tensor:
-        """Inputs on the computing device; floating inputs in the engine's dtype."""
-        x = x.to(self.device)
-        return x.to(self.dtype) if x.is_floating_point() else x
+    def cast(self, x: Any) -> Any:
+        """Inputs (tensor, tuple or dict) on the computing device; floating tensors in the engine's dtype."""
+        return tree.to_device(x, self.device, self.dtype)
 
-    def per_example(self, state: dict, inputs: torch.Tensor, targets: torch.Tensor | None,
+    def per_example(self, state: dict, inputs: Any, targets: torch.Tensor | None,
                     target: Target = "loss", names: Sequence[str] | None = None) -> torch.Tensor:
         """Tensor (B, P): row b is grad_w of the objective of example b at this checkpoint.
 
         names: restrict to these parameters (default: all selected ones); raises VmapFailed when
-        torch.func cannot run the model (the caller may fall back to `reference`).
+        torch.func cannot run the model (the caller may fall back to `reference`). Out-of-memory
+        errors pass through unchanged (memory.py: the caller's Backoff halves the batch).
         """
         names = list(self.param_names if names is None else names)
-        x = self.cast(inputs)
-        y = None if targets is None else targets.to(self.device)
+        x, y = self.batch(inputs, targets)
         self._check(state, x, y, target)
         sel, rest = self._split(state, names)
         numel = sum(v.numel() for v in sel.values())
 
         def one(p, xb, yb):
-            out = functional_call(self.model, {**rest, **p}, (xb.unsqueeze(0),))
-            return self._objective(out, None if yb is None else yb.unsqueeze(0), target)
+            y1 = None if yb is None else yb.unsqueeze(0)
+            out = self.forward({**rest, **p}, tree.unsqueeze(xb), y1)
+            return self._objective(out, y1, target)
 
         fn = vmap(grad(one), in_dims=(None, 0, None if y is None else 0),
                   randomness="different" if self.train_mode else "error")
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
         chunk_bytes = self.memory_budget or budget(self.device, fraction=0.25)
-        chunk = max(1, chunk_bytes // (4 * numel * x.element_size()))
+        chunk = max(1, chunk_bytes // (4 * numel * itemsize))
+        B = tree.length(x)
         out = None
         with model_mode(self.model, self.train_mode):
-            for s in range(0, x.shape[0], chunk):
+            for s in range(0, B, chunk):
                 try:
-                    g = fn(sel, x[s:s + chunk], None if y is None else y[s:s + chunk])
+                    g = fn(sel, tree.take(x, s, s + chunk), None if y is None else y[s:s + chunk])
                 except TracInError:
                     raise
                 except Exception as exc:  # noqa: BLE001
-                    if is_oom(exc):  # memory.py: never wrapped; the caller's Backoff halves the batch
+                    if is_oom(exc):  # memory.py: never wrapped
                         raise
                     raise VmapFailed(
                         f"torch.func could not compute per-example gradients for this model: {exc}. "
                         "A layer may use in-place or data-dependent operations; pass "
-                        "per_example='loop' to TracIn to use the slower loop.") from exc
+                        "per_example='loop' to TracIn to use the slower loop (Hugging Face models: "
+                        "also try attn_implementation='eager' in their config).") from exc
                 if out is None:
-                    out = torch.empty(x.shape[0], numel, dtype=g[names[0]].dtype, device=x.device)
+                    out = torch.empty(B, numel, dtype=g[names[0]].dtype, device=self.device)
                 pos = 0
                 for n in names:
                     k = g[n][0].numel()
@@ -251,7 +256,7 @@ class GradientComputer:
                     pos += k
         return out
 
-    def per_example_subset(self, state: dict, inputs: torch.Tensor, targets: torch.Tensor | None,
+    def per_example_subset(self, state: dict, inputs: Any, targets: torch.Tensor | None,
                            target: Target, names: Sequence[str]) -> torch.Tensor:
         """(B, sum of numels) per-example gradients of `names` only: vmap, else the loop."""
         try:
@@ -259,19 +264,19 @@ class GradientComputer:
         except VmapFailed:
             return self.reference(state, inputs, targets, target, names)
 
-    def reference(self, state: dict, inputs: torch.Tensor, targets: torch.Tensor | None,
+    def reference(self, state: dict, inputs: Any, targets: torch.Tensor | None,
                   target: Target = "loss", names: Sequence[str] | None = None) -> torch.Tensor:
         """Slow, obviously correct per-example loop: Tensor (B, P). Same objective as per_example."""
         names = list(self.param_names if names is None else names)
-        x = self.cast(inputs)
-        y = None if targets is None else targets.to(self.device)
+        x, y = self.batch(inputs, targets)
         self._check(state, x, y, target)
         rows = []
         with model_mode(self.model, self.train_mode):
-            for b in range(x.shape[0]):
+            for b in range(tree.length(x)):
                 params = {k: v.detach().clone().requires_grad_(k in names) for k, v in state.items()}
-                out = functional_call(self.model, params, (x[b:b + 1],))
-                val = self._objective(out, None if y is None else y[b:b + 1], target)
+                yb = None if y is None else y[b:b + 1]
+                out = self.forward(params, tree.take(x, b, b + 1), yb)
+                val = self._objective(out, yb, target)
                 grads = torch.autograd.grad(val, [params[n] for n in names], allow_unused=True)
                 rows.append(torch.cat([(torch.zeros_like(params[n]) if g is None else g).reshape(-1)
                                        for n, g in zip(names, grads)]))
@@ -296,7 +301,7 @@ class GradientComputer:
         except Exception as exc:  # noqa: BLE001
             raise self.loss_error(exc, out, y) from exc
 
-    def output_stats(self, state: dict, inputs: torch.Tensor, targets: torch.Tensor | None,
+    def output_stats(self, state: dict, inputs: Any, targets: torch.Tensor | None,
                      target: Target = "loss") -> tuple[torch.Tensor, torch.Tensor]:
         """(||dl_b/df_b||^2, l_b): two Tensors (B,) float64, f_b the model output of example b.
 
@@ -306,25 +311,33 @@ class GradientComputer:
         masks (so it can differ from the pass behind the features) and runs on copies of the
         buffers (BatchNorm statistics of the checkpoint are left as they are).
         """
-        x = self.cast(inputs)
-        y = None if targets is None else targets.to(self.device)
+        x, y = self.batch(inputs, targets)
         self.check_args(y, target)
         if self.train_mode:
             buffers = {name for name, _ in self.model.named_buffers()}
             state = {k: (v.clone() if k in buffers else v) for k, v in state.items()}
         with model_mode(self.model, self.train_mode), torch.enable_grad():
-            out = self._forward(state, x).detach().requires_grad_(True)
+            out = self.forward(state, x, y).detach().requires_grad_(True)
             losses = self.checked_objectives(out, y, target)
             (g,) = torch.autograd.grad(losses.sum(), out)
         return output_sq_norms(g), losses.detach().double()
 
-    def predictions(self, state: dict, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    def predictions(self, state: dict, inputs: Any, batch_size: int = 512) -> torch.Tensor:
         """Predicted class (argmax of the output) per example: Tensor (B,) int64."""
         x = self.cast(inputs)
         with torch.no_grad(), model_mode(self.model, False):
-            outs = [self._forward(state, x[s:s + batch_size]) for s in range(0, x.shape[0], batch_size)]
+            outs = [self.forward(state, tree.take(x, s, s + batch_size))
+                    for s in range(0, tree.length(x), batch_size)]
         out = torch.cat(outs)
         return out.reshape(out.shape[0], -1).argmax(1)
+
+    def prediction_targets(self, state: dict, inputs: Any, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """What target="prediction" attributes, per example of a batch (losses.Loss.predict): the
+        predicted class (B,) for classification; token targets (B, T) for language models."""
+        x, y = self.batch(inputs, labels)
+        with torch.no_grad(), model_mode(self.model, False):
+            out = self.forward(state, x, y)
+        return self.loss_fn.predict(out, x, y)
 
 
 def output_sq_norms(g_out: torch.Tensor) -> torch.Tensor:

@@ -24,13 +24,14 @@ than sampled (H_out = diag(p) - p p^T). Default in SOURCE: "gn"; for many output
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, hessian, vmap
+from torch.func import grad, hessian, vmap
 
+from .. import inputs as tree
 from ..data import DataSource
 from ..errors import TracInError
 from ..gradients.per_example import GradientComputer, model_mode
@@ -126,12 +127,11 @@ class KronLayers:
         return flat
 
     # -- one batch: layer inputs and pseudo output gradients ----------------------------------------
-    def capture(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, curvature: str,
+    def capture(self, state: dict, x: Any, y: torch.Tensor | None, curvature: str,
                 generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (a (B, T, in'), g (B, K, T, out)) in float64: K pseudo-gradients per example."""
         gc = self.grads
-        x = gc.cast(x)
-        y = None if y is None else y.to(gc.device)
+        x, y = gc.batch(x, y)
         gc.check_args(y, "loss")
         params = {k: (v.detach().requires_grad_(True) if k in gc.shapes else v) for k, v in state.items()}
         seen: dict[str, list] = {p.name: [] for p in self.plans}
@@ -139,7 +139,7 @@ class KronLayers:
             lambda m, i, o, p=p: seen[p.name].append((p.handler.capture(i, o), o))) for p in self.plans]
         try:
             with model_mode(gc.model, gc.train_mode), torch.enable_grad():
-                out = functional_call(gc.model, params, (x,))
+                out = gc.forward(params, x, y)
         finally:
             for h in handles:
                 h.remove()
@@ -207,7 +207,7 @@ def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, cu
             for j, (a, g) in enumerate(layers.capture(state, x, y, curvature, gen)):
                 A[j] += torch.einsum("bti,btj->ij", a, a) / a.shape[1]
                 S[j] += torch.einsum("bkti,bktj->ij", g, g)
-            n_total += x.shape[0]
+            n_total += tree.length(x)
     eigs = []
     for j in range(len(layers.plans)):
         eA, QA = torch.linalg.eigh(A[j] / n_total)

@@ -36,27 +36,31 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
+from .. import inputs as tree
 from ..devices import to_output
 from ..errors import TracInError
+from ..gradients.calls import OutputFn, call_model
 
 
 class TracInIdealRecorder:
     """Accumulates TracInIdeal for fixed test examples while you train. See the module docstring."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, test_data: tuple[torch.Tensor, torch.Tensor],
-                 n_train: int, split: str = "residual", reduction: str = "mean"):
+                 n_train: int, split: str = "residual", reduction: str = "mean", output_fn: OutputFn | None = None):
         if split not in ("residual", "proportional"):
             raise TracInError(f"split must be 'residual' or 'proportional', got {split!r}.")
         if reduction not in ("mean", "sum"):
             raise TracInError(f"reduction must be 'mean' or 'sum' (how the training loss reduces the batch), got {reduction!r}.")
         if not (isinstance(test_data, (tuple, list)) and len(test_data) == 2):
-            raise TracInError("test_data must be a tuple (X_test, y_test) of tensors.")
+            raise TracInError("test_data must be a tuple (X_test, y_test) of tensors (X_test may be a tuple "
+                              "or dict of tensors for models called as model(*x) or model(**x)).")
         self.model, self.loss_fn, self.split, self.reduction = model, loss_fn, split, reduction
+        self.output_fn = output_fn
         self.n_train = int(n_train)
-        self.x_test, self.y_test = (t.to(self.device) for t in test_data)
-        m = len(self.x_test)
+        self.x_test, self.y_test = tree.to_device(test_data[0], self.device), test_data[1].to(self.device)
+        m = tree.length(self.x_test)
         self._ideal = torch.zeros(m, self.n_train, dtype=torch.float64, device=self.device)
         self._first_order = torch.zeros(m, self.n_train, dtype=torch.float64, device=self.device)
         self.steps = 0
@@ -87,18 +91,18 @@ class TracInIdealRecorder:
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _loss_one(self, params, buffers, x, y):
-        out = functional_call(self.model, {**params, **buffers}, (x.unsqueeze(0),))
+        out = call_model(self.model, {**params, **buffers}, tree.unsqueeze(x), self.output_fn)
         return self.loss_fn(out, y.unsqueeze(0))
 
     def _grads(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         params = self._params()
         buffers = {n: b.detach() for n, b in self.model.named_buffers()}
         g = vmap(grad(self._loss_one), in_dims=(None, None, 0, 0))(params, buffers, x, y)
-        return torch.cat([g[n].reshape(x.shape[0], -1) for n in params], 1).double()
+        return torch.cat([g[n].reshape(tree.length(x), -1) for n in params], 1).double()
 
     def _test_losses(self) -> torch.Tensor:
         with torch.no_grad():
-            out = self.model(self.x_test)
+            out = call_model(self.model, None, self.x_test, self.output_fn)
             return torch.stack([self.loss_fn(out[j:j + 1], self.y_test[j:j + 1]) for j in range(len(out))]).double()
 
     @contextmanager
@@ -116,8 +120,8 @@ class TracInIdealRecorder:
         if self._pending is not None:
             raise TracInError("before_step was called twice; call after_step() after optimizer.step().")
         idx = torch.as_tensor(batch_indices, dtype=torch.int64).flatten()
-        if len(idx) != len(x) or len(idx) == 0:
-            raise TracInError(f"batch_indices has {len(idx)} entries for a batch of {len(x)} examples.")
+        if len(idx) != tree.length(x) or len(idx) == 0:
+            raise TracInError(f"batch_indices has {len(idx)} entries for a batch of {tree.length(x)} examples.")
         if int(idx.min()) < 0 or int(idx.max()) >= self.n_train:
             raise TracInError(f"batch_indices must lie in [0, n_train={self.n_train}).")
         idx, x, y = idx.to(self.device), x.to(self.device), y.to(self.device)

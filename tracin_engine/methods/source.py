@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .. import inputs as tree
 from ..data import BatchFn, as_source
 from ..devices import to_output
 from ..memory import Backoff, rows_that_fit
@@ -175,15 +176,15 @@ class SourceIndex(GradientIndex):
         CPU (or out_device); computed in micro-batches under the out-of-memory policy (memory.py)."""
         tr = self.tracin
         source = as_source(test_data, batch_fn)
-        preds = tr.predictions(source) if isinstance(target, str) and target == "prediction" else None
+        predicting = isinstance(target, str) and target == "prediction"
         tr.resolve(source)
         proj, state = _projection(tr), tr.state(len(tr.checkpoints) - 1)
         size = Backoff(batch_size, tr.device, what="SOURCE test batch", advice="set proj_dim or select fewer layers.")
 
         def rows_of(x: torch.Tensor, y: torch.Tensor | None, start: int, b: int) -> torch.Tensor:
             parts = []
-            for s in range(0, x.shape[0], b):
-                g = flat_gradients(tr, state, x[s:s + b], None if y is None else y[s:s + b], target)
+            for s in range(0, tree.length(x), b):
+                g = flat_gradients(tr, state, tree.take(x, s, s + b), None if y is None else y[s:s + b], target)
                 check_finite(g, start + s, "the final checkpoint (test data)")
                 g = proj(g) if proj is not None else g
                 parts.append(to_output(g.to(accum_dtype(g.dtype)),
@@ -192,8 +193,8 @@ class SourceIndex(GradientIndex):
 
         rows = []
         for start, x, y in source.batches(batch_size):
-            if preds is not None:
-                y = preds[start:start + x.shape[0]]
+            if predicting:
+                y = tr.featurizer.grads.prediction_targets(state, x, y)
             rows.append(size.run(lambda b: rows_of(x, y, start, b)))
         return torch.cat(rows).unsqueeze(0)
 
@@ -298,13 +299,14 @@ def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: S
         return f, (g_final * v).sum(1)
 
     def batch_rows(x: torch.Tensor, y: torch.Tensor | None, start: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [rows_of(x[s:s + b], None if y is None else y[s:s + b], start + s) for s in range(0, x.shape[0], b)]
+        parts = [rows_of(tree.take(x, s, s + b), None if y is None else y[s:s + b], start + s)
+                 for s in range(0, tree.length(x), b)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     size = Backoff(bs, device, what="SOURCE batch", advice="select fewer layers (layers=[...]) or set proj_dim.")
     for start, x, y in source.batches(bs):
         f, self_scores = size.run(lambda b: batch_rows(x, y, start, b))
-        selfs[start:start + x.shape[0]] = self_scores.cpu()
+        selfs[start:start + tree.length(x)] = self_scores.cpu()
         fs.write(0, start, f, f.double().pow(2).sum(1))
     fs.finish_writing()
     index = SourceIndex(tracin, fs, settings, selfs)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .. import inputs as tree
 from ..checkpoints import Checkpoints, state_fingerprint
 from ..data import BatchFn, as_source
 from ..devices import output_device, tf32_mode
@@ -34,7 +35,12 @@ from ..store.scoring import accum_dtype
 class TracIn:
     """TracInCP over `checkpoints` for `model`.
 
-    loss_fn(output (1, ...), target (1, ...)) -> one value (any reduction; it sees one example).
+    loss_fn: None ("classification"), a name from losses.py ("regression", "causal_lm", "masked_lm",
+    "token_classification", "seq2seq"), or loss_fn(output (1, ...), target (1, ...)) -> one value
+    (any reduction; it sees one example).
+    output_fn: picks the tensor to attribute from what the model returns (default: a tensor as is,
+    a tuple's first element, a dict's or ModelOutput's "logits"); the model is called as model(x),
+    model(*x) or model(**x) for a tensor, tuple or dict batch (data.py).
     layers: None (all trainable parameters), "last", or module names.
     proj_dim: None for exact gradients (dim = P), or an int for a seeded random projection.
     projection: "auto" (default: "factored" wherever layer handlers cover the model, else
@@ -53,7 +59,8 @@ class TracIn:
     def __init__(self, model: torch.nn.Module, checkpoints: Checkpoints, loss_fn: Callable | None = None,
                  layers: str | Sequence[str] | None = None, proj_dim: int | None = None,
                  device: str | torch.device | None = None, seed: int = 0, projection: str = "auto",
-                 per_example: str = "auto", train_mode: bool = False, tf32: bool = False):
+                 per_example: str = "auto", train_mode: bool = False, tf32: bool = False,
+                 output_fn: Callable | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TracInError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not isinstance(checkpoints, Checkpoints):
@@ -62,7 +69,7 @@ class TracIn:
         check_device(device)
         self.model, self.checkpoints, self.loss_fn = model, checkpoints, loss_fn
         self.layers, self.proj_dim, self.seed, self.projection_kind = layers, proj_dim, seed, projection
-        grads = GradientComputer(model, loss_fn, layers, device, train_mode)
+        grads = GradientComputer(model, loss_fn, layers, device, train_mode, output_fn=output_fn)
         proj = build_projection(projection, grads, proj_dim, seed)
         self.featurizer = Featurizer(grads, proj, per_example, auto_projection=projection == "auto")
         self.device = grads.device
@@ -117,9 +124,9 @@ class TracIn:
     def resolve(self, source) -> None:
         """Settle the per-example path on the first examples before any feature is stored."""
         if not self.featurizer.resolved:
-            _, x, _ = next(iter(source.batches(2)))
+            _, x, y = next(iter(source.batches(2)))
             state = self.state(len(self.checkpoints) - 1)
-            preds = self.featurizer.grads.predictions(state, x)
+            preds = self.featurizer.grads.prediction_targets(state, x, y)
             self.featurizer.resolve(state, x, preds, "prediction")
 
     def state(self, c: int) -> dict:
@@ -214,12 +221,14 @@ class TracIn:
         """Per-checkpoint features of (test) examples: Tensor (C, m, dim) on the CPU, or on `out_device`
         (GradientIndex passes its device; a buffer that does not fit there stays on the CPU).
 
-        target="prediction" uses the class the last checkpoint predicts (no labels needed).
+        target="prediction" uses the class the last checkpoint predicts (no labels needed; language
+        models: the sequence's own tokens, see losses.py).
         Computed on the device in micro-batches under the out-of-memory policy (memory.py).
         """
         source = as_source(data, batch_fn)
-        preds = self.predictions(source) if isinstance(target, str) and target == "prediction" else None
+        predicting = isinstance(target, str) and target == "prediction"
         self.resolve(source)
+        last = self.state(len(self.checkpoints) - 1) if predicting else None
         C, m = len(self.checkpoints), len(source)
         dtype = accum_dtype(self.featurizer.grads.dtype)
         where = output_device(out_device)
@@ -227,11 +236,12 @@ class TracIn:
             where = torch.device("cpu")
         out = torch.empty(C, m, self.dim, device=where, dtype=dtype)
         with tf32_mode(self.tf32):
-            if m <= 64 and self._states_cached:  # a query: all checkpoints in one backward pass
+            if m <= 64 and self._states_cached and not source.is_loader:  # a query: one backward pass
                 _, x, y = next(iter(source.batches(m)))
+                if predicting:
+                    y = self.featurizer.grads.prediction_targets(last, x, y)
                 try:
-                    out[:] = self.featurizer.many([self.state(c) for c in range(C)], x,
-                                                  y if preds is None else preds, target)
+                    out[:] = self.featurizer.many([self.state(c) for c in range(C)], x, y, target)
                     for c in range(C):
                         check_finite(out[c], 0, f"checkpoint {c} (test data)")
                     return out
@@ -243,11 +253,11 @@ class TracIn:
             for c in range(C):
                 state = self.state(c)
                 for start, x, y in source.batches(batch_size):
-                    if preds is not None:
-                        y = preds[start:start + x.shape[0]]
-                    f = size.run(lambda b: torch.cat([self.featurizer(state, x[s:s + b], None if y is None else
-                                                                      y[s:s + b], target)
-                                                      for s in range(0, x.shape[0], b)]))
+                    if predicting:
+                        y = self.featurizer.grads.prediction_targets(last, x, y)
+                    f = size.run(lambda b: torch.cat([
+                        self.featurizer(state, tree.take(x, s, s + b), None if y is None else y[s:s + b], target)
+                        for s in range(0, tree.length(x), b)]))
                     check_finite(f, start, f"checkpoint {c} (test data)")
                     out[c, start:start + f.shape[0]] = f
         return out
