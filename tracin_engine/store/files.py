@@ -218,7 +218,12 @@ class WriterLock:
         path = folder / LOCK
         if os.path.lexists(path):
             check_regular(path)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except PermissionError:
+            self.fd = None
+            raise TracInError(f"cannot write to {folder} (read-only): featurizing into a store needs write "
+                              "access; a complete store can be queried read-only (GradientIndex.load).") from None
         try:
             fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
