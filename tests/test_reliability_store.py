@@ -332,3 +332,24 @@ def test_reserving_falls_back_to_zeros_and_reports_no_space(tmp_path, monkeypatc
     monkeypatch.setattr(os, "posix_fallocate", full)
     with pytest.raises(OSError, match=r"could not reserve 1200000 bytes on disk for .*b.bin: No space left"):
         files.create_raw(tmp_path / "b.bin", np.float32, (1000, 300))
+
+
+def test_a_store_from_before_fingerprints_opens_with_a_warning(run, tmp_path):
+    store = tmp_path / "ix"
+    expected = _built(run, store).self_influence()
+    meta = json.loads((store / "metadata.json").read_text())
+    del meta["data"]
+    for entry in meta["checkpoints"]:
+        entry["size"] = 1234
+        del entry["digest"]
+    (store / "metadata.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="before content fingerprints.*checkpoint 0.*cannot be verified"):
+        index = te.GradientIndex.load(store, _tracin(run))
+    assert torch.equal(index.self_influence(), expected)
+    with pytest.warns(UserWarning, match="checkpoint 0, checkpoint 1, checkpoint 2, the training data cannot"):
+        again = _tracin(run).index(run[2], store=store, progress=False)
+    assert torch.equal(again.self_influence(), expected)
+    meta["learning_rates"][1] = 0.5  # what can be compared still is
+    (store / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(te.TracInError, match=r"learning_rates: stored \[0.1, 0.5, 0.02\], now \[0.1, 0.05, 0.02\]"):
+        te.GradientIndex.load(store, _tracin(run))

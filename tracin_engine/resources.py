@@ -5,8 +5,9 @@ Example:
     >>> check_memory(need, "an in-memory index of ...")  # TracInError when it cannot fit
     >>> check_disk(need, "runs/index", "a store of ...")
 
-available_memory(): MemAvailable of /proc/meminfo, lowered to the cgroup (container) limit minus
-its usage where one is set; None where neither can be read (then nothing is refused).
+available_memory(): MemAvailable of /proc/meminfo, lowered to the cgroup v2 (container) limit minus
+its working set (usage less inactive page cache) where one is set; None where neither can be read
+(then nothing is refused).
 """
 
 from __future__ import annotations
@@ -57,8 +58,20 @@ def available_memory() -> int | None:
             avail = None
     limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
     if limit is not None and used is not None:
+        used -= _inactive_file()  # page cache the kernel reclaims before refusing an allocation
         avail = limit - used if avail is None else min(avail, limit - used)
     return avail
+
+
+def _inactive_file() -> int:
+    try:
+        with open("/sys/fs/cgroup/memory.stat") as f:
+            for line in f:
+                if line.startswith("inactive_file "):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def free_disk(path: str | os.PathLike) -> int:

@@ -244,19 +244,19 @@ class GradientIndex:
         path = Path(path)
         if self.store.path is not None and Path(self.store.path).resolve() == path.resolve():
             return path
-        old = replaceable(path)
+        old = files.replaceable(path)
         tmp = path.parent / f".{path.name}.saving-{uuid.uuid4().hex[:8]}"
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._write_files(tmp)
         except BaseException:
-            remove_store(tmp)
+            files.remove_store(tmp)
             raise
         if old:
             trash = path.parent / f".{path.name}.replaced-{uuid.uuid4().hex[:8]}"
             os.rename(path, trash)
             os.rename(tmp, path)
-            remove_store(trash)
+            files.remove_store(trash)
         else:
             if path.exists():
                 path.rmdir()  # empty
@@ -276,37 +276,3 @@ class GradientIndex:
         compare_metadata(store.metadata, wanted, Path(path))
         return cls(tracin, store)
 
-
-def replaceable(path: Path) -> bool:
-    """Whether save() may write at `path`: False if it is new or an empty folder, True if it is a
-    store (metadata.json of a store, no other files); anything else is a TracInError."""
-    if not os.path.lexists(path):
-        return False
-    if path.is_symlink() or not path.is_dir():
-        raise TracInError(f"{path} exists and is not a folder; save() writes only to a new or empty folder "
-                          "or over an index saved before. Pass another path.")
-    names = [e.name for e in os.scandir(path)]
-    if not names:
-        return False
-    others = [n for n in names if not files.is_store_file(n)]
-    if others or files.METADATA not in names:
-        raise TracInError(f"{path} is not empty and is not a saved index (it holds {sorted(others or names)[:5]}); "
-                          "save() never overwrites your files. Pass a new or empty folder.")
-    files.read_metadata(path)  # a store's metadata (damaged: TracInError)
-    lock = files.WriterLock(path)  # nobody is featurizing into it
-    lock.release()
-    return True
-
-
-def remove_store(path: Path) -> None:
-    """Delete a store folder written by this package: its store files by name, then the empty folder
-    (anything else in it stays, and so does the folder)."""
-    if not os.path.isdir(path) or os.path.islink(path):
-        return
-    for entry in os.scandir(path):
-        if files.is_store_file(entry.name) and not entry.is_dir(follow_symlinks=False):
-            os.unlink(entry.path)
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass

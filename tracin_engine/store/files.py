@@ -215,10 +215,15 @@ class WriterLock:
     take no lock. The lock goes with the process (a killed writer leaves none behind)."""
 
     def __init__(self, folder: Path, shared: bool = False):
+        self.fd = None
         path = folder / LOCK
         if os.path.lexists(path):
             check_regular(path)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except PermissionError:
+            raise TracInError(f"cannot write to {folder} (read-only): featurizing into a store needs write "
+                              "access; a complete store can be queried read-only (GradientIndex.load).") from None
         try:
             fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -239,3 +244,38 @@ class WriterLock:
 
     def __del__(self):
         self.release()
+
+
+def replaceable(path: Path) -> bool:
+    """Whether save() may write at `path`: False if it is new or an empty folder, True if it is a
+    store (metadata.json of a store, no other files); anything else is a TracInError."""
+    if not os.path.lexists(path):
+        return False
+    if path.is_symlink() or not path.is_dir():
+        raise TracInError(f"{path} exists and is not a folder; save() writes only to a new or empty folder "
+                          "or over an index saved before. Pass another path.")
+    names = [e.name for e in os.scandir(path)]
+    if not names:
+        return False
+    others = [n for n in names if not is_store_file(n)]
+    if others or METADATA not in names:
+        raise TracInError(f"{path} is not empty and is not a saved index (it holds {sorted(others or names)[:5]}); "
+                          "save() never overwrites your files. Pass a new or empty folder.")
+    read_metadata(path)  # a store's metadata (damaged: TracInError)
+    lock = WriterLock(path)  # nobody is featurizing into it
+    lock.release()
+    return True
+
+
+def remove_store(path: Path) -> None:
+    """Delete a store folder written by this package: its store files by name, then the empty folder
+    (anything else in it stays, and so does the folder)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return
+    for entry in os.scandir(path):
+        if is_store_file(entry.name) and not entry.is_dir(follow_symlinks=False):
+            os.unlink(entry.path)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
