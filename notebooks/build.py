@@ -2,10 +2,10 @@
 
     python notebooks/build.py            # write notebooks/NN_name.ipynb (no outputs)
     python notebooks/build.py --check    # exit 1 if a notebook is missing, stale, or holds outputs
-    python notebooks/build.py --html [NN ...]   # execute notebooks, write docs/notebooks/NN_name.html
+    python notebooks/build.py --html [NN ...]   # execute notebooks, write docs/notebooks/NN_name.{html,ipynb}
 
-The HTML copies are what readers on GitHub see with outputs (plots, tables, galleries as their static
-HTML fallback). They are committed, not built in CI (CI already executes every notebook in
+The executed copies are what readers see with outputs (plots, tables, galleries as their static HTML
+fallback): the .ipynb renders on GitHub, the .html anywhere else (a browser, GitHub Pages). They are committed, not built in CI (CI already executes every notebook in
 tests/test_notebooks.py; building HTML there too would double its time): after changing a notebook,
 run `--html NN` for it and commit the result. Each copy records the SHA-256 of its source;
 `--check` lists copies whose source has changed since (a note, not a failure).
@@ -118,6 +118,10 @@ def execute_to_html(src: Path, timeout: int = 300) -> tuple[Path, float]:
         else:
             os.environ["MPLBACKEND"] = env_before
     static_outputs(nb)
+    nb.metadata["tracin"] = {"source_sha256": source_hash(src)}
+    dest_nb = HTML_DIR / f"{src.stem}.ipynb"   # GitHub renders this one in the browser, with outputs
+    HTML_DIR.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, dest_nb)
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
     note = (f"<!-- tracin-source-sha256: {source_hash(src)} -->\n"
             f"<!-- executed copy of notebooks/{src.stem}.ipynb; regenerate with python notebooks/build.py --html {src.stem[:2]} -->\n")

@@ -60,8 +60,9 @@ def test_every_notebook_asks_the_learner_to_act():
 
 
 def test_every_notebook_has_a_published_executed_copy():
-    """docs/notebooks/<name>.html: written by `python notebooks/build.py --html`, committed, < 2 MB, with
-    outputs (an image or a table) and no error. Staleness is reported by build.py --check, not failed here."""
+    """docs/notebooks/<name>.html and .ipynb: written by `python notebooks/build.py --html`, committed, each
+    < 2 MB, with outputs (an image or a table) and no error. Staleness (source changed since) is reported
+    by build.py --check, not failed here: regenerating every copy takes minutes of CPU."""
     for path in NOTEBOOKS:
         html = HTML_DIR / f"{path.stem}.html"
         assert html.exists(), f"{html.relative_to(ROOT)} is missing; run python notebooks/build.py --html {path.stem[:2]}"
@@ -71,6 +72,11 @@ def test_every_notebook_has_a_published_executed_copy():
         assert "jp-OutputArea-output" in text and ("data:image/png" in text or "<table" in text), f"{html.name} has no outputs"
         assert "Traceback (most recent call last)" not in text, f"{html.name} holds an error"
         assert "application/vnd.jupyter.widget-view+json" not in text, f"{html.name} holds a live widget, not its static view"
+        executed = HTML_DIR / f"{path.stem}.ipynb"   # the copy GitHub renders
+        assert executed.exists() and executed.stat().st_size < 2_000_000, f"{executed.name} is missing or too large"
+        nb = nbformat.read(executed, as_version=4)
+        assert nb.metadata["tracin"]["source_sha256"] in text, f"{executed.name} and {html.name} come from different runs"
+        assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
 
 
 def _outputs_text(nb) -> str:
