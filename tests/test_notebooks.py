@@ -75,7 +75,7 @@ def test_every_notebook_has_a_published_executed_copy():
         executed = HTML_DIR / f"{path.stem}.ipynb"   # the copy GitHub renders
         assert executed.exists() and executed.stat().st_size < 2_000_000, f"{executed.name} is missing or too large"
         nb = nbformat.read(executed, as_version=4)
-        assert nb.metadata["tracin"]["source_sha256"] in text, f"{executed.name} and {html.name} come from different runs"
+        assert nb.metadata["tracin"]["source_sha256"] in text, f"{executed.name} and {html.name} come from different sources"
         assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
 
 
