@@ -114,10 +114,10 @@ plt.show()
 
 # %% [markdown]
 # Removing proponents raises the loss of almost every one of these hard test examples, by far more than
-# seed noise or a random removal. Opponents are the weaker half: removing them lowers the loss for most
-# queries, but not all, and by less. TracIn ranks proponents better than it ranks opponents here; an
-# opponent's score is often dominated by its own large gradient (notebook 09), which says little about
-# what its absence would change.
+# seed noise or a random removal. Opponents are the weak half: removing them lowers the loss for only
+# about half of the queries, with a median change below the random removal's but no reliable effect per
+# query. TracIn ranks proponents much better than opponents here; an opponent's score is often dominated
+# by its own large gradient (notebook 09), which says little about what its absence would change.
 #
 # ## 3 · A small linear datamodeling score
 # 50 retrainings on random halves of the training set (same seed each time), then the Spearman
