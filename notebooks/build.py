@@ -2,10 +2,10 @@
 
     python notebooks/build.py            # write notebooks/NN_name.ipynb (no outputs)
     python notebooks/build.py --check    # exit 1 if a notebook is missing, stale, or holds outputs
-    python notebooks/build.py --html [NN ...]   # execute notebooks, write docs/notebooks/NN_name.html
+    python notebooks/build.py --html [NN ...]   # execute notebooks, write docs/notebooks/NN_name.{html,ipynb}
 
-The HTML copies are what readers on GitHub see with outputs (plots, tables, galleries as their static
-HTML fallback). They are committed, not built in CI (CI already executes every notebook in
+The executed copies are what readers see with outputs (plots, tables, galleries as their static HTML
+fallback): the .ipynb renders on GitHub, the .html anywhere else (a browser, GitHub Pages). They are committed, not built in CI (CI already executes every notebook in
 tests/test_notebooks.py; building HTML there too would double its time): after changing a notebook,
 run `--html NN` for it and commit the result. Each copy records the SHA-256 of its source;
 `--check` lists copies whose source has changed since (a note, not a failure).
@@ -96,7 +96,16 @@ def static_outputs(nb: nbformat.NotebookNode) -> None:
     nb.metadata.pop("widgets", None)
 
 
-def execute_to_html(src: Path, timeout: int = 300) -> tuple[Path, float]:
+def children_cpu_s() -> float:
+    """CPU seconds used by finished child processes (the kernels): a figure that the load of a shared
+    machine does not inflate, unlike wall-clock time."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def execute_to_html(src: Path, timeout: int = 300) -> tuple[Path, float, float]:
     """Build `src`, run it top to bottom in a fresh kernel, write docs/notebooks/<stem>.html."""
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
@@ -109,22 +118,26 @@ def execute_to_html(src: Path, timeout: int = 300) -> tuple[Path, float]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), children_cpu_s()
             NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": tmp}}).execute()
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, children_cpu_s() - cpu_start
     finally:
         if env_before is None:
             os.environ.pop("MPLBACKEND", None)
         else:
             os.environ["MPLBACKEND"] = env_before
     static_outputs(nb)
+    nb.metadata["tracin"] = {"source_sha256": source_hash(src)}
+    dest_nb = HTML_DIR / f"{src.stem}.ipynb"   # GitHub renders this one in the browser, with outputs
+    HTML_DIR.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, dest_nb)
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
     note = (f"<!-- tracin-source-sha256: {source_hash(src)} -->\n"
             f"<!-- executed copy of notebooks/{src.stem}.ipynb; regenerate with python notebooks/build.py --html {src.stem[:2]} -->\n")
     dest = html_path(src)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(note + body)
-    return dest, elapsed
+    return dest, elapsed, cpu
 
 
 def main(argv: list[str]) -> int:
@@ -133,9 +146,10 @@ def main(argv: list[str]) -> int:
         sources = [s for s in sorted(SRC.glob("[0-9][0-9]_*.py")) if not wanted or s.stem[:2] in wanted or s.stem in wanted]
         too_big = []
         for src in sources:
-            dest, elapsed = execute_to_html(src)
+            dest, elapsed, cpu = execute_to_html(src)
             size = dest.stat().st_size
-            print(f"{src.stem}: ran in {elapsed:.1f} s, wrote {dest.relative_to(HERE.parent)} ({size / 1e6:.2f} MB)")
+            print(f"{src.stem}: ran in {elapsed:.1f} s (kernel CPU {cpu:.1f} s), "
+                  f"wrote {dest.relative_to(HERE.parent)} ({size / 1e6:.2f} MB)", flush=True)
             if size > HTML_LIMIT:
                 too_big.append(dest.name)
         for name in too_big:

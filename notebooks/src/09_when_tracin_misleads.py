@@ -193,7 +193,7 @@ print("median gradient-norm rank of the 5 most common:",
 
 # %%
 source = tracin.index(train_data, method="source", segments=2, progress=False)
-ensemble = te.dropout_ensemble(tracin, train_data, n_members=4)
+ensemble = te.dropout_ensemble(tracin, train_data, n_members=4, progress=False)
 E_train = F.normalize(embed(tracin, train_data), dim=1)
 E_test = F.normalize(embed(tracin, split.test), dim=1)
 K = 10

@@ -193,13 +193,17 @@ print(f"{int(fooled.sum())} of 40 patched probes predicted 7; the 40 strongest c
 # the gallery for a cluster labelled 7 whose pictures are other digits with a bright corner:
 
 # %%
-clusters = index.cluster(24)
+# clustering compares every example with every centre for many iterations: use short projected rows
+# (notebook 10: at proj_dim=512 the factored projection keeps a Spearman correlation of 0.999 on digits)
+short = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=512, projection="factored").index(
+    train_data, progress=False)
+clusters = short.cluster(24)
 members = pd.DataFrame({"cluster": clusters.labels, "fault": fault})
 backdoor_share = members.groupby("cluster")["fault"].apply(lambda f: (f == "backdoor").mean())
 c_bd = int(backdoor_share.idxmax())
 print(f"cluster {c_bd}: {int((members.cluster == c_bd).sum())} members, "
       f"{backdoor_share.max():.0%} of them backdoor images")
-tw.ClusterGallery(index, train_data, n_clusters=24, clusters=clusters, class_names=split.class_names)
+tw.ClusterGallery(short, train_data, n_clusters=24, clusters=clusters, class_names=split.class_names)
 
 # %% [markdown]
 # ## 5 · Aggregated opponents of the test set
