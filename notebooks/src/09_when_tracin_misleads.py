@@ -28,7 +28,7 @@ from torch import nn
 
 import tracin_engine as te
 import tracin_widgets as tw
-from tracin_engine.embeddings import embed, nearest_neighbors
+from tracin_engine.analysis.embeddings import embed, nearest_neighbors
 from tracin_engine.examples import DigitsCNN, load_digits_split, train
 
 torch.set_num_threads(1)   # these small models run fastest on one thread
