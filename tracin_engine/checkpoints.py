@@ -1,4 +1,4 @@
-"""Checkpoints of one training run, each with the learning rate that followed it.
+"""Checkpoints of one training run, each with the learning rate of the steps that led to it.
 
 Example:
     >>> recorder = CheckpointRecorder("runs/digits")          # in the training loop
@@ -8,6 +8,9 @@ Example:
 
 TracInCP weights checkpoint i by its learning rate eta_i:
     TracInCP(z, z') = sum_i eta_i <grad l(w_i, z), grad l(w_i, z')>
+The checkpoint's gradient stands in for the steps since the previous checkpoint, so eta_i is the
+rate those steps used (what CheckpointRecorder records when save() runs after the interval's last
+optimizer.step() and before scheduler.step(); a Trainer folder's rate logged at step N).
 """
 
 from __future__ import annotations
@@ -262,6 +265,11 @@ def _nbytes(state: Mapping[str, torch.Tensor]) -> int:
 
 class CheckpointRecorder:
     """Writes run_dir/checkpoint-<step>.pt holding state dict, current learning rate and step.
+
+    It records optimizer.param_groups[0]["lr"] when save() runs. TracInCP weighs a checkpoint by the
+    rate of the steps since the previous checkpoint, whose gradient it stands in for: call save()
+    after the interval's last optimizer.step() and before scheduler.step() (called after, it records
+    the next interval's rate).
 
     Example (inside a training loop):
         >>> recorder = CheckpointRecorder("runs/digits", every=50)
