@@ -241,9 +241,10 @@ class TracIn:
                 if predicting:
                     y = self.featurizer.grads.prediction_targets(last, x, y)
                 try:
-                    out[:] = self.featurizer.many([self.state(c) for c in range(C)], x, y, target)
+                    g = self.featurizer.many([self.state(c) for c in range(C)], x, y, target)
                     for c in range(C):
-                        check_finite(out[c], 0, f"checkpoint {c} (test data)")
+                        check_finite(g[c], 0, f"checkpoint {c} (test data)")
+                    out[:] = g
                     return out
                 except Exception as exc:  # noqa: BLE001 - out of memory: fall back to checkpoint by checkpoint
                     if not is_oom(exc):
