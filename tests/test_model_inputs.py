@@ -285,3 +285,23 @@ def test_masked_lm_and_seq2seq_match_the_library_losses():
         torch.testing.assert_close(ours[i], want, rtol=1e-5, atol=1e-6)
     assert tr.index(({"input_ids": ids[:2], "attention_mask": mask[:2]}, target), progress=False) \
         .self_influence().gt(0).all()
+
+
+def test_explorer_shows_dict_examples_through_render():
+    tw = pytest.importorskip("tracin_widgets")
+    torch.manual_seed(0)
+    model = KwargsModel().double()
+    ids, mask = _tokens()
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    train = {"input_ids": ids, "attention_mask": mask, "labels": y}
+    index = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0])).index(train, progress=False)
+    words = [f"w{i}" for i in range(20)]
+
+    def render(x):
+        return " ".join(words[int(t)] for t in x["input_ids"][x["attention_mask"].bool()])
+
+    ex = tw.InfluenceExplorer(index, train, {"input_ids": ids[:2], "attention_mask": mask[:2]}, k=3, render=render)
+    strips = {s["key"]: s for s in ex._strips()}
+    tile = strips["proponents"]["tiles"][0]
+    assert tile["text"] == render({"input_ids": ids[tile["index"]], "attention_mask": mask[tile["index"]]})
+    assert tile["pred"] is not None        # predictions come from model(**batch) on the stacked dicts

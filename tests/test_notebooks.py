@@ -28,6 +28,7 @@ EXPECT = {
     "05_tabular_regression": ["proponents removed", "image/png"],
     "06_theory": ["image/png", "Spearman"],
     "07_gpu_scale": ["reopened from disk", "queries per second"],
+    "08_transformer_text": ["top proponent has the test sentence's topic", "generated:", "application/vnd.jupyter.widget-view+json"],
 }
 
 
