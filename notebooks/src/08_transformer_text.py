@@ -106,7 +106,7 @@ class Encoded(torch.utils.data.Dataset):
 run_dir = Path(tempfile.mkdtemp(prefix="tracin-bert-"))
 args = TrainingArguments(output_dir=str(run_dir), num_train_epochs=20, per_device_train_batch_size=32,
                          learning_rate=5e-3, warmup_steps=10, save_steps=85, save_only_model=True,
-                         logging_steps=20, report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+                         logging_steps=85, report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
 Trainer(model=model, args=args, train_dataset=Encoded(train_enc, y_train)).train()
 model.eval()
 with torch.no_grad():
