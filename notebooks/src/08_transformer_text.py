@@ -183,7 +183,8 @@ def render(x):
     return tokenizer.decode(x["input_ids"][x["attention_mask"].bool()], skip_special_tokens=True)
 
 
-tw.InfluenceExplorer(index, train, test, k=6, render=render, class_names=TOPICS)
+explorer = tw.InfluenceExplorer(index, train, test, k=6, render=render, class_names=TOPICS)
+explorer
 
 # %% [markdown]
 # ## 6 · A small language model: which training sentences made a continuation likely?
