@@ -176,11 +176,12 @@ show(new_texts[0], result_new, row=0)
 
 # %% [markdown]
 # ## 5 · Explore
-# Tiles show the decoded text (`render=`), labels the topic names.
+# Tiles show the decoded text (`render=`), labels the topic names. Words the tokenizer never saw in
+# training show as `[UNK]`: that is what the model reads.
 
 # %%
 def render(x):
-    return tokenizer.decode(x["input_ids"][x["attention_mask"].bool()], skip_special_tokens=True)
+    return tokenizer.decode(x["input_ids"][x["attention_mask"].bool()][1:])   # drop [CLS] and padding
 
 
 explorer = tw.InfluenceExplorer(index, train, test, k=6, render=render, class_names=TOPICS)
