@@ -183,6 +183,9 @@ def test_batch_errors_do_not_ask_for_what_was_given():
     with pytest.raises(te.TracInError) as err:
         tr.index([object(), object()], batch_fn=lambda b: (b, None), progress=False)
     assert "your batch_fn must return" in str(err.value) and "pass batch_fn" not in str(err.value)
+    with pytest.raises(te.TracInError, match=r"no length and no indexing\); batch_fn maps") as err:
+        tr.index((i for i in range(3)), batch_fn=lambda b: b, progress=False)
+    assert "or batch_fn=" not in str(err.value)
     ids, mask = _tokens()
     with pytest.raises(te.TracInError, match="no labels; pass .*'labels'"):
         tr.index({"input_ids": ids, "attention_mask": mask}, progress=False)
