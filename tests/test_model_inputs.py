@@ -185,6 +185,9 @@ def test_batch_errors_do_not_ask_for_what_was_given():
     with pytest.raises(te.TracInError) as err:
         tr.index([object(), object()], batch_fn=lambda b: (b, None), progress=False)
     assert "your batch_fn must return" in str(err.value) and "pass batch_fn" not in str(err.value)
+    with pytest.raises(te.TracInError, match=r"no length and no indexing\); batch_fn maps") as err:
+        tr.index((i for i in range(3)), batch_fn=lambda b: b, progress=False)
+    assert "or batch_fn=" not in str(err.value)
     ids, mask = _tokens()
     with pytest.raises(te.TracInError, match="no labels; pass .*'labels'"):
         tr.index({"input_ids": ids, "attention_mask": mask}, progress=False)
@@ -287,3 +290,23 @@ def test_masked_lm_and_seq2seq_match_the_library_losses():
         torch.testing.assert_close(ours[i], want, rtol=1e-5, atol=1e-6)
     assert tr.index(({"input_ids": ids[:2], "attention_mask": mask[:2]}, target), progress=False) \
         .self_influence().gt(0).all()
+
+
+def test_explorer_shows_dict_examples_through_render():
+    tw = pytest.importorskip("tracin_widgets")
+    torch.manual_seed(0)
+    model = KwargsModel().double()
+    ids, mask = _tokens()
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    train = {"input_ids": ids, "attention_mask": mask, "labels": y}
+    index = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0])).index(train, progress=False)
+    words = [f"w{i}" for i in range(20)]
+
+    def render(x):
+        return " ".join(words[int(t)] for t in x["input_ids"][x["attention_mask"].bool()])
+
+    ex = tw.InfluenceExplorer(index, train, {"input_ids": ids[:2], "attention_mask": mask[:2]}, k=3, render=render)
+    strips = {s["key"]: s for s in ex._strips()}
+    tile = strips["proponents"]["tiles"][0]
+    assert tile["text"] == render({"input_ids": ids[tile["index"]], "attention_mask": mask[tile["index"]]})
+    assert tile["pred"] is not None        # predictions come from model(**batch) on the stacked dicts

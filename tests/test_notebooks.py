@@ -29,6 +29,7 @@ EXPECT = {
     "05_tabular_regression": ["proponents removed", "image/png"],
     "06_theory": ["image/png", "Spearman"],
     "07_gpu_scale": ["reopened from disk", "queries per second"],
+    "08_transformer_text": ["top proponent has the test sentence's topic", "generated:", "application/vnd.jupyter.widget-view+json"],
     "09_when_tracin_misleads": ["distinct top-1 opponents", "image/png", "application/vnd.jupyter.widget-view+json"],
     "10_projection_error": ["top-10 overlap", "image/png"],
     "11_is_the_attribution_right": ["proponents removed", "LDS", "image/png"],

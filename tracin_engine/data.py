@@ -120,8 +120,12 @@ class DataSource:
         elif hasattr(d, "__len__") and hasattr(d, "__getitem__"):
             self._n = len(d)
         else:
-            raise TracInError(f"cannot read data of type {type(d).__name__}; pass (X, y) tensors, a Dataset, "
-                              "a DataLoader, or batch_fn=... to adapt your batches.")
+            hint = ("batch_fn maps the items or batches of such data, so wrap it in one (a DataLoader without "
+                    "shuffling, or a Dataset)." if self.batch_fn is not None else
+                    "pass (X, y) tensors, a dict of tensors, a Dataset, a DataLoader, or batch_fn=... to adapt "
+                    "the items of a Dataset or the batches of a DataLoader.")
+            raise TracInError(f"cannot read data of type {type(d).__name__} (it has no length and no "
+                              f"indexing); {hint}")
         if self._n == 0:
             raise TracInError("the data is empty (0 examples); pass at least one example.")
 

@@ -82,7 +82,7 @@ print(len(train_texts), "training and", len(test_texts), "test utterances;", tok
 # ## 2 · A BERT classifier from a config, trained with the `Trainer`
 #
 # Two small transformer layers (hidden size 32). The `Trainer` saves `checkpoint-N/` folders every
-# 40 steps; the learning rate decays linearly, so the checkpoints carry different rates.
+# 85 steps (4 per run); the learning rate decays linearly, so the checkpoints carry different rates.
 
 # %%
 model = BertForSequenceClassification(BertConfig(
@@ -104,9 +104,9 @@ class Encoded(torch.utils.data.Dataset):
 
 
 run_dir = Path(tempfile.mkdtemp(prefix="tracin-bert-"))
-args = TrainingArguments(output_dir=str(run_dir), num_train_epochs=12, per_device_train_batch_size=32,
-                         learning_rate=3e-3, warmup_steps=10, save_steps=40, save_only_model=True,
-                         logging_steps=20, report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+args = TrainingArguments(output_dir=str(run_dir), num_train_epochs=20, per_device_train_batch_size=32,
+                         learning_rate=5e-3, warmup_steps=10, save_steps=85, save_only_model=True,
+                         logging_steps=85, report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
 Trainer(model=model, args=args, train_dataset=Encoded(train_enc, y_train)).train()
 model.eval()
 with torch.no_grad():
@@ -176,19 +176,21 @@ show(new_texts[0], result_new, row=0)
 
 # %% [markdown]
 # ## 5 · Explore
-# Tiles show the decoded text (`render=`), labels the topic names.
+# Tiles show the decoded text (`render=`), labels the topic names. Words the tokenizer never saw in
+# training show as `[UNK]`: that is what the model reads.
 
 # %%
 def render(x):
-    return tokenizer.decode(x["input_ids"][x["attention_mask"].bool()], skip_special_tokens=True)
+    return tokenizer.decode(x["input_ids"][x["attention_mask"].bool()][1:])   # drop [CLS] and padding
 
 
-tw.InfluenceExplorer(index, train, test, k=6, render=render, class_names=TOPICS)
+explorer = tw.InfluenceExplorer(index, train, test, k=6, render=render, class_names=TOPICS)
+explorer
 
 # %% [markdown]
 # ## 6 · A small language model: which training sentences made a continuation likely?
 #
-# A GPT-2 shaped model (2 layers, hidden size 32) learns the same utterances as plain text, this time
+# A GPT-2 shaped model (2 layers, hidden size 64) learns the same utterances as plain text, this time
 # with a plain PyTorch loop and `te.CheckpointRecorder` (the other way to save checkpoints). The batch
 # is again the tokenizer's dict; with `loss_fn="causal_lm"` the targets are the `input_ids` themselves,
 # shifted by one, and padded positions (`attention_mask == 0`) never count.
@@ -199,15 +201,15 @@ tw.InfluenceExplorer(index, train, test, k=6, render=render, class_names=TOPICS)
 # that log-probability the most.
 
 # %%
-lm = GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=32, n_embd=32, n_layer=2,
+lm = GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=32, n_embd=64, n_layer=2,
                                 n_head=2, bos_token_id=2, eos_token_id=0, pad_token_id=0,
                                 attn_implementation="eager"))
-optimizer = torch.optim.AdamW(lm.parameters(), lr=3e-3)
+optimizer = torch.optim.AdamW(lm.parameters(), lr=5e-3)
 lm_dir = Path(tempfile.mkdtemp(prefix="tracin-lm-"))
 recorder = te.CheckpointRecorder(lm_dir)
 ids, mask = train_enc["input_ids"], train_enc["attention_mask"]
 step = 0
-for epoch in range(12):
+for epoch in range(20):
     lm.train()
     for idx in torch.randperm(len(ids), generator=torch.Generator().manual_seed(epoch)).split(32):
         labels_lm = ids[idx].masked_fill(mask[idx] == 0, -100)
@@ -216,15 +218,15 @@ for epoch in range(12):
         loss.backward()
         optimizer.step()
         step += 1
-    if epoch % 4 == 3:
+    if epoch % 5 == 4:
         recorder.save(lm, optimizer, step)
 lm.eval()
 print(f"final training loss {loss.item():.2f} (uniform guess: {torch.log(torch.tensor(tokenizer.vocab_size)).item():.2f})")
 
 # %%
-prompt = tokenizer(["[CLS] what is"], add_special_tokens=False, return_tensors="pt")
+prompt = tokenizer(["[CLS] do you"], add_special_tokens=False, return_tensors="pt")
 with torch.no_grad():
-    generated = lm.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    generated = lm.generate(**prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
 n_prompt = prompt["input_ids"].shape[1]
 continuation_labels = generated.clone()
 continuation_labels[:, :n_prompt] = -100                       # score the generated tokens only
@@ -233,16 +235,17 @@ print("prompt:", tokenizer.decode(generated[0, :n_prompt], skip_special_tokens=T
       "| generated:", tokenizer.decode(generated[0, n_prompt:], skip_special_tokens=True))
 
 lm_tracin = te.TracIn(lm, te.Checkpoints.from_dir(lm_dir), loss_fn="causal_lm",
-                      layers=["transformer.h.1"])              # the last transformer block
+                      layers=["transformer.h.1.mlp.c_proj"])   # the last block's output projection
 lm_index = lm_tracin.index(dict(train_enc), progress=False)
 lm_result = lm_index.top_k(query, k=5, target="prediction")
 pd.DataFrame({"training sentence": [train_texts[j] for j in lm_result.proponents.indices[0].tolist()],
               "score": [f"{s:+.4f}" for s in lm_result.proponents.scores[0].tolist()]})
 
 # %% [markdown]
-# The selection `layers=["transformer.h.1"]` keeps the per-example gradients small (one block,
-# about 12k numbers per sentence and checkpoint); `layers=None` attributes through every weight,
-# including the token embeddings that GPT-2 shares with its output layer (tied weights are handled).
+# The selection `layers=["transformer.h.1.mlp.c_proj"]` keeps the per-example gradients small (one
+# weight matrix of the last block, about 16k numbers per sentence and checkpoint); `layers=None`
+# attributes through every weight, including the token embeddings that GPT-2 shares with its output
+# layer (tied weights are handled), at a higher cost (or with `proj_dim=` to project).
 #
 # **Your own model, in short.** A Hugging Face model: pass the tokenizer's dict (labels under
 # `labels`), a `Trainer` output folder to `Checkpoints.from_dir`, and a named loss when the task is
