@@ -185,10 +185,11 @@ class TracIn:
             if m <= 64 and self._states_cached:  # a query: all checkpoints in one backward pass
                 _, x, y = next(iter(source.batches(m)))
                 try:
-                    out[:] = self.featurizer.many([self.state(c) for c in range(C)], x,
-                                                  y if preds is None else preds, target)
+                    g = self.featurizer.many([self.state(c) for c in range(C)], x, y if preds is None else preds,
+                                             target)
                     for c in range(C):
-                        check_finite(out[c], 0, f"checkpoint {c} (test data)")
+                        check_finite(g[c], 0, f"checkpoint {c} (test data)")
+                    out[:] = g
                     return out
                 except Exception as exc:  # noqa: BLE001 - out of memory: fall back to checkpoint by checkpoint
                     if not is_oom(exc):
