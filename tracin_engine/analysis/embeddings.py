@@ -16,6 +16,7 @@ import torch
 from torch.func import functional_call
 
 from ..data import BatchFn, as_source
+from ..devices import tf32_mode
 from ..errors import TracInError
 from ..gradients.per_example import parameter_groups
 from ..store.topk import Neighbors
@@ -44,7 +45,7 @@ def embed(tracin: "TracIn", data: Any, layer: str | None = None, checkpoint: int
     was = tracin.model.training
     tracin.model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), tf32_mode(tracin.tf32):
             for _, x, _ in source.batches(batch_size):
                 x = x.to(tracin.device)
                 functional_call(tracin.model, state, (x.to(tracin.featurizer.grads.dtype) if x.is_floating_point() else x,))

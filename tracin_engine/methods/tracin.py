@@ -35,7 +35,7 @@ class TracIn:
     projection: "gaussian" / "rademacher" (dense G R / sqrt(proj_dim) of the flat gradient) or
     "factored" (per-layer P_g^T dW P_a of Linear/Conv2d layers from one batched forward+backward,
     never forming per-example gradients: about a training step's cost; see factored.py).
-    device: None picks CUDA when present, else CPU.
+    device: None keeps a model already on a GPU there, else picks CUDA when present, else the CPU.
     per_example: "auto" (batched hooks for Linear/Conv2d models, exact and about as fast as a
     training step; torch.func vmap otherwise), "hooks", "vmap", or "loop" (slow reference).
     tf32: allow TF32 float32 products on CUDA for featurization, test gradients and scoring (faster,
@@ -161,8 +161,9 @@ class TracIn:
         """Predicted class of each example at a checkpoint (default: the last): Tensor (n,) int64."""
         source = as_source(data, batch_fn)
         c = checkpoint % len(self.checkpoints)
-        return torch.cat([self.featurizer.grads.predictions(self.state(c), x).cpu()
-                          for _, x, _ in source.batches(1024)])
+        with tf32_mode(self.tf32):
+            return torch.cat([self.featurizer.grads.predictions(self.state(c), x).cpu()
+                              for _, x, _ in source.batches(1024)])
 
     def features(self, data: Any, target: Target = "loss", batch_fn: BatchFn | None = None,
                  batch_size: int = 256, out_device: str | torch.device | None = None) -> torch.Tensor:
