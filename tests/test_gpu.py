@@ -16,10 +16,9 @@ from torch import nn
 
 import tracin_engine as te
 from tracin_engine.devices import agreement_tolerance
-from tracin_engine.store.residency import DeviceFeatures
 from tracin_engine.store.scoring import score_blocks
 
-from gpu_cases import agreement, counting_syncs, ideal_agreement, store_agreement, topk_overlap
+from gpu_cases import agreement, counting_syncs, ideal_agreement, store_agreement
 from reference import pearson, rel_err
 
 pytestmark = pytest.mark.gpu
