@@ -142,7 +142,8 @@ def test_tf32_switch_sets_and_restores_the_flags():
     # tolerances derived from the unit roundoff (docs/gpu.md)
     assert devices.agreement_tolerance(False, 1000) == pytest.approx(64 * 1000 ** 0.5 * 2 ** -24)
     assert devices.agreement_tolerance(True, 1000) > 100 * devices.agreement_tolerance(False, 1000)
-    assert te.TracIn(nn.Linear(2, 2), te.Checkpoints.from_state_dicts([nn.Linear(2, 2).state_dict()], [1.0])).tf32 is False
+    lin = nn.Linear(2, 2)
+    assert te.TracIn(lin, te.Checkpoints.from_state_dicts([lin.state_dict()], [1.0])).tf32 is False
 
 
 # -- the projection generator, checked against an independent pure-Python implementation -----------

@@ -131,7 +131,7 @@ def test_oom_on_the_hook_path_and_in_test_features(cnn_run, data, monkeypatch):
     got = _index(cnn_run, train)
     for c in range(want.store.n_checkpoints):
         assert torch.allclose(got.features(c), want.features(c), rtol=1e-5, atol=1e-7)
-    got_t = got.test_features((train[0][:40], train[1][:40]), batch_size=16)  # 40 <= 64: the one-pass path fails,
+    got_t = got.tracin.features((train[0][:40], train[1][:40]), batch_size=16)  # 40 <= 64: the one-pass path fails,
     assert torch.allclose(got_t, want_t, rtol=1e-5, atol=1e-7)                # then checkpoint by checkpoint
 
 

@@ -130,8 +130,9 @@ class Backoff:
                 if not is_oom(exc):
                     raise
                 if self.size <= self.minimum:
+                    advice = self.advice or "free memory on the device or use a smaller model."
                     add_advice(exc, f"tracin: out of memory on {self.device} with a {self.what} of {self.size} "
-                                    f"(the smallest); {self.advice or 'free memory on the device or use a smaller model.'}")
+                                    f"(the smallest); {advice}")
                     raise
             self.size = max(self.minimum, self.size // 2)  # outside `except`: the failed step's tensors are freed
             self.retries += 1

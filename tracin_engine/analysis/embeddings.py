@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..data import BatchFn, as_source
+from ..devices import tf32_mode
 from ..errors import TracInError
 from ..gradients.per_example import parameter_groups
 from ..store.topk import Neighbors
@@ -41,7 +42,7 @@ def embed(tracin: Any, data: Any, layer: str | None = None, checkpoint: int = -1
     was = tracin.model.training
     tracin.model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), tf32_mode(tracin.tf32):
             for _, x, _ in source.batches(batch_size):
                 gc = tracin.featurizer.grads
                 gc.forward(state, gc.cast(x))

@@ -123,4 +123,5 @@ def index_distributed(tracin: Any, train_data: Any, store: str | Path, batch_siz
     tracin.featurize_rows(source, store, rows=(lo, hi), batch_size=bs, progress=progress and rank == 0,
                           dtype=dtype)
     dist.barrier(group=waits)
+    dist.destroy_process_group(waits)
     return GradientIndex.load(store, tracin)

@@ -24,7 +24,8 @@ The change is split over the batch so the shares add up to D_t exactly:
         "residual" for that test example and step).
 TracInIdeal(z, z'_j) = sum over steps t with z in B_t of share_t(z).  With B = 1 and a small lr,
 share = D_t = a_t + O(lr^2), so TracInIdeal approaches TracIn = sum_t lr <g(z'), g(z_t)>.
-Gradients and losses are taken with the model in eval mode (no dropout), then the mode is restored.
+Gradients and losses are taken with the model in eval mode (no dropout) and TF32 off, then both are
+restored.
 Devices: everything is computed on the model's device (a CUDA model keeps its accumulators, test
 examples and shares on CUDA; batches are moved there); `ideal` and `first_order` are returned on
 the CPU (the device contract, devices.py) or, with result(out_device=...), anywhere.
@@ -39,7 +40,7 @@ import torch
 from torch.func import grad, vmap
 
 from .. import inputs as tree
-from ..devices import to_output
+from ..devices import tf32_mode, to_output
 from ..errors import TracInError
 from ..gradients.calls import OutputFn, call_model
 
@@ -107,10 +108,13 @@ class TracInIdealRecorder:
 
     @contextmanager
     def _eval(self) -> Iterator[None]:
+        """Eval mode and TF32 off (D_t is a small difference of two losses: TF32's ~1e-3 relative
+        error on each would swamp it); both restored afterwards."""
         was = self.model.training
         self.model.eval()
         try:
-            yield
+            with tf32_mode(False):
+                yield
         finally:
             self.model.train(was)
 

@@ -47,7 +47,7 @@ class TracIn:
     "gaussian"), "factored" (per-layer P_g^T dW P_a from one batched forward+backward, never forming
     per-example gradients: about a training step's cost; see factored.py), or "gaussian" /
     "rademacher" (dense G R / sqrt(proj_dim) of the flat gradient).
-    device: None picks CUDA when present, else CPU.
+    device: None keeps a model already on a GPU there, else picks CUDA when present, else the CPU.
     per_example: "auto" (layer handlers from one batched pass, exact and about as fast as a
     training step; else torch.func vmap; else the loop, each fallback with one warning), "hooks",
     "vmap", or "loop" (slow reference).
@@ -213,8 +213,9 @@ class TracIn:
         """Predicted class of each example at a checkpoint (default: the last): Tensor (n,) int64."""
         source = as_source(data, batch_fn)
         c = checkpoint % len(self.checkpoints)
-        return torch.cat([self.featurizer.grads.predictions(self.state(c), x).cpu()
-                          for _, x, _ in source.batches(1024)])
+        with tf32_mode(self.tf32):
+            return torch.cat([self.featurizer.grads.predictions(self.state(c), x).cpu()
+                              for _, x, _ in source.batches(1024)])
 
     def features(self, data: Any, target: Target = "loss", batch_fn: BatchFn | None = None,
                  batch_size: int = 256, out_device: str | torch.device | None = None) -> torch.Tensor:
