@@ -11,12 +11,15 @@
 #   under `labels`; the model is called as `model(**batch)`;
 # * **outputs** are `ModelOutput`s; TracIn takes their `logits`;
 # * **checkpoints** are the `checkpoint-N/` folders a `transformers.Trainer` writes; one call reads
-#   each folder's weights (`model.safetensors`), its step, and the learning rate of the next step;
+#   each folder's weights (`model.safetensors`), its step, and the learning rate of the steps that led
+#   to it;
 # * **losses** are named: classification is the default; `loss_fn="causal_lm"` for a language model
 #   (next-token cross-entropy, averaged over each sequence's own, non-padded tokens).
 #
 # Nothing is downloaded: the text is the chatterbot corpus (as in tutorial 04), the tokenizer is
 # trained on it in a second, and both models are built from a small config and trained from scratch.
+# Cells marked **Predict first** ask you to guess before you run the next cell; **Try this** cells give
+# you a change to make and a number to check.
 
 # %%
 import importlib.util
@@ -118,8 +121,12 @@ print(sorted(p.name for p in run_dir.iterdir()))
 # ## 3 · One call reads the run
 #
 # `Checkpoints.from_dir` finds the `checkpoint-N/` folders, takes N as the step, and the learning rate
-# from each folder's `scheduler.pt` (the rate the next step used), or from `trainer_state.json`'s log.
-# Weights are read from `model.safetensors`; nothing pickled is ever executed.
+# of the steps that led to the checkpoint from `trainer_state.json`'s log (the Trainer logs, at step s,
+# the rate step s used). Weights are read from `model.safetensors`; nothing pickled is ever executed.
+#
+# **Predict first.** The rate warms up for 10 steps to 5e-3, then decays linearly to 0 at step 340;
+# checkpoints were saved at steps 85, 170, 255 and 340. Which checkpoint will weigh least in TracInCP,
+# and will its weight be exactly 0?
 
 # %%
 ckpts = te.Checkpoints.from_dir(run_dir)
@@ -146,6 +153,9 @@ index
 
 # %% [markdown]
 # ## 4 · Proponents and opponents of a test sentence
+#
+# **Predict first.** With 8 topics, a random training sentence has the test sentence's topic about 12%
+# of the time. How often will the *strongest proponent* share it: closer to 12%, 50% or 90%?
 
 # %%
 def show(query_text, result, row=0, k=4):
@@ -173,6 +183,22 @@ with torch.no_grad():
 result_new = index.top_k(new, k=4, target="prediction")
 print([f"{t!r} -> predicted topic {TOPICS[int(p)]}" for t, p in zip(new_texts, predicted)])
 show(new_texts[0], result_new, row=0)
+
+# %% [markdown]
+# **Try 1. All layers, factored.** So far only the pooler and the classifier were attributed. Attribute
+# through every layer (embeddings, attention, feed-forward) with the factored projection: `proj_dim=512`
+# projects each layer's per-example gradient as $P_g^\top \, dW \, P_a$ from one batched pass, never
+# forming it (`projection="auto"` picks it wherever a layer handler exists). Self-check: compare the
+# share of test sentences whose top proponent has their topic with the number above. Which layers'
+# gradients would you expect to reward sentences that merely share *words* with the test sentence?
+
+# %%
+all_layers = te.TracIn(model, ckpts, proj_dim=512)
+print("projection:", all_layers.featurizer.projection_kind, "| row length per checkpoint:", all_layers.dim)
+index_all = all_layers.index(train, progress=False)
+best_all = index_all.top_k(test, k=1)
+same_all = (y_train[best_all.proponents.indices[:, 0]] == y_test).float().mean().item()
+print(f"top proponent has the test topic: {same_all:.0%} with all layers vs {same:.0%} with pooler + classifier")
 
 # %% [markdown]
 # ## 5 · Explore
@@ -242,6 +268,16 @@ pd.DataFrame({"training sentence": [train_texts[j] for j in lm_result.proponents
               "score": [f"{s:+.4f}" for s in lm_result.proponents.scores[0].tolist()]})
 
 # %% [markdown]
+# **Try 2. Another prompt.** Change `"[CLS] do you"` above to `"[CLS] what is"` (or any words of the
+# corpus) and run the two cells again. Self-check: count how many of the top-5 proponents contain all of
+# the generated words, with the line below. Do the proponents explain the continuation by copying it?
+
+# %%
+words = tokenizer.decode(generated[0, n_prompt:], skip_special_tokens=True).split()
+hits = sum(all(w in train_texts[j].lower().split() for w in words) for j in lm_result.proponents.indices[0].tolist())
+print(f"{hits} of the top-5 proponents contain every generated word {words}")
+
+# %% [markdown]
 # The selection `layers=["transformer.h.1.mlp.c_proj"]` keeps the per-example gradients small (one
 # weight matrix of the last block, about 16k numbers per sentence and checkpoint); `layers=None`
 # attributes through every weight, including the token embeddings that GPT-2 shares with its output
@@ -252,3 +288,13 @@ pd.DataFrame({"training sentence": [train_texts[j] for j in lm_result.proponents
 # not classification. A PyTorch Lightning run: `Checkpoints.from_dir(folder_of_ckpt_files)` (the
 # `model.` prefix of the LightningModule is removed). Anything else: `output_fn=` picks the output
 # tensor and `batch_fn=` maps a batch to `(inputs, targets)`.
+#
+# ## Questions
+#
+# 1. The last checkpoint carries the smallest learning rate. What would its weight be if the reader took
+#    the rate of the *next* step (scheduler.pt's), and what would TracInCP then ignore?
+# 2. Restricting the attribution to the pooler and the classifier made the proponents share the topic
+#    more often than all layers did. What kind of similarity do the embedding and attention gradients
+#    add, and when would you want it?
+# 3. For the language model, the prompt tokens were labelled -100. What would change if they were
+#    scored too?
