@@ -40,7 +40,7 @@ from torch.utils.data import TensorDataset
 
 import tracin_engine as te
 from tracin_engine.examples import DigitsCNN, load_digits_split, train
-from tracin_engine.topk import reference_top_k
+from tracin_engine.store.topk import reference_top_k
 
 
 class CifarNet(nn.Module):

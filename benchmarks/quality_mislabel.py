@@ -21,9 +21,9 @@ regime runs for each seed of --seeds (the seed picks the flipped labels, the ini
 batch order, and the cleanlab folds); the report has each seed and the mean. Models: DigitsCNN on sklearn digits (1500 train),
 MLP on sklearn breast_cancer (569, standardized); task "digits_mlp" (not in the default --tasks):
 a 2-hidden-layer MLP (128 units) memorizing the digits, a second architecture on the same data.
-Task "ideal": a clean DigitsCNN run with TracInIdealRecorder (tracin_engine.ideal) on 60 test
+Task "ideal": a clean DigitsCNN run with TracInIdealRecorder (tracin_engine.methods.ideal) on 60 test
 examples; Pearson correlation of TracInCP (5 checkpoints) with TracInIdeal, and the label agreement
-of top-10 neighbours in each view (tracin_engine.neighbors_quality) on all 297 test examples.
+of top-10 neighbours in each view (tracin_engine.analysis.neighbors_quality) on all 297 test examples.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import tracin_engine as te
 from tracin_engine.examples import MLP, DigitsCNN, load_digits_split, train
-from tracin_engine.outliers import rank_outliers
+from tracin_engine.analysis.outliers import rank_outliers
 
 FRACTIONS = (0.05, 0.10, 0.20)
 
@@ -176,8 +176,8 @@ def digits_mlp_task():
 def ideal_task(n_test: int = 60, epochs: int = 10, n_checkpoints: int = 5, lr: float = 0.1) -> dict:
     """TracInCP (checkpoints) vs TracInIdeal (every step, exact loss changes) on clean digits."""
     from tracin_engine.checkpoints import CheckpointRecorder
-    from tracin_engine.ideal import TracInIdealRecorder
-    from tracin_engine.neighbors_quality import compare_views
+    from tracin_engine.methods.ideal import TracInIdealRecorder
+    from tracin_engine.analysis.neighbors_quality import compare_views
 
     t0 = time.time()
     d = load_digits_split(seed=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import tracin_engine as te
-from tracin_engine.gradients import GradientComputer
+from tracin_engine.gradients.per_example import GradientComputer
 
 
 def loop_grads(tracin: te.TracIn, X, y, target="loss") -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import tracin_engine as te
-from tracin_engine.clustering import Clusters, UnitRows
+from tracin_engine.analysis.clustering import Clusters, UnitRows
 
 
 def _flat_unit_rows(index, train, n: int) -> np.ndarray:

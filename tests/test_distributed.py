@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import tracin_engine as te
-from tracin_engine.distributed import index_distributed, shard_rows
+from tracin_engine.methods.distributed import index_distributed, shard_rows
 
 
 def test_shards_are_disjoint_batch_aligned_and_cover_everything():

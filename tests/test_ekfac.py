@@ -9,9 +9,9 @@ from torch import nn
 from torch.func import hessian
 
 from tracin_engine.data import as_source
-from tracin_engine.ekfac import KronLayers, fit_ekfac
+from tracin_engine.methods.ekfac import KronLayers, fit_ekfac
 from tracin_engine.errors import TracInError
-from tracin_engine.gradients import GradientComputer
+from tracin_engine.gradients.per_example import GradientComputer
 
 
 def _linear(d_in=5, d_out=3, seed=0):

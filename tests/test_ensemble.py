@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tracin_engine as te
-from tracin_engine.ensemble import EnsembleIndex, dropout_ensemble, fixed_dropout
+from tracin_engine.methods.ensemble import EnsembleIndex, dropout_ensemble, fixed_dropout
 
 
 class DropMLP(nn.Module):

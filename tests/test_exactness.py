@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import tracin_engine as te
-from tracin_engine.topk import reference_top_k
+from tracin_engine.store.topk import reference_top_k
 
 from reference import loop_grads, loop_influence, rel_err
 

@@ -10,7 +10,7 @@ import torch
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
-from tracin_engine.topk import Neighbors, TopK
+from tracin_engine.store.topk import Neighbors, TopK
 from tracin_widgets import extension as ext
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import tracin_engine as te
 from tracin_engine.examples import MLP
-from tracin_engine.ideal import TracInIdealRecorder
+from tracin_engine.methods.ideal import TracInIdealRecorder
 
 
 def _run(data, test, steps, batch, lr, split="residual", keep_states=False, seed=0):

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import tracin_engine as te
-from tracin_engine.neighbors_quality import compare_views, label_agreement
-from tracin_engine.outliers import rank_outliers, renormalized_influence, renormalized_top_k, self_influence_terms
-from tracin_engine.topk import reference_top_k
+from tracin_engine.analysis.neighbors_quality import compare_views, label_agreement
+from tracin_engine.analysis.outliers import rank_outliers, renormalized_influence, renormalized_top_k, self_influence_terms
+from tracin_engine.store.topk import reference_top_k
 
 
 def _q(index):
@@ -144,7 +144,7 @@ def test_bad_input(cnn_index):
 
 
 def test_output_stats_in_train_mode_leave_the_checkpoint_buffers_alone():
-    from tracin_engine.gradients import GradientComputer
+    from tracin_engine.gradients.per_example import GradientComputer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import tracin_engine as te
-from tracin_engine.factored import FactoredProjection
-from tracin_engine.gradients import GradientComputer
-from tracin_engine.projection import RandomProjection
-from tracin_engine.topk import reference_top_k
+from tracin_engine.gradients.factored import FactoredProjection
+from tracin_engine.gradients.per_example import GradientComputer
+from tracin_engine.gradients.projection import RandomProjection
+from tracin_engine.store.topk import reference_top_k
 
 
 def _unit_vectors(n: int, p: int, seed: int = 0) -> torch.Tensor:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tracin_engine.layout import Layout, Segment
-from tracin_engine.scoring import (HALF_MAX_TEST_ROWS, HALF_MAX_TEST_ROWS_EMULATED, full_scores,
+from tracin_engine.store.layout import Layout, Segment
+from tracin_engine.store.scoring import (HALF_MAX_TEST_ROWS, HALF_MAX_TEST_ROWS_EMULATED, full_scores,
                                    half_matmul, score_blocks, uses_half_products)
-from tracin_engine.store import FeatureStore
-from tracin_engine.topk import streaming_top_k
+from tracin_engine.store.feature_store import FeatureStore
+from tracin_engine.store.topk import streaming_top_k
 
 HALF = [torch.float16, torch.bfloat16]
 CPU = torch.device("cpu")
@@ -128,7 +128,7 @@ def test_half_matmul_stored_row_above_float16_range_falls_back_to_float32():
 
 
 def test_half_products_only_for_half_stores_on_the_cpu_with_few_test_rows(monkeypatch):
-    import tracin_engine.scoring as scoring
+    import tracin_engine.store.scoring as scoring
 
     monkeypatch.setattr(scoring, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_fp16"}))
     assert uses_half_products(torch.float16, CPU, 1)

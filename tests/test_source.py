@@ -11,8 +11,8 @@ from torch.func import grad, hessian, vmap
 
 import tracin_engine as te
 from tracin_engine.data import as_source
-from tracin_engine.ekfac import KronLayers, fit_ekfac
-from tracin_engine.source import SourceIndex, spectral
+from tracin_engine.methods.ekfac import KronLayers, fit_ekfac
+from tracin_engine.methods.source import SourceIndex, spectral
 
 D, K, N, M = 3, 2, 200, 30
 
@@ -146,7 +146,7 @@ def test_segment_products_match_matrix_exponential():
     model, ckpts, X, y = _tiny_run()
     tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
     index = tracin.index((X, y), method="source", segments=2, progress=False, batch_size=5)
-    assert index.settings["steps"] == [10, 20]
+    assert index.settings.steps == (10, 20)
     gc = tracin.featurizer.grads
     layers = KronLayers(gc)
     P = gc.num_params
@@ -227,5 +227,5 @@ def test_steps_learning_rates_and_momentum_come_from_the_recorder(tmp_path):
     ckpts = te.Checkpoints.from_dir(tmp_path)
     index = te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X, y), method="source", segments=2,
                                                                     progress=False)
-    assert index.settings["steps"] == [4, 4]
-    assert index.settings["horizons"] == pytest.approx([0.1 * 4 / 0.5, 0.05 * 4 / 0.5])
+    assert index.settings.steps == (4, 4)
+    assert index.settings.horizons == pytest.approx([0.1 * 4 / 0.5, 0.05 * 4 / 0.5])

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import tracin_engine as te
-from tracin_engine.topk import reference_top_k
+from tracin_engine.store.topk import reference_top_k
 
 
 class Counting:

@@ -12,7 +12,7 @@ from ipywidgets.widgets.widget import _remove_buffers
 import tracin_engine as te
 import tracin_widgets as tw
 from tracin_engine import TracInError
-from tracin_engine.embeddings import embed, nearest_neighbors
+from tracin_engine.analysis.embeddings import embed, nearest_neighbors
 
 
 def strip(w, key):

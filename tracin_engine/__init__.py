@@ -8,25 +8,27 @@
 """
 
 from . import examples
+from .analysis import embeddings
 from .checkpoints import Checkpoint, CheckpointRecorder, Checkpoints
-from .clustering import Clusters
+from .analysis.clustering import Clusters
 from .data import DataSource
-from .distributed import index_distributed
-from .engine import TracIn
-from .ensemble import EnsembleIndex, dropout_ensemble
+from .methods.distributed import index_distributed
+from .methods.tracin import TracIn
+from .methods.ensemble import EnsembleIndex, dropout_ensemble
 from .errors import TracInError
-from .factored import FactoredProjection
-from .ideal import TracInIdealRecorder
-from .index import GradientIndex
-from .outliers import Outliers
-from .projection import RandomProjection
-from .source import SourceIndex
-from .store import FeatureStore
-from .topk import Neighbors, TopK
+from .interface import InfluenceIndex
+from .gradients.factored import FactoredProjection
+from .methods.ideal import TracInIdealRecorder
+from .methods.index import GradientIndex
+from .analysis.outliers import Outliers
+from .gradients.projection import RandomProjection
+from .methods.source import SourceIndex
+from .store.feature_store import FeatureStore
+from .store.topk import Neighbors, TopK
 
 __all__ = [
     "Checkpoint", "CheckpointRecorder", "Checkpoints", "Clusters", "DataSource", "EnsembleIndex",
-    "FactoredProjection", "FeatureStore", "GradientIndex", "Neighbors", "Outliers", "RandomProjection",
+    "FactoredProjection", "FeatureStore", "GradientIndex", "InfluenceIndex", "Neighbors", "Outliers", "RandomProjection",
     "SourceIndex", "TopK", "TracIn", "TracInError", "TracInIdealRecorder", "dropout_ensemble",
     "index_distributed",
 ]

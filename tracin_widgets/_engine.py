@@ -24,10 +24,10 @@ if TYPE_CHECKING:
 
 # engine result types the extension formats, by (module, class name), so nothing is imported until one is shown
 RESULT_TYPES = {
-    ("tracin_engine.topk", "TopK"): "topk",
-    ("tracin_engine.topk", "Neighbors"): "neighbors",
-    ("tracin_engine.index", "GradientIndex"): "index",
-    ("tracin_engine.clustering", "Clusters"): "clusters",
+    ("tracin_engine.store.topk", "TopK"): "topk",
+    ("tracin_engine.store.topk", "Neighbors"): "neighbors",
+    ("tracin_engine.methods.index", "GradientIndex"): "index",
+    ("tracin_engine.analysis.clustering", "Clusters"): "clusters",
 }
 
 
@@ -74,7 +74,7 @@ def has_output_norms(index: Any) -> bool:
     """Whether the index can rank by output-space self-influence (index.outliers(space="output"))."""
     if not getattr(index, "records_outputs", False) or getattr(index, "store", None) is None:
         return False
-    from tracin_engine.outliers import has_output_norms as _has
+    from tracin_engine.analysis.outliers import has_output_norms as _has
 
     return _has(index)
 
@@ -98,14 +98,14 @@ def per_checkpoint_row(index: Any, features: torch.Tensor, i: int) -> torch.Tens
 
 def embed(index: Any, data: Any) -> torch.Tensor:
     """Penultimate-layer embeddings at the last checkpoint: Tensor (n, d) (tracin_engine.embeddings.embed)."""
-    from tracin_engine.embeddings import embed as _embed
+    from tracin_engine.analysis.embeddings import embed as _embed
 
     return _embed(index.tracin, data)
 
 
 def nearest_neighbors(train_emb: torch.Tensor, query_emb: torch.Tensor, k: int):
     """k most cosine-similar training embeddings per query row: Neighbors (m, k), best first."""
-    from tracin_engine.embeddings import nearest_neighbors as _nn
+    from tracin_engine.analysis.embeddings import nearest_neighbors as _nn
 
     return _nn(train_emb, query_emb, k)
 

@@ -8,9 +8,9 @@ Example (in a notebook):
     >>> %tracin help
 
 What is registered (text/html formatters, by type name, so nothing is imported until a result of
-that type is displayed): tracin_engine.topk.TopK and Neighbors (a gallery: thumbnails when `%tracin use`
-named the data, else a ranked table of indices and scores), tracin_engine.index.GradientIndex (a summary
-card), tracin_engine.clustering.Clusters (sizes and representatives). A self-influence result is a plain
+that type is displayed): tracin_engine.store.topk.TopK and Neighbors (a gallery: thumbnails when `%tracin use`
+named the data, else a ranked table of indices and scores), tracin_engine.methods.index.GradientIndex (a summary
+card), tracin_engine.analysis.clustering.Clusters (sizes and representatives). A self-influence result is a plain
 torch.Tensor, which is not registered (that would change how every tensor displays); `%tracin outliers`
 shows it as a ranked gallery instead. Loading twice is harmless; importing this module imports neither
 torch nor the widgets.

@@ -32,7 +32,7 @@ from sklearn.metrics import adjusted_rand_score
 
 import tracin_engine as te
 import tracin_widgets as tw
-from tracin_engine.embeddings import embed, nearest_neighbors
+from tracin_engine.analysis.embeddings import embed, nearest_neighbors
 from tracin_engine.examples import DigitsCNN, load_digits_split, train
 
 # %load_ext tracin_widgets

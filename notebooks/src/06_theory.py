@@ -22,7 +22,7 @@
 #    $\mathrm{TracInCP}(z, z') = \sum_i \eta_i \langle \nabla \ell(w_i, z), \nabla \ell(w_i, z') \rangle$.
 #
 # This notebook measures each step on a small problem where the ideal can be recorded exactly, with
-# `tracin_engine.ideal.TracInIdealRecorder`.
+# `tracin_engine.methods.ideal.TracInIdealRecorder`.
 
 # %%
 import matplotlib.pyplot as plt
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import tracin_engine as te
 from tracin_engine.examples import MLP, load_digits_split
-from tracin_engine.ideal import TracInIdealRecorder
+from tracin_engine.methods.ideal import TracInIdealRecorder
 
 split = load_digits_split(seed=0)
 X_train, y_train = split.train[0][:200].flatten(1), split.train[1][:200]

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import TracInError
-from .gradients import GradientComputer
+from ..errors import TracInError
+from .per_example import GradientComputer
 from .hooks import HookFeaturizer, Unsupported
-from .layout import Layout, Segment
+from ..store.layout import Layout, Segment
 
 
 def _factor(seed: int, layer: int, side: int, rows: int, k: int, kind: str) -> torch.Tensor:

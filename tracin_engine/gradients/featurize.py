@@ -11,15 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoints import Checkpoints
-from .data import DataSource
-from .errors import TracInError
+from ..checkpoints import Checkpoints
+from ..data import DataSource
+from ..errors import TracInError
 from . import hooks
-from .gradients import GradientComputer, Target
-from .layout import Layout
+from .per_example import GradientComputer, Target
+from ..store.layout import Layout
 from .factored import FactoredProjection
 from .projection import RandomProjection
-from .store import FeatureStore
+from ..store.feature_store import FeatureStore
 
 
 class Featurizer:
@@ -213,7 +213,7 @@ def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSour
     lo, hi = rows or (0, len(source))
     store.redo_rows_without_outputs(lo, hi)  # rows of a store written before output norms were recorded
     n_batches = len(source.data) if source.is_loader else math.ceil(len(source) / batch_size)
-    bar = _progress(len(checkpoints) * n_batches, progress)
+    bar = progress_bar(len(checkpoints) * n_batches, progress)
     try:
         for c in range(len(checkpoints)):
             if store.is_done(c, lo, hi):
@@ -240,7 +240,8 @@ def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSour
     return store
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool):
+    """A tqdm.auto bar over `total` steps when enabled and tqdm is installed, else a no-op bar."""
     if enabled:
         try:
             from tqdm.auto import tqdm

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import TracInError
+from ..errors import TracInError
 
 _DTYPES = {"float16": (torch.float16, np.float16), "bfloat16": (torch.bfloat16, np.uint16),
            "float32": (torch.float32, np.float32), "float64": (torch.float64, np.float64)}

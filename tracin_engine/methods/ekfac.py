@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, hessian, vmap
 
-from .data import DataSource
-from .errors import TracInError
-from .gradients import GradientComputer, _mode
-from .hooks import selected_layers
+from ..data import DataSource
+from ..errors import TracInError
+from ..gradients.per_example import GradientComputer, model_mode
+from ..gradients.hooks import selected_layers
 
 CURVATURES = ("gn", "mc", "empirical")
 
@@ -131,7 +131,7 @@ class KronLayers:
                 generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (a (B, T, in'), g (B, K, T, out)) in float64: K pseudo-gradients per example."""
         gc = self.grads
-        x = gc._cast(x)
+        x = gc.cast(x)
         y = None if y is None else y.to(gc.device)
         gc.check_args(y, "loss")
         params = {k: (v.detach().requires_grad_(True) if k in gc.shapes else v) for k, v in state.items()}
@@ -139,7 +139,7 @@ class KronLayers:
         handles = [p.module.register_forward_hook(lambda m, i, o, n=p.name: seen[n].append((i[0].detach(), o)))
                    for p in self.plans]
         try:
-            with _mode(gc.model, gc.train_mode), torch.enable_grad():
+            with model_mode(gc.model, gc.train_mode), torch.enable_grad():
                 out = functional_call(gc.model, params, (x,))
         finally:
             for h in handles:

@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 import torch
 from torch.func import functional_call, grad, vmap
 
-from .errors import TracInError
+from ..errors import TracInError
 
 
 class TracInIdealRecorder:

@@ -14,14 +14,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .checkpoints import Checkpoints, state_fingerprint
-from .data import BatchFn, as_source
-from .errors import TracInError
-from .featurize import Featurizer, check_finite, featurize
-from .gradients import GradientComputer, Target
+from ..checkpoints import Checkpoints, state_fingerprint
+from ..data import BatchFn, as_source
+from ..errors import TracInError
+from ..settings import IndexSettings
+from ..gradients.featurize import Featurizer, check_finite, featurize
+from ..gradients.per_example import GradientComputer, Target
 from .index import GradientIndex
-from .projection import build_projection
-from .store import FeatureStore
+from .source import build_source_index
+from ..gradients.projection import build_projection
+from ..store.feature_store import FeatureStore
+from ..store.scoring import accum_dtype
 
 
 class TracIn:
@@ -69,19 +72,23 @@ class TracIn:
         """Feature length per example per checkpoint: P (exact) or proj_dim."""
         return self.featurizer.dim
 
-    def metadata(self) -> dict:
-        """What identifies an index built by this TracIn (checked when a store is reopened)."""
-        return {
-            "model": state_fingerprint(self.model.state_dict()),
-            "parameters": self.featurizer.grads.param_names,
-            "checkpoints": self.checkpoints.fingerprint(),
-            "learning_rates": self.checkpoints.learning_rates.tolist(),
-            "proj_dim": self.proj_dim, "seed": self.seed, "projection": self.projection_kind,
-            "per_example": "loop" if self.featurizer.mode == "loop" else self.featurizer.mode,
-            "layout": self.featurizer.layout.to_dict(),
-        }
+    def settings(self) -> IndexSettings:
+        """What identifies an index built by this TracIn (its store's metadata; checked on reopen)."""
+        return IndexSettings(
+            model=state_fingerprint(self.model.state_dict()),
+            parameters=tuple(self.featurizer.grads.param_names),
+            checkpoints=tuple(self.checkpoints.fingerprint()),
+            learning_rates=tuple(self.checkpoints.learning_rates.tolist()),
+            proj_dim=self.proj_dim, seed=self.seed, projection=self.projection_kind,
+            per_example=self.featurizer.mode,
+            layout=self.featurizer.layout.to_dict(),
+        )
 
-    def _resolve(self, source) -> None:
+    def metadata(self) -> dict:
+        """settings() as the flat JSON-able dict written to metadata.json."""
+        return self.settings().to_metadata()
+
+    def resolve(self, source) -> None:
         """Settle the per-example path on the first examples before any feature is stored."""
         if not self.featurizer.resolved:
             _, x, _ = next(iter(source.batches(2)))
@@ -116,8 +123,6 @@ class TracIn:
         the checkpoints; source_options: steps=[K_1..K_L], curvature="gn"|"mc"|"empirical" (source.py).
         """
         if method == "source":
-            from .source import build_source_index
-
             return build_source_index(self, train_data, segments, store=store, batch_size=batch_size,
                                       progress=progress, batch_fn=batch_fn, dtype=dtype, **source_options)
         if method != "tracin" or source_options:
@@ -137,7 +142,7 @@ class TracIn:
             model_dtype = self.featurizer.grads.dtype
             dtype = torch.float16 if (store is not None and self.proj_dim) else model_dtype
         n, C = len(source), len(self.checkpoints)
-        self._resolve(source)
+        self.resolve(source)
         if store is None:
             fs = FeatureStore(n, C, self.dim, dtype)
         else:
@@ -161,9 +166,9 @@ class TracIn:
         """
         source = as_source(data, batch_fn)
         preds = self.predictions(source) if isinstance(target, str) and target == "prediction" else None
-        self._resolve(source)
+        self.resolve(source)
         out = torch.empty(len(self.checkpoints), len(source), self.dim, device=self.device,
-                          dtype=torch.float64 if self.featurizer.grads.dtype == torch.float64 else torch.float32)
+                          dtype=accum_dtype(self.featurizer.grads.dtype))
         C = len(self.checkpoints)
         if len(source) <= 64 and self._states_cached:  # a query: all checkpoints in one backward pass
             _, x, y = next(iter(source.batches(len(source))))

@@ -27,23 +27,23 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .data import BatchFn, as_source
+from ..data import BatchFn, as_source
 from .ekfac import KronLayers, LayerCurvature, fit_ekfac
-from .errors import TracInError
-from .featurize import _progress, check_finite
-from .gradients import Target
+from ..errors import TracInError
+from ..settings import IndexSettings, SourceSettings
+from ..gradients.featurize import check_finite, progress_bar
+from ..gradients.per_example import Target
 from .index import GradientIndex
-from .layout import Layout
-from .projection import RandomProjection
-from .store import FeatureStore
+from ..store.layout import Layout
+from ..gradients.projection import RandomProjection
+from ..store.feature_store import FeatureStore
+from ..store.scoring import accum_dtype
 
-if TYPE_CHECKING:
-    from .engine import TracIn
 
 _SELF_FILE = "source_self_influence.npy"
 
@@ -122,7 +122,7 @@ def source_update(layers: KronLayers, curv: list[LayerCurvature], horizon: float
     return layers.from_mats(out)
 
 
-def flat_gradients(tracin: "TracIn", state: dict, x: torch.Tensor, y: torch.Tensor | None,
+def flat_gradients(tracin: Any, state: dict, x: torch.Tensor, y: torch.Tensor | None,
                    target: Target = "loss") -> torch.Tensor:
     """Exact per-example gradients (B, P) of the objective at one checkpoint (never projected)."""
     fz = tracin.featurizer
@@ -133,7 +133,7 @@ def flat_gradients(tracin: "TracIn", state: dict, x: torch.Tensor, y: torch.Tens
     return fz.grads.per_example(state, x, y, target)
 
 
-def _projection(tracin: "TracIn") -> RandomProjection | None:
+def _projection(tracin: Any) -> RandomProjection | None:
     proj = tracin.featurizer.projection
     if proj is not None and not isinstance(proj, RandomProjection):
         raise TracInError("SOURCE supports exact gradients (proj_dim=None) or a dense projection "
@@ -146,13 +146,13 @@ class SourceIndex(GradientIndex):
 
     records_outputs = False  # rows are v(z), written by build_source_index; outliers use SOURCE(z, z)
 
-    def __init__(self, tracin: "TracIn", store: FeatureStore, settings: dict, self_scores: torch.Tensor):
+    def __init__(self, tracin: Any, store: FeatureStore, settings: SourceSettings, self_scores: torch.Tensor):
         super().__init__(tracin, store)
         self.settings = settings
         self._self = self_scores.double()
 
     def __repr__(self) -> str:
-        return (f"SourceIndex(n_train={self.n_train}, segments={self.settings['segments']}, "
+        return (f"SourceIndex(n_train={self.n_train}, segments={self.settings.segments}, "
                 f"dim={self.store.dim}, proj_dim={self.tracin.proj_dim})")
 
     @property
@@ -169,7 +169,7 @@ class SourceIndex(GradientIndex):
         tr = self.tracin
         source = as_source(test_data, batch_fn)
         preds = tr.predictions(source) if isinstance(target, str) and target == "prediction" else None
-        tr._resolve(source)
+        tr.resolve(source)
         proj, state = _projection(tr), tr.state(len(tr.checkpoints) - 1)
         rows = []
         for start, x, y in source.batches(batch_size):
@@ -179,7 +179,7 @@ class SourceIndex(GradientIndex):
             check_finite(g, start, "the final checkpoint (test data)")
             rows.append(proj(g) if proj is not None else g)
         out = torch.cat(rows)
-        return out.to(torch.float64 if out.dtype == torch.float64 else torch.float32).unsqueeze(0)
+        return out.to(accum_dtype(out.dtype)).unsqueeze(0)
 
     def self_influence(self, weights: torch.Tensor | None = None) -> torch.Tensor:
         """SOURCE(z, z) = <grad l(z, w_final), v(z)>: Tensor (n_train,) float64 (weights: (1,) scale)."""
@@ -190,7 +190,8 @@ class SourceIndex(GradientIndex):
         return self.self_influence(weights).unsqueeze(0)
 
     def metadata(self) -> dict:
-        return {**self.tracin.metadata(), **self.settings, "layout": self.layout.to_dict()}
+        """The store's metadata: the TracIn's settings described as this SOURCE index."""
+        return self.tracin.settings().with_method(self.settings, self.layout.to_dict()).to_metadata()
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -203,19 +204,24 @@ class SourceIndex(GradientIndex):
         np.save(path / _SELF_FILE, self._self.numpy())
         return path
 
+    @staticmethod
+    def holds(path: str | Path) -> bool:
+        """Whether folder `path` looks like a saved SOURCE index (its self-influence file is there)."""
+        return (Path(path) / _SELF_FILE).exists()
+
     @classmethod
-    def load(cls, path: str | Path, tracin: "TracIn") -> "SourceIndex":
+    def load(cls, path: str | Path, tracin: Any) -> "SourceIndex":
         """Reopen a saved SOURCE index; its settings and `tracin` must match what built it."""
         store = FeatureStore.load(path)
         if store.metadata.get("method") != "source" or not (Path(path) / _SELF_FILE).exists():
             raise TracInError(f"{path} does not hold a SOURCE index; use GradientIndex.load for TracIn indexes.")
-        settings = {k: store.metadata[k] for k in ("method", "segments", "steps", "curvature", "horizons")}
-        meta = {**tracin.metadata(), **settings, "layout": Layout.dense_of(store.dim).to_dict()}
+        settings = IndexSettings.from_metadata(store.metadata).source
+        meta = tracin.settings().with_method(settings, Layout.dense_of(store.dim).to_dict()).to_metadata()
         FeatureStore.open_or_create(path, store.n, store.n_checkpoints, store.dim, store.dtype, meta)
         return cls(tracin, store, settings, torch.from_numpy(np.load(Path(path) / _SELF_FILE)))
 
 
-def build_source_index(tracin: "TracIn", train_data: Any, segments: int = 1, steps: Sequence[int] | None = None,
+def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: Sequence[int] | None = None,
                        curvature: str = "gn", store: str | Path | None = None, batch_size: int | None = None,
                        progress: bool = True, batch_fn: BatchFn | None = None,
                        dtype: torch.dtype | None = None) -> SourceIndex:
@@ -228,20 +234,19 @@ def build_source_index(tracin: "TracIn", train_data: Any, segments: int = 1, ste
     plan = plan_segments(tracin.checkpoints, segments, steps)
     layers = KronLayers(tracin.featurizer.grads)
     proj = _projection(tracin)
-    tracin._resolve(source)
+    tracin.resolve(source)
     bs = batch_size or 256
     n = len(source)
-    bar = _progress(len(tracin.checkpoints), progress)
+    bar = progress_bar(len(tracin.checkpoints), progress)
     curv = []
     for seg in plan:
         curv.append(fit_ekfac(layers, [tracin.state(c) for c in seg.checkpoints], source, curvature, bs, tracin.seed))
         bar.update(len(seg.checkpoints))
     bar.close()
-    settings = {"method": "source", "segments": segments, "steps": [s.steps for s in plan],
-                "curvature": curvature, "horizons": [s.horizon for s in plan]}
+    settings = SourceSettings(segments, tuple(s.steps for s in plan), curvature, tuple(s.horizon for s in plan))
     dim = proj.proj_dim if proj is not None else layers.num_params
-    dtype = dtype or (torch.float64 if tracin.featurizer.grads.dtype == torch.float64 else torch.float32)
-    meta = {**tracin.metadata(), **settings, "layout": Layout.dense_of(dim).to_dict()}
+    dtype = dtype or accum_dtype(tracin.featurizer.grads.dtype)
+    meta = tracin.settings().with_method(settings, Layout.dense_of(dim).to_dict()).to_metadata()
     fs = FeatureStore(n, 1, dim, dtype) if store is None else FeatureStore.open_or_create(store, n, 1, dim, dtype, meta)
     selfs = torch.zeros(n, dtype=torch.float64)
     last = len(tracin.checkpoints) - 1
@@ -257,7 +262,7 @@ def build_source_index(tracin: "TracIn", train_data: Any, segments: int = 1, ste
                     g_final = g
             v = source_update(layers, cv, seg.horizon, v, g_sum / len(seg.checkpoints), n)
         selfs[start:start + x.shape[0]] = (g_final * v).sum(1).cpu()
-        f = proj(v.to(torch.float64 if dtype == torch.float64 else torch.float32)) if proj is not None else v
+        f = proj(v.to(accum_dtype(dtype))) if proj is not None else v
         fs.write(0, start, f, f.double().pow(2).sum(1))
     index = SourceIndex(tracin, fs, settings, selfs)
     if store is not None:

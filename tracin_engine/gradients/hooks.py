@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .errors import TracInError
-from .gradients import GradientComputer, Target, _mode, output_sq_norms, parameter_groups
-from .layout import Layout, Segment
+from ..errors import TracInError
+from .per_example import GradientComputer, Target, model_mode, output_sq_norms, parameter_groups
+from ..store.layout import Layout, Segment
 
 
 class Unsupported(TracInError):
@@ -92,7 +92,7 @@ class HookFeaturizer:
         gives each checkpoint's own output gradients (cheaper than S backward calls for queries).
         """
         gc = self.grads
-        x = gc._cast(inputs)
+        x = gc.cast(inputs)
         y = None if targets is None else targets.to(gc.device)
         gc.check_args(y, target)
         names = set(gc.param_names)
@@ -101,7 +101,7 @@ class HookFeaturizer:
                    for name, mod, *_ in self.plan]
         model_outs, losses = [], []
         try:
-            with _mode(gc.model, gc.train_mode), torch.enable_grad():
+            with model_mode(gc.model, gc.train_mode), torch.enable_grad():
                 for state in states:
                     params = {k: (v.detach().requires_grad_(True) if k in names else v) for k, v in state.items()}
                     out = functional_call(gc.model, params, (x,))

@@ -19,14 +19,13 @@ flat gradient of that layer), so no n x n matrix is formed; when n * D numbers f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Iterator
 
 import torch
 
-from .errors import TracInError
+from ..errors import TracInError
+from ..store.scoring import accum_dtype
 
-if TYPE_CHECKING:
-    from .index import GradientIndex
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class Clusters:
 class UnitRows:
     """u(z) for all training examples, served in row blocks: block(start, stop) -> (b, D) on `device`."""
 
-    def __init__(self, index: "GradientIndex", weights: torch.Tensor | None = None,
+    def __init__(self, index: Any, weights: torch.Tensor | None = None,
                  device: torch.device | str | None = None, block_size: int | None = None,
                  cache_bytes: int = 2**28):
         store = index.store
@@ -66,7 +65,7 @@ class UnitRows:
                               f"got {w.tolist()}.")
         self.store, self.layout = store, index.layout
         self.device = torch.device(device) if device is not None else index.tracin.device
-        self.dtype = torch.float64 if store.dtype == torch.float64 else torch.float32
+        self.dtype = accum_dtype(store.dtype)
         w = w / w.sum()
         norms = store.sq_norms.sqrt()
         self.scale = torch.where(norms > 0, w.sqrt().unsqueeze(1) / norms.clamp_min(1e-300),
@@ -182,7 +181,7 @@ def _agglomerative(rows: UnitRows, k: int, linkage: str, max_n: int) -> tuple[to
     return labels, torch.nn.functional.normalize(sums, dim=1)
 
 
-def cluster(index: "GradientIndex", n_clusters: int, method: str = "kmeans", n_representatives: int = 5,
+def cluster(index: Any, n_clusters: int, method: str = "kmeans", n_representatives: int = 5,
             seed: int = 0, weights: torch.Tensor | None = None, device: torch.device | str | None = None,
             max_iter: int = 100, linkage: str = "average", max_n: int = 5000, block_size: int | None = None,
             cache_bytes: int = 2**28, init: torch.Tensor | None = None) -> Clusters:

@@ -44,18 +44,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from .data import BatchFn
-from .errors import TracInError
-from .gradients import Target
-from .scoring import accum_dtype, score_blocks
-from .topk import TopK, streaming_top_k
+from ..data import BatchFn
+from ..errors import TracInError
+from ..gradients.per_example import Target
+from ..store.scoring import accum_dtype, score_blocks
+from ..store.topk import TopK, streaming_top_k
 
-if TYPE_CHECKING:
-    from .index import GradientIndex
 
 NORMALIZE = ("none", "checkpoint", "log")
 SPACES = ("output", "parameters")
@@ -78,7 +76,7 @@ class Outliers:
         return self.indices[: max(1, math.ceil(fraction * n - 1e-9))]
 
 
-def checkpoint_weights(index: "GradientIndex", weights: Any = None,
+def checkpoint_weights(index: Any, weights: Any = None,
                        checkpoints: Sequence[int] | None = None) -> torch.Tensor:
     """w_c: Tensor (C,) float64; the learning rates unless `weights`, zero outside `checkpoints`."""
     C = index.store.n_checkpoints
@@ -97,12 +95,12 @@ def checkpoint_weights(index: "GradientIndex", weights: Any = None,
     return w
 
 
-def has_output_norms(index: "GradientIndex") -> bool:
+def has_output_norms(index: Any) -> bool:
     """Whether every training row of the index has its output-gradient norm recorded (space="output")."""
     return index.records_outputs and not bool(torch.isnan(index.store.out_sq_norms).any())
 
 
-def squared_norms(index: "GradientIndex", space: str = "output") -> torch.Tensor:
+def squared_norms(index: Any, space: str = "output") -> torch.Tensor:
     """q_c(z) of the module docstring: Tensor (C, n_train) float64."""
     if space not in SPACES:
         raise TracInError(f"space must be one of {SPACES}, got {space!r}.")
@@ -118,7 +116,7 @@ def squared_norms(index: "GradientIndex", space: str = "output") -> torch.Tensor
     return index.store.out_sq_norms.double()
 
 
-def self_influence_terms(index: "GradientIndex", weights: Any = None, checkpoints: Sequence[int] | None = None,
+def self_influence_terms(index: Any, weights: Any = None, checkpoints: Sequence[int] | None = None,
                          normalize: str = "none", space: str = "output") -> torch.Tensor:
     """Terms t_c(z) of the module docstring: Tensor (C, n_train) float64 (zero rows for unused checkpoints)."""
     if normalize not in NORMALIZE:
@@ -137,7 +135,7 @@ def self_influence_terms(index: "GradientIndex", weights: Any = None, checkpoint
     return (w / w.sum()).unsqueeze(1) * rel
 
 
-def rank_outliers(index: "GradientIndex", weights: Any = None, checkpoints: Sequence[int] | None = None,
+def rank_outliers(index: Any, weights: Any = None, checkpoints: Sequence[int] | None = None,
                   normalize: str = "none", space: str = "output") -> Outliers:
     """All training examples ranked by self-influence (see the module docstring). Returns Outliers."""
     terms = self_influence_terms(index, weights, checkpoints, normalize, space)
@@ -145,7 +143,7 @@ def rank_outliers(index: "GradientIndex", weights: Any = None, checkpoints: Sequ
     return Outliers(torch.argsort(scores, descending=True, stable=True), scores, terms)
 
 
-def _renormalized_blocks(index: "GradientIndex", t: torch.Tensor, block_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+def _renormalized_blocks(index: Any, t: torch.Tensor, block_size: int) -> Iterator[tuple[int, torch.Tensor]]:
     inv = index.store.sq_norms.sqrt()
     inv = torch.where(inv > 0, 1 / inv.clamp_min(1e-300), torch.zeros_like(inv))
     dtype = accum_dtype(index.store.dtype)
@@ -155,19 +153,19 @@ def _renormalized_blocks(index: "GradientIndex", t: torch.Tensor, block_size: in
         yield start, (per * scale).sum(0)
 
 
-def renormalized_influence(index: "GradientIndex", test_data: Any = None, target: Target = "loss",
+def renormalized_influence(index: Any, test_data: Any = None, target: Target = "loss",
                            batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None,
                            block_size: int = 65536) -> torch.Tensor:
     """R(z, z') = sum_c eta_c <g_c(z'), g_c(z)> / |g_c(z)|: Tensor (n_test, n_train); positive = proponent."""
-    t = index._test(test_data, target, batch_fn, features)
+    t = index.query_features(test_data, target, batch_fn, features)
     return torch.cat([s for _, s in _renormalized_blocks(index, t, block_size)], dim=-1)
 
 
-def renormalized_top_k(index: "GradientIndex", test_data: Any = None, k: int = 10, target: Target = "loss",
+def renormalized_top_k(index: Any, test_data: Any = None, k: int = 10, target: Target = "loss",
                        batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None,
                        block_size: int = 65536) -> TopK:
     """k proponents / opponents per test example by R (streamed over training blocks). Returns TopK."""
     if k < 1:
         raise TracInError(f"k must be at least 1, got {k}.")
-    t = index._test(test_data, target, batch_fn, features)
+    t = index.query_features(test_data, target, batch_fn, features)
     return streaming_top_k(_renormalized_blocks(index, t, block_size), k)

@@ -14,27 +14,29 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .data import BatchFn
-from .errors import TracInError
-from .gradients import Target
-from .scoring import full_scores, score_blocks, self_influence
-from .store import FeatureStore
-from .topk import TopK, streaming_top_k
+from ..data import BatchFn
+from ..errors import TracInError
+from ..gradients.per_example import Target
+from ..store.scoring import full_scores, score_blocks, self_influence
+from ..store.feature_store import FeatureStore
+from ..store.topk import TopK, streaming_top_k
 
-if TYPE_CHECKING:
-    from .engine import TracIn
 
 
 class GradientIndex:
-    """Stored training features (one FeatureStore) plus the TracIn that made them (for queries)."""
+    """Stored training features (one FeatureStore) plus the TracIn that made them (for queries).
+
+    Implements tracin_engine.interface.InfluenceIndex. `tracin` is the TracIn that built the store:
+    it computes the query side (test_features) with the same checkpoints, layers and projection.
+    """
 
     records_outputs = True  # featurization stores ||dl/df||^2 and losses per row (index.outliers(space="output"))
 
-    def __init__(self, tracin: "TracIn", store: FeatureStore):
+    def __init__(self, tracin: Any, store: FeatureStore):
         if not store.complete:
             missing = int((~store.done_mask).sum())
             raise TracInError(f"the index is incomplete ({missing} rows not featurized); run "
@@ -53,13 +55,18 @@ class GradientIndex:
         return self.store.n
 
     @property
+    def n_checkpoints(self) -> int:
+        """C: the number of checkpoints (terms of influence_per_checkpoint)."""
+        return self.store.n_checkpoints
+
+    @property
     def learning_rates(self) -> torch.Tensor:
         """Tensor (C,) float64: eta_c, the weight of checkpoint c."""
         return self.tracin.checkpoints.learning_rates
 
     @property
     def layout(self):
-        """How a stored row represents a gradient (tracin_engine.layout.Layout)."""
+        """How a stored row represents a gradient (tracin_engine.store.layout.Layout)."""
         return self.tracin.featurizer.layout
 
     def features(self, c: int) -> torch.Tensor:
@@ -74,8 +81,9 @@ class GradientIndex:
         """
         return self.tracin.features(test_data, target=target, batch_fn=batch_fn)
 
-    def _test(self, test_data: Any, target: Target, batch_fn: BatchFn | None,
-              features: torch.Tensor | None) -> torch.Tensor:
+    def query_features(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None,
+                       features: torch.Tensor | None = None) -> torch.Tensor:
+        """`features` when given, else test_features(test_data, target, batch_fn): Tensor (C, m, dim)."""
         if features is not None:
             return features
         if test_data is None:
@@ -86,14 +94,14 @@ class GradientIndex:
     def influence(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None,
                   *, features: torch.Tensor | None = None) -> torch.Tensor:
         """TracInCP scores: Tensor (n_test, n_train); positive = proponent (lowered the test loss)."""
-        t = self._test(test_data, target, batch_fn, features)
+        t = self.query_features(test_data, target, batch_fn, features)
         return full_scores(t, self.store, self.learning_rates, self.layout)
 
     def influence_per_checkpoint(self, test_data: Any = None, target: Target = "loss",
                                  batch_fn: BatchFn | None = None, *,
                                  features: torch.Tensor | None = None) -> torch.Tensor:
         """Per-checkpoint terms eta_c <g_c(z), g_c(z')>: Tensor (C, n_test, n_train); sums to influence."""
-        t = self._test(test_data, target, batch_fn, features)
+        t = self.query_features(test_data, target, batch_fn, features)
         return full_scores(t, self.store, self.learning_rates, self.layout, per_checkpoint=True)
 
     def top_k(self, test_data: Any = None, k: int = 10, target: Target = "loss",
@@ -107,7 +115,7 @@ class GradientIndex:
         """
         if k < 1:
             raise TracInError(f"k must be at least 1, got {k}.")
-        t = self._test(test_data, target, batch_fn, features)
+        t = self.query_features(test_data, target, batch_fn, features)
         parts = [streaming_top_k(score_blocks(t[:, s:s + test_chunk], self.store, self.learning_rates,
                                               self.layout, block_size=block_size), k)
                  for s in range(0, t.shape[1], test_chunk)]
@@ -116,7 +124,7 @@ class GradientIndex:
     def similarity(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None,
                    *, features: torch.Tensor | None = None) -> torch.Tensor:
         """lr-weighted mean cosine of gradients: Tensor (n_test, n_train) in [-1, 1]."""
-        t = self._test(test_data, target, batch_fn, features)
+        t = self.query_features(test_data, target, batch_fn, features)
         w = self.learning_rates / self.learning_rates.sum()
         return full_scores(t, self.store, w, self.layout, normalize=True)
 
@@ -141,8 +149,8 @@ class GradientIndex:
         return weights
 
     def cluster(self, n_clusters: int, **kwargs: Any):
-        """TracIn clusters of the training set (see tracin_engine.clustering.cluster)."""
-        from .clustering import cluster
+        """TracIn clusters of the training set (see tracin_engine.analysis.clustering.cluster)."""
+        from ..analysis.clustering import cluster
 
         return cluster(self, n_clusters, **kwargs)
 
@@ -153,16 +161,16 @@ class GradientIndex:
         space "output" (default: sum_c eta_c ||dl/df_c(z)||^2, the loss gradient w.r.t. the model
         output, recorded while featurizing) or "parameters" (sum_c eta_c ||g_c(z)||^2 =
         self_influence()); normalize "none", "checkpoint" (each checkpoint over its training mean)
-        or "log"; checkpoints=[0] ranks by the first checkpoint only. See tracin_engine/outliers.py.
+        or "log"; checkpoints=[0] ranks by the first checkpoint only. See tracin_engine/analysis/outliers.py.
         """
-        from .outliers import rank_outliers
+        from ..analysis.outliers import rank_outliers
 
         return rank_outliers(self, weights, checkpoints, normalize, space)
 
     def renormalized_top_k(self, test_data: Any = None, k: int = 10, target: Target = "loss",
                            batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None) -> TopK:
         """Proponents / opponents by ReTrac-style scores sum_c eta_c <g_c(z'), g_c(z)> / |g_c(z)|."""
-        from .outliers import renormalized_top_k
+        from ..analysis.outliers import renormalized_top_k
 
         return renormalized_top_k(self, test_data, k, target, batch_fn, features=features)
 
@@ -178,7 +186,7 @@ class GradientIndex:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, tracin: "TracIn") -> "GradientIndex":
+    def load(cls, path: str | Path, tracin: Any) -> Any:
         """Reopen a saved index; the metadata must match `tracin` (model, checkpoints, proj_dim, ...)."""
         store = FeatureStore.load(path)
         tracin.featurizer.adopt(store.metadata.get("per_example", "vmap"))

@@ -10,18 +10,16 @@ the features its final linear layer sees), captured with a forward hook; cosine 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.func import functional_call
 
-from .data import BatchFn, as_source
-from .errors import TracInError
-from .gradients import parameter_groups
-from .topk import Neighbors
+from ..data import BatchFn, as_source
+from ..errors import TracInError
+from ..gradients.per_example import parameter_groups
+from ..store.topk import Neighbors
 
-if TYPE_CHECKING:
-    from .engine import TracIn
 
 
 def _last_module(model: torch.nn.Module, layer: str | None) -> torch.nn.Module:
@@ -33,7 +31,7 @@ def _last_module(model: torch.nn.Module, layer: str | None) -> torch.nn.Module:
     return modules[layer]
 
 
-def embed(tracin: "TracIn", data: Any, layer: str | None = None, checkpoint: int = -1,
+def embed(tracin: Any, data: Any, layer: str | None = None, checkpoint: int = -1,
           batch_fn: BatchFn | None = None, batch_size: int = 512) -> torch.Tensor:
     """Inputs of `layer` (default: the last layer with parameters) at a checkpoint: Tensor (n, d)."""
     source = as_source(data, batch_fn)

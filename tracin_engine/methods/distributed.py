@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .data import BatchFn, as_source
-from .errors import TracInError
-from .featurize import auto_batch_size
+from ..data import BatchFn, as_source
+from ..errors import TracInError
+from ..gradients.featurize import auto_batch_size
 from .index import GradientIndex
 
-if TYPE_CHECKING:
-    from .engine import TracIn
 
 
 def shard_rows(n: int, rank: int, world_size: int, batch_size: int) -> tuple[int, int]:
@@ -43,7 +41,7 @@ def shard_rows(n: int, rank: int, world_size: int, batch_size: int) -> tuple[int
     return min(n, rank * per), min(n, (rank + 1) * per)
 
 
-def index_distributed(tracin: "TracIn", train_data: Any, store: str | Path, batch_size: int | None = None,
+def index_distributed(tracin: Any, train_data: Any, store: str | Path, batch_size: int | None = None,
                       progress: bool = True, batch_fn: BatchFn | None = None,
                       dtype: torch.dtype | None = None) -> GradientIndex:
     """Featurize this rank's shard of `train_data` into the shared `store`; return the whole index.

@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 
 from .layout import Layout
-from .store import FeatureStore
+from .feature_store import FeatureStore
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -56,6 +56,7 @@ def half_max_test_rows(store_dtype: torch.dtype) -> int:
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype arithmetic on rows of `dtype` runs in: float64 for float64 rows, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

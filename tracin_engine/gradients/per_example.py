@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.func import functional_call, grad, vmap
 
-from .errors import TracInError
+from ..errors import TracInError
 
 Target = Any  # "loss" | "prediction" | Callable[[Tensor (1, ...)], Tensor (one value)]
 
@@ -148,7 +148,7 @@ class GradientComputer:
     def _check(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target) -> None:
         """Run one example eagerly so that bad labels or losses fail with a clear message."""
         self.check_args(y, target)
-        with torch.no_grad(), _mode(self.model, self.train_mode):
+        with torch.no_grad(), model_mode(self.model, self.train_mode):
             out = self._forward(state, x[:1])
         self.checked_objectives(out, None if y is None else y[:1], target)
 
@@ -158,14 +158,15 @@ class GradientComputer:
         rest = {k: v for k, v in state.items() if k not in sel}
         return sel, rest
 
-    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+    def cast(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs on the computing device; floating inputs in the engine's dtype."""
         x = x.to(self.device)
         return x.to(self.dtype) if x.is_floating_point() else x
 
     def per_example(self, state: dict, inputs: torch.Tensor, targets: torch.Tensor | None,
                     target: Target = "loss") -> torch.Tensor:
         """Tensor (B, P): row b is grad_w of the objective of example b at this checkpoint."""
-        x = self._cast(inputs)
+        x = self.cast(inputs)
         y = None if targets is None else targets.to(self.device)
         self._check(state, x, y, target)
         sel, rest = self._split(state)
@@ -178,7 +179,7 @@ class GradientComputer:
                   randomness="different" if self.train_mode else "error")
         chunk = max(1, self.memory_budget // (4 * self.num_params * x.element_size()))
         rows = []
-        with _mode(self.model, self.train_mode):
+        with model_mode(self.model, self.train_mode):
             for s in range(0, x.shape[0], chunk):
                 try:
                     g = fn(sel, x[s:s + chunk], None if y is None else y[s:s + chunk])
@@ -195,11 +196,11 @@ class GradientComputer:
     def reference(self, state: dict, inputs: torch.Tensor, targets: torch.Tensor | None,
                   target: Target = "loss") -> torch.Tensor:
         """Slow, obviously correct per-example loop: Tensor (B, P). Same objective as per_example."""
-        x = self._cast(inputs)
+        x = self.cast(inputs)
         y = None if targets is None else targets.to(self.device)
         self._check(state, x, y, target)
         rows = []
-        with _mode(self.model, self.train_mode):
+        with model_mode(self.model, self.train_mode):
             for b in range(x.shape[0]):
                 params = {k: v.detach().clone().requires_grad_(k in self.shapes) for k, v in state.items()}
                 out = functional_call(self.model, params, (x[b:b + 1],))
@@ -238,13 +239,13 @@ class GradientComputer:
         masks (so it can differ from the pass behind the features) and runs on copies of the
         buffers (BatchNorm statistics of the checkpoint are left as they are).
         """
-        x = self._cast(inputs)
+        x = self.cast(inputs)
         y = None if targets is None else targets.to(self.device)
         self.check_args(y, target)
         if self.train_mode:
             buffers = {name for name, _ in self.model.named_buffers()}
             state = {k: (v.clone() if k in buffers else v) for k, v in state.items()}
-        with _mode(self.model, self.train_mode), torch.enable_grad():
+        with model_mode(self.model, self.train_mode), torch.enable_grad():
             out = self._forward(state, x).detach().requires_grad_(True)
             losses = self.checked_objectives(out, y, target)
             (g,) = torch.autograd.grad(losses.sum(), out)
@@ -252,8 +253,8 @@ class GradientComputer:
 
     def predictions(self, state: dict, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """Predicted class (argmax of the output) per example: Tensor (B,) int64."""
-        x = self._cast(inputs)
-        with torch.no_grad(), _mode(self.model, False):
+        x = self.cast(inputs)
+        with torch.no_grad(), model_mode(self.model, False):
             outs = [self._forward(state, x[s:s + batch_size]) for s in range(0, x.shape[0], batch_size)]
         out = torch.cat(outs)
         return out.reshape(out.shape[0], -1).argmax(1)
@@ -264,7 +265,7 @@ def output_sq_norms(g_out: torch.Tensor) -> torch.Tensor:
     return g_out.detach().double().reshape(g_out.shape[0], -1).pow(2).sum(1)
 
 
-class _mode:
+class model_mode:
     """Context: put the model in train/eval mode, restore afterwards."""
 
     def __init__(self, model: torch.nn.Module, train: bool):

@@ -15,18 +15,16 @@ list shares the label; opponents are "similar but another class", which embeddin
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .data import as_source
+from ..data import as_source
 from .embeddings import embed, nearest_neighbors
-from .errors import TracInError
+from ..errors import TracInError
 from .outliers import renormalized_top_k
-from .topk import Neighbors, streaming_top_k
+from ..store.topk import Neighbors, streaming_top_k
 
-if TYPE_CHECKING:
-    from .index import GradientIndex
 
 
 def label_agreement(indices: torch.Tensor, train_labels: torch.Tensor, test_labels: torch.Tensor) -> torch.Tensor:
@@ -41,7 +39,7 @@ def label_agreement(indices: torch.Tensor, train_labels: torch.Tensor, test_labe
     return (train_labels[indices.cpu()] == test_labels.unsqueeze(1)).double().mean(1)
 
 
-def view_neighbors(index: "GradientIndex", train_data: Any, test_data: Any, k: int = 10) -> dict[str, Neighbors]:
+def view_neighbors(index: Any, train_data: Any, test_data: Any, k: int = 10) -> dict[str, Neighbors]:
     """Top-k training neighbours of every test example in each view: dict name -> Neighbors (m, k)."""
     tracin = index.tracin
     feats = tracin.features(test_data)
@@ -57,7 +55,7 @@ def view_neighbors(index: "GradientIndex", train_data: Any, test_data: Any, k: i
     }
 
 
-def compare_views(index: "GradientIndex", train_data: Any, test_data: Any, k: int = 10) -> dict[str, float]:
+def compare_views(index: Any, train_data: Any, test_data: Any, k: int = 10) -> dict[str, float]:
     """Mean label agreement of each view's top k (see the module docstring): dict name -> float."""
     y_train, y_test = as_source(train_data).labels(), as_source(test_data).labels()
     if y_train is None or y_test is None:
