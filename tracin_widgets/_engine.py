@@ -112,24 +112,7 @@ def nearest_neighbors(train_emb: torch.Tensor, query_emb: torch.Tensor, k: int):
 
 def model_outputs(index: Any, data: Any, batch_size: int = 512) -> torch.Tensor:
     """Model outputs at the last checkpoint, eval mode, no gradients: Tensor (n, ...) float on the CPU."""
-    import torch
-    from torch.func import functional_call
-
-    tracin = index.tracin
-    source = as_source(data)
-    state = tracin.state(len(tracin.checkpoints) - 1)
-    model, dtype = tracin.model, tracin.featurizer.grads.dtype
-    was = model.training
-    model.eval()
-    outs = []
-    try:
-        with torch.no_grad():
-            for _, x, _ in source.batches(batch_size):
-                x = x.to(tracin.device)
-                outs.append(functional_call(model, state, (x.to(dtype) if x.is_floating_point() else x,)).float().cpu())
-    finally:
-        model.train(was)
-    return torch.cat(outs)
+    return index.tracin.outputs(data, batch_size=batch_size)
 
 
 def example_losses(index: Any, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

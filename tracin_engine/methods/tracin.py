@@ -24,7 +24,7 @@ from ..fingerprint import data_fingerprint
 from ..checks import check_device, explain_input_error
 from ..memory import Backoff, fits, is_oom
 from ..gradients.featurize import Featurizer, check_finite, featurize
-from ..gradients.per_example import GradientComputer, Target
+from ..gradients.per_example import GradientComputer, Target, model_mode
 from .index import GradientIndex
 from .source import build_source_index
 from ..gradients.projection import RandomProjection, build_projection
@@ -216,6 +216,15 @@ class TracIn:
         with tf32_mode(self.tf32):
             return torch.cat([self.featurizer.grads.predictions(self.state(c), x).cpu()
                               for _, x, _ in source.batches(1024)])
+
+    def outputs(self, data: Any, batch_fn: BatchFn | None = None, checkpoint: int = -1,
+                batch_size: int = 512) -> torch.Tensor:
+        """Model outputs f(w_c, x) at a checkpoint (default: the last), eval mode, no gradients: Tensor
+        (n, ...) float32 on the CPU (the tensor output_fn picks: logits for Hugging Face models)."""
+        source = as_source(data, batch_fn)
+        gc, state = self.featurizer.grads, self.state(checkpoint % len(self.checkpoints))
+        with torch.no_grad(), model_mode(self.model, False), tf32_mode(self.tf32):
+            return torch.cat([gc.forward(state, gc.cast(x)).float().cpu() for _, x, _ in source.batches(batch_size)])
 
     def features(self, data: Any, target: Target = "loss", batch_fn: BatchFn | None = None,
                  batch_size: int = 256, out_device: str | torch.device | None = None) -> torch.Tensor:
