@@ -88,10 +88,34 @@ def test_tied_weights_sum_over_uses_and_last_layer_is_the_head():
     assert torch.allclose(tracin.featurizer(state, x, y), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
 
 
-def test_generic_path_covers_parameters_without_a_handler():
-    model = _vit()[0]
-    hf = HookFeaturizer(GradientComputer(model, F.cross_entropy, device="cpu"))
-    assert hf.generic is not None and hf.generic.params == ["cls_token", "pos_embed"]
+class SumsScale(nn.Module):
+    """A (1, 3) parameter not broadcast over the batch (summed first): per-example copies would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(1, 3))
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x) * self.scale.sum()
+
+
+@pytest.mark.parametrize("make,broadcast", [(lambda: _vit()[:3], True),
+                                            (lambda: (SumsScale().double(), torch.randn(4, 3, dtype=torch.float64),
+                                                      torch.randint(0, 2, (4,))), False)])
+def test_generic_path_covers_parameters_without_a_handler(make, broadcast):
+    """Parameters no handler covers: per-example copies in the batched pass where the model broadcasts them
+    (checked against vmap on the first batch), vmap otherwise; both exact."""
+    torch.manual_seed(0)
+    model, x, y = make()
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    hf = HookFeaturizer(gc)
+    assert hf.generic is not None and hf.generic.params == (["cls_token", "pos_embed"] if broadcast else ["scale"])
+    state = gc.prepare(model.state_dict())
+    G = gc.reference(state, x, y)
+    for _ in range(2):                                  # the first batch checks, the second uses the result
+        assert torch.allclose(hf.expand(hf(state, x, y)), G, rtol=1e-9, atol=1e-12)
+    assert hf.broadcast is broadcast
 
 
 class ScaleNorm(nn.Module):
