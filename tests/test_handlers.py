@@ -219,3 +219,14 @@ def test_projection_auto_is_factored_where_handlers_cover():
     t = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [0.1]), loss_fn=F.cross_entropy,
                   proj_dim=64)
     assert t.featurizer.projection_kind == "factored" and t.metadata()["projection"] == "factored"
+
+
+def test_sequence_model_index_saves_and_reloads(tmp_path):
+    """Linear layers on sequences are stored dense (rank > 1); a reopened index takes that layout back."""
+    model, x, y, loss = _encoder()
+    ck = te.Checkpoints.from_state_dicts([model.state_dict()], [0.1])
+    for kw in ({}, {"proj_dim": 256}):
+        index = te.TracIn(model, ck, loss_fn=loss, **kw).index((x, y), progress=False)
+        path = index.save(tmp_path / f"ix{len(kw)}")
+        again = te.GradientIndex.load(path, te.TracIn(model, ck, loss_fn=loss, **kw))
+        assert torch.allclose(again.influence((x[:2], y[:2])), index.influence((x[:2], y[:2])), rtol=1e-9)

@@ -123,11 +123,13 @@ class Featurizer:
                       f"({str(exc).split('. A layer')[0]}); using the per-example loop (slower).", stacklevel=4)
         self.mode = "loop"
 
-    def adopt(self, mode: str) -> None:
-        """Use the mode an existing index was built with (when this featurizer was left on "auto")."""
+    def adopt(self, mode: str, layout: list | None = None) -> None:
+        """Use the mode (and the hook path's layout, Layout.to_dict()) an existing index was built with."""
         if self.requested == "auto" and mode in ("vmap", "loop") and self.mode != "factored":
             self.hooks, self.mode = None, mode
-        self.resolved = self.mode != "factored" or self.projection.frozen
+        if self.mode in ("hooks", "factored") and layout is not None:
+            self._hook_path.adopt_layout(layout)
+        self.resolved = True
 
     def __call__(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss") -> torch.Tensor:
         """Tensor (B, dim) in float32 (or float64 for a float64 model)."""

@@ -76,6 +76,18 @@ class HookFeaturizer:
         self.segments = segments
         self.layout = Layout(segments)
 
+    def adopt_layout(self, stored: list[list]) -> None:
+        """Take the rank-one choices of a stored layout (Layout.to_dict()) instead of settling them on a
+        first batch, so a reopened index and this featurizer agree; a layout of another model is left
+        alone (the metadata check then reports the difference)."""
+        if len(stored) != len(self.blocks):
+            return
+        for b, seg in zip(self.blocks, stored):
+            if b.kind == "kron" and len(b.uses) == 1:
+                b.outer = seg[0] == "outer"
+        self.relayout()
+        self.frozen = True
+
     def _settle(self, calls: dict[int, list], S: int) -> None:
         """Choose outer (rank one) or dense for each kron block from the first batch; later batches must fit."""
         changed = False

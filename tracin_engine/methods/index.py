@@ -182,7 +182,7 @@ class GradientIndex:
     def load(cls, path: str | Path, tracin: "TracIn") -> "GradientIndex":
         """Reopen a saved index; the metadata must match `tracin` (model, checkpoints, proj_dim, ...)."""
         store = FeatureStore.load(path)
-        tracin.featurizer.adopt(store.metadata.get("per_example", "vmap"))
+        tracin.featurizer.adopt(store.metadata.get("per_example", "vmap"), store.metadata.get("layout"))
         FeatureStore.open_or_create(path, store.n, store.n_checkpoints, store.dim, store.dtype,
                                     tracin.metadata())  # raises on any mismatch
         return cls(tracin, store)
