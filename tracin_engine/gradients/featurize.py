@@ -206,6 +206,8 @@ class Rows:
 
     @staticmethod
     def cat(parts: list["Rows"]) -> "Rows":
+        if len(parts) == 1:  # the usual case: no copy of the rows
+            return parts[0]
         return Rows(torch.cat([p.features for p in parts]), torch.cat([p.out_sq_norms for p in parts]),
                     torch.cat([p.losses for p in parts]))
 
