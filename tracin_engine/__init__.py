@@ -16,6 +16,7 @@ from .methods.tracin import TracIn
 from .methods.ensemble import EnsembleIndex, dropout_ensemble
 from .errors import TracInError
 from .gradients.factored import FactoredProjection
+from .gradients.handlers import KronHandler, VectorHandler, register_handler
 from .methods.ideal import TracInIdealRecorder
 from .methods.index import GradientIndex
 from .analysis.outliers import Outliers
@@ -28,6 +29,6 @@ __all__ = [
     "Checkpoint", "CheckpointRecorder", "Checkpoints", "Clusters", "DataSource", "EnsembleIndex",
     "FactoredProjection", "FeatureStore", "GradientIndex", "Neighbors", "Outliers", "RandomProjection",
     "SourceIndex", "TopK", "TracIn", "TracInError", "TracInIdealRecorder", "dropout_ensemble",
-    "index_distributed",
+    "index_distributed", "KronHandler", "VectorHandler", "register_handler",
 ]
 __version__ = "0.1.0"
