@@ -181,6 +181,31 @@ class NoVmap(nn.Module):
         return self.fc(x) * float(x.abs().max().item() > -1) + F.linear(x, self.fc.weight)
 
 
+class UnusedHead(nn.Module):
+    """A layer that never runs (zero gradients) next to one that does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.aux = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_unused_layer_has_zero_gradients_on_the_hook_path():
+    torch.manual_seed(0)
+    model = UnusedHead().double()
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    state = gc.prepare(model.state_dict())
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    for hf in (HookFeaturizer(gc), FactoredProjection(gc, 16, seed=0)):
+        rows = hf(state, x, y)
+        G = gc.reference(state, x, y)
+        want = G @ hf.matrix() if isinstance(hf, FactoredProjection) else G
+        assert torch.allclose(hf.expand(rows), want, rtol=1e-9, atol=1e-12)
+
+
 def test_auto_fallbacks_warn_once_and_stay_exact():
     torch.manual_seed(0)
     model = DirectUse().double()

@@ -178,9 +178,9 @@ class HookFeaturizer:
         for b in self.blocks:
             for u in b.uses:
                 k = len(seen[id(u)])
-                if k == 0 or k % S:
-                    raise Unsupported(f"layer {u.name!r} ({type(u.handler.module).__name__}) did not run as a "
-                                      "module in the forward pass (its weights are used directly)")
+                if k % S:  # k == 0: not called (an unused head has zero gradients; a direct use fails the check)
+                    raise Unsupported(f"layer {u.name!r} ({type(u.handler.module).__name__}) ran {k} times for "
+                                      f"{S} checkpoints")
                 for ctx, o in seen[id(u)]:
                     if u.handler.batch_of(ctx) != B or o.shape[0] != B:
                         raise Unsupported(f"layer {u.name!r} saw a leading dimension of {o.shape[0]}, not the "
@@ -213,6 +213,9 @@ class HookFeaturizer:
                 for u in b.uses:
                     k = len(calls[id(u)]) // S
                     contrib += [(u.handler, ctx, g) for ctx, g in calls[id(u)][s * k:(s + 1) * k]]
+                if not contrib:
+                    out.zero_()
+                    continue
                 self.block_rows(i, b, contrib, out)
         if check:
             full = grads[len(outs) + len(model_outs):len(grads) - len(copies)]
