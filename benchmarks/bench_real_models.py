@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -201,7 +202,7 @@ def main() -> None:
         result["machine"]["gpu"] = torch.cuda.get_device_name(0)
     for name in args.models.split(","):
         result["models"][name] = run_model(name, args)
-        print(json.dumps({name: result["models"][name]}), flush=True)
+        print(json.dumps({name: result["models"][name]}), file=sys.stderr, flush=True)
     result["machine"]["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(result, indent=1))
 

@@ -88,10 +88,34 @@ def test_tied_weights_sum_over_uses_and_last_layer_is_the_head():
     assert torch.allclose(tracin.featurizer(state, x, y), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
 
 
-def test_generic_path_covers_parameters_without_a_handler():
-    model = _vit()[0]
-    hf = HookFeaturizer(GradientComputer(model, F.cross_entropy, device="cpu"))
-    assert hf.generic is not None and hf.generic.params == ["cls_token", "pos_embed"]
+class SumsScale(nn.Module):
+    """A (1, 3) parameter not broadcast over the batch (summed first): per-example copies would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(1, 3))
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x) * self.scale.sum()
+
+
+@pytest.mark.parametrize("make,broadcast", [(lambda: _vit()[:3], True),
+                                            (lambda: (SumsScale().double(), torch.randn(4, 3, dtype=torch.float64),
+                                                      torch.randint(0, 2, (4,))), False)])
+def test_generic_path_covers_parameters_without_a_handler(make, broadcast):
+    """Parameters no handler covers: per-example copies in the batched pass where the model broadcasts them
+    (checked against vmap on the first batch), vmap otherwise; both exact."""
+    torch.manual_seed(0)
+    model, x, y = make()
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    hf = HookFeaturizer(gc)
+    assert hf.generic is not None and hf.generic.params == (["cls_token", "pos_embed"] if broadcast else ["scale"])
+    state = gc.prepare(model.state_dict())
+    G = gc.reference(state, x, y)
+    for _ in range(2):                                  # the first batch checks, the second uses the result
+        assert torch.allclose(hf.expand(hf(state, x, y)), G, rtol=1e-9, atol=1e-12)
+    assert hf.broadcast is broadcast
 
 
 class ScaleNorm(nn.Module):
@@ -157,6 +181,31 @@ class NoVmap(nn.Module):
         return self.fc(x) * float(x.abs().max().item() > -1) + F.linear(x, self.fc.weight)
 
 
+class UnusedHead(nn.Module):
+    """A layer that never runs (zero gradients) next to one that does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.aux = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_unused_layer_has_zero_gradients_on_the_hook_path():
+    torch.manual_seed(0)
+    model = UnusedHead().double()
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    state = gc.prepare(model.state_dict())
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    for hf in (HookFeaturizer(gc), FactoredProjection(gc, 16, seed=0)):
+        rows = hf(state, x, y)
+        G = gc.reference(state, x, y)
+        want = G @ hf.matrix() if isinstance(hf, FactoredProjection) else G
+        assert torch.allclose(hf.expand(rows), want, rtol=1e-9, atol=1e-12)
+
+
 def test_auto_fallbacks_warn_once_and_stay_exact():
     torch.manual_seed(0)
     model = DirectUse().double()
@@ -195,3 +244,14 @@ def test_projection_auto_is_factored_where_handlers_cover():
     t = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [0.1]), loss_fn=F.cross_entropy,
                   proj_dim=64)
     assert t.featurizer.projection_kind == "factored" and t.metadata()["projection"] == "factored"
+
+
+def test_sequence_model_index_saves_and_reloads(tmp_path):
+    """Linear layers on sequences are stored dense (rank > 1); a reopened index takes that layout back."""
+    model, x, y, loss = _encoder()
+    ck = te.Checkpoints.from_state_dicts([model.state_dict()], [0.1])
+    for kw in ({}, {"proj_dim": 256}):
+        index = te.TracIn(model, ck, loss_fn=loss, **kw).index((x, y), progress=False)
+        path = index.save(tmp_path / f"ix{len(kw)}")
+        again = te.GradientIndex.load(path, te.TracIn(model, ck, loss_fn=loss, **kw))
+        assert torch.allclose(again.influence((x[:2], y[:2])), index.influence((x[:2], y[:2])), rtol=1e-9)

@@ -18,6 +18,7 @@ from .methods.ensemble import EnsembleIndex, dropout_ensemble
 from .errors import TracInError
 from .interface import InfluenceIndex
 from .gradients.factored import FactoredProjection
+from .gradients.handlers import KronHandler, VectorHandler, register_handler
 from .methods.ideal import TracInIdealRecorder
 from .methods.index import GradientIndex
 from .analysis.outliers import Outliers
@@ -30,6 +31,6 @@ __all__ = [
     "Checkpoint", "CheckpointRecorder", "Checkpoints", "Clusters", "DataSource", "EnsembleIndex",
     "FactoredProjection", "FeatureStore", "GradientIndex", "InfluenceIndex", "Neighbors", "Outliers", "RandomProjection",
     "SourceIndex", "TopK", "TracIn", "TracInError", "TracInIdealRecorder", "dropout_ensemble",
-    "index_distributed",
+    "index_distributed", "KronHandler", "VectorHandler", "register_handler",
 ]
 __version__ = "0.1.0"

@@ -21,6 +21,9 @@ block with one position per example (Linear on 2-D input) is rank one, so its ro
 factors (P_c^T a, P_r^T g) (an "outer" segment, k_c + k_r numbers; see layout.py). Small vector
 blocks (norm scales and shifts; parameters no handler covers) are projected by one seeded (n, k)
 factor. A factor is the identity (exact) when its full width fits, so small layers are stored exactly.
+A dense block whose share s is small is first projected Kronecker-wise to a wider (k_r, k_c)
+(k_r k_c up to 16 s or 4096) and then by a seeded dense Gaussian Q (k_r k_c, s): the Kronecker
+step alone would have relative variance ~ 1/k_r + 1/k_c ~ 2/sqrt(s) (see _allocate).
 
 proj_dim is the row length budget. It is shared over blocks by water-filling: blocks whose exact
 row fits an equal share are exact, the rest split what is left; inside a block (k_r, k_c) minimize
@@ -84,27 +87,46 @@ class FactoredProjection(HookFeaturizer):
         if self.proj_dim < need:
             raise TracInError(f"proj_dim={self.proj_dim} is too small for {len(self.shapes)} layers with "
                               f"projection='factored'; use at least {need}.")
-        self.k = self._allocate(self.shapes, self.proj_dim)
+        self.k, self.k2 = self._allocate(self.shapes, self.proj_dim)
         self._cache.clear()
         segments, start = [], 0
-        for (A, O, outer), (ka, kg) in zip(self.shapes, self.k):
-            seg = Segment("outer", start, ka, kg) if outer else Segment("dense", start, ka * kg)
+        for (A, O, outer), (ka, kg), k2 in zip(self.shapes, self.k, self.k2):
+            seg = Segment("outer", start, ka, kg) if outer else Segment("dense", start, k2 or ka * kg)
             segments.append(seg)
             start += seg.size
         self.segments = segments
         self.layout = Layout(segments)
 
     @staticmethod
-    def _allocate(shapes: list[tuple[int, int, bool]], budget: int) -> list[tuple[int, int]]:
+    def _allocate(shapes: list[tuple[int, int, bool]], budget: int
+                  ) -> tuple[list[tuple[int, int]], list[int | None]]:
+        """Per block (k_a, k_g) and k2: the row gets k2 numbers (a second, dense Gaussian stage Q applied to
+        the (k_g, k_a) Kronecker projection) or, k2 None, k_g k_a (dense) / k_a + k_g (outer) numbers.
+
+        A dense block's Kronecker projection alone has relative variance ~ 1/k_a + 1/k_g, with
+        k_a k_g = its share s (~2/sqrt(s)); projecting a wider one, k_a k_g = I = min(A O, 16 s, 4096),
+        down to s with Q (I, s) gives ~ 1/k_a + 1/k_g + 1/s, much smaller; Q holds I s <= 4096 s numbers.
+        """
         exact = [A + O if outer else A * O for A, O, outer in shapes]
         k: list[tuple[int, int] | None] = [None] * len(shapes)
+        k2: list[int | None] = [None] * len(shapes)
         order = sorted(range(len(shapes)), key=lambda i: exact[i])
         for pos, i in enumerate(order):
             A, O, outer = shapes[i]
             share = budget // (len(order) - pos)
-            k[i] = (A, O) if exact[i] <= share else _split(share, A, O, outer)
-            budget -= k[i][0] + k[i][1] if outer else k[i][0] * k[i][1]
-        return k
+            if exact[i] <= share:
+                k[i] = (A, O)
+            elif outer or O == 1:
+                k[i] = _split(share, A, O, outer)
+            else:
+                wide = min(A * O, 16 * share, 4096)
+                if wide > share:
+                    k[i], k2[i] = _split(wide, A, O, False), share
+                else:
+                    k[i] = _split(share, A, O, False)
+            ka, kg = k[i]
+            budget -= k2[i] or (ka + kg if outer else ka * kg)
+        return k, k2
 
     def factors(self, i: int, device: torch.device,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +137,16 @@ class FactoredProjection(HookFeaturizer):
             (A, O, _), (ka, kg) = self.shapes[i], self.k[i]
             self._cache[key] = (_factor(self.seed, i, 0, A, ka, self.kind).to(device, dtype),
                                 _factor(self.seed, i, 1, O, kg, self.kind).to(device, dtype))
+        return self._cache[key]
+
+    def second(self, i: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """Q (k_g k_a, k2) of block i, or None when its Kronecker projection is the row."""
+        if self.k2[i] is None:
+            return None
+        key = (-1 - i, device, dtype)
+        if key not in self._cache:
+            ka, kg = self.k[i]
+            self._cache[key] = _factor(self.seed, i, 2, ka * kg, self.k2[i], self.kind).to(device, dtype)
         return self._cache[key]
 
     # -- rows ---------------------------------------------------------------------------------------
@@ -136,7 +168,8 @@ class FactoredProjection(HookFeaturizer):
         for h, ctx, g in contrib:
             z = torch.bmm(h.proj_rows(ctx, g, Pg).transpose(1, 2), h.proj_cols(ctx, g, Pw, pb))  # (B, k_r, k_c)
             Z = z if Z is None else Z.add_(z)
-        out.copy_(Z.flatten(1))
+        Q = self.second(i, g0.device, g0.dtype)
+        out.copy_(Z.flatten(1) if Q is None else Z.flatten(1) @ Q)
 
     def generic_rows(self, i: int, b: Block, flat: torch.Tensor, out: torch.Tensor) -> None:
         Pa, _ = self.factors(i, flat.device, flat.dtype)
@@ -145,7 +178,7 @@ class FactoredProjection(HookFeaturizer):
     # -- checks and the equivalent dense projection (slow; for tests and small models) ---------------
     def block_sums(self, rows: torch.Tensor) -> list[torch.Tensor]:
         E = self.expand(rows).sum(0)
-        return list(E.split([ka * kg for ka, kg in self.k]))
+        return list(E.split([k2 or ka * kg for (ka, kg), k2 in zip(self.k, self.k2)]))
 
     def block_reference(self, b: Block, grads: list[torch.Tensor]) -> torch.Tensor:
         i = self.blocks.index(b)
@@ -155,7 +188,9 @@ class FactoredProjection(HookFeaturizer):
         W = b.uses[0].handler.from_params(grads[0].unsqueeze(0))[0]
         if b.has_bias:
             W = torch.cat([W, grads[1].unsqueeze(1)], 1)
-        return (Pg.T @ W @ Pa).flatten()
+        Z = (Pg.T @ W @ Pa).flatten()
+        Q = self.second(i, Z.device, Z.dtype)
+        return Z if Q is None else Z @ Q
 
     def expand(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows (B, layout.dim) -> (B, D) dense projected vectors, D = sum_l k_r k_c (outer segments
@@ -171,7 +206,7 @@ class FactoredProjection(HookFeaturizer):
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The equivalent projection R (P, D) of flat gradients (GradientComputer order)."""
         cpu = torch.device("cpu")
-        D = sum(ka * kg for ka, kg in self.k)
+        D = sum(k2 or ka * kg for (ka, kg), k2 in zip(self.k, self.k2))
         R = torch.zeros(self.grads.num_params, D, dtype=dtype)
         col = 0
         for i, b in enumerate(self.blocks):
@@ -188,8 +223,10 @@ class FactoredProjection(HookFeaturizer):
                     k = self._numel(n)
                     parts.append(Pa[pos:pos + k])
                     pos += k
+            Q = self.second(i, cpu, dtype)
+            width = kg * ka if Q is None else Q.shape[1]
             for n, part in zip(b.params, parts):
                 o = self.offsets[n]
-                R[o:o + part.shape[0], col:col + kg * ka] = part
-            col += kg * ka
+                R[o:o + part.shape[0], col:col + width] = part if Q is None else part @ Q
+            col += width
         return R

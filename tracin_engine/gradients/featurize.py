@@ -125,11 +125,13 @@ class Featurizer:
                       f"({str(exc).split('. A layer')[0]}); using the per-example loop (slower).", stacklevel=4)
         self.mode = "loop"
 
-    def adopt(self, mode: str) -> None:
-        """Use the mode an existing index was built with (when this featurizer was left on "auto")."""
+    def adopt(self, mode: str, layout: list | None = None) -> None:
+        """Use the mode (and the hook path's layout, Layout.to_dict()) an existing index was built with."""
         if self.requested == "auto" and mode in ("vmap", "loop") and self.mode != "factored":
             self.hooks, self.mode = None, mode
-        self.resolved = self.mode != "factored" or self.projection.frozen
+        if self.mode in ("hooks", "factored") and layout is not None:
+            self._hook_path.adopt_layout(layout)
+        self.resolved = True
 
     def __call__(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss") -> torch.Tensor:
         """Tensor (B, dim) in float32 (or float64 for a float64 model)."""
@@ -200,6 +202,8 @@ class Rows:
 
     @staticmethod
     def cat(parts: list["Rows"]) -> "Rows":
+        if len(parts) == 1:  # the usual case: no copy of the rows
+            return parts[0]
         return Rows(torch.cat([p.features for p in parts]), torch.cat([p.out_sq_norms for p in parts]),
                     torch.cat([p.losses for p in parts]))
 

@@ -53,6 +53,11 @@ class HookFeaturizer:
             self.offsets[n] = pos
             pos += params[n].numel()
         self.frozen = False
+        # generic parameters of leading size 1 (cls_token (1, 1, D), pos_embed (1, N, D)) are usually
+        # broadcast over the batch: substituted by a per-example copy (B, ...) in the batched pass, their
+        # gradients are per example. Checked against vmap on the first batch (None: not yet known).
+        self.broadcast: bool | None = None if self.generic is not None and all(
+            grads.shapes[n][:1] == (1,) for n in self.generic.params) else False
         self.relayout()
 
     # -- layout -------------------------------------------------------------------------------------
@@ -70,6 +75,18 @@ class HookFeaturizer:
             start += seg.size
         self.segments = segments
         self.layout = Layout(segments)
+
+    def adopt_layout(self, stored: list[list]) -> None:
+        """Take the rank-one choices of a stored layout (Layout.to_dict()) instead of settling them on a
+        first batch, so a reopened index and this featurizer agree; a layout of another model is left
+        alone (the metadata check then reports the difference)."""
+        if len(stored) != len(self.blocks):
+            return
+        for b, seg in zip(self.blocks, stored):
+            if b.kind == "kron" and len(b.uses) == 1:
+                b.outer = seg[0] == "outer"
+        self.relayout()
+        self.frozen = True
 
     def _settle(self, calls: dict[int, list], S: int) -> None:
         """Choose outer (rank one) or dense for each kron block from the first batch; later batches must fit."""
@@ -134,15 +151,25 @@ class HookFeaturizer:
             return record
 
         handles = [u.handler.module.register_forward_hook(hook(u)) for u in uses]
-        model_outs, losses, plist = [], [], []
+        model_outs, losses, plist, batched = [], [], [], []
+        bcast = set(self.generic.params) if self.broadcast is not False and self.generic is not None else set()
+        trying = self.broadcast is None
         try:
             with model_mode(gc.model, gc.train_mode), torch.enable_grad():
                 for state in states:
                     params = {k: (v.detach().requires_grad_(True) if k in names else v) for k, v in state.items()}
-                    out = gc.forward(params, x, y)
+                    copies = {k: params[k].detach().expand(B, *params[k].shape[1:]).clone().requires_grad_(True)
+                              for k in bcast}
+                    out = gc.forward({**params, **copies}, x, y)
                     losses.append(gc.checked_objectives(out, y, target))
                     model_outs.append(out)
                     plist.append(params)
+                    batched.append(copies)
+        except Exception:
+            if not bcast or self.broadcast is not None:
+                raise
+            self.broadcast = False                     # the model does not broadcast them: vmap instead
+            return self.many_with_outputs(states, inputs, targets, target)
         finally:
             for h in handles:
                 h.remove()
@@ -150,9 +177,9 @@ class HookFeaturizer:
         for b in self.blocks:
             for u in b.uses:
                 k = len(seen[id(u)])
-                if k == 0 or k % S:
-                    raise Unsupported(f"layer {u.name!r} ({type(u.handler.module).__name__}) did not run as a "
-                                      "module in the forward pass (its weights are used directly)")
+                if k % S:  # k == 0: not called (an unused head has zero gradients; a direct use fails the check)
+                    raise Unsupported(f"layer {u.name!r} ({type(u.handler.module).__name__}) ran {k} times for "
+                                      f"{S} checkpoints")
                 for ctx, o in seen[id(u)]:
                     if u.handler.batch_of(ctx) != B or o.shape[0] != B:
                         raise Unsupported(f"layer {u.name!r} saw a leading dimension of {o.shape[0]}, not the "
@@ -160,8 +187,10 @@ class HookFeaturizer:
         outs = [o for u in uses for _, o in seen[id(u)]]
         check = not self.frozen
         handled = [n for b in self.blocks if b.kind != "generic" for n in b.params]
-        wrt = outs + model_outs + ([p[n] for p in plist for n in handled] if check else [])
+        copies = [c[n] for c in batched for n in sorted(bcast)]
+        wrt = outs + model_outs + ([p[n] for p in plist for n in handled] if check else []) + copies
         grads = torch.autograd.grad(torch.stack(losses).sum(), wrt, allow_unused=True)
+        per_copy = dict(zip(map(id, copies), grads[len(grads) - len(copies):]))
         g_iter = iter(grads[:len(outs)])
         calls: dict[int, list] = {}
         for u in uses:
@@ -177,16 +206,27 @@ class HookFeaturizer:
             for i, (b, seg) in enumerate(zip(self.blocks, self.segments)):
                 out = rows[s, :, seg.start:seg.start + seg.size]
                 if b.kind == "generic":
-                    self.generic_rows(i, b, gc.per_example_subset(states[s], x, y, target, b.params), out)
+                    self.generic_rows(i, b, self._generic(states[s], x, y, target, batched[s], per_copy), out)
                     continue
                 contrib = []
                 for u in b.uses:
                     k = len(calls[id(u)]) // S
                     contrib += [(u.handler, ctx, g) for ctx, g in calls[id(u)][s * k:(s + 1) * k]]
+                if not contrib:
+                    out.zero_()
+                    continue
                 self.block_rows(i, b, contrib, out)
         if check:
-            full = grads[len(outs) + len(model_outs):]
+            full = grads[len(outs) + len(model_outs):len(grads) - len(copies)]
             self._check_sums(rows, full, handled, plist)
+        if bcast and trying:
+            if self.broadcast:                         # the copies must not have changed the objectives
+                with torch.no_grad(), model_mode(gc.model, gc.train_mode):
+                    plain = gc.objectives(gc.forward(states[-1], x, y), y, target)
+                self.broadcast = bool(torch.allclose(plain, losses[-1].detach(), rtol=1e-4, atol=1e-6))
+            if not self.broadcast:                     # that pass ran with wrong copies: redo it without
+                self.frozen = False
+                return self.many_with_outputs(states, inputs, targets, target)
         out_sq = torch.stack([output_sq_norms(g) for g in grads[len(outs):len(outs) + len(model_outs)]])
         return rows, out_sq, torch.stack(losses).detach().double()
 
@@ -213,6 +253,22 @@ class HookFeaturizer:
             if b.has_bias:
                 bg = h.bias_grad(ctx, g)
                 out[:, nw:].copy_(bg) if j == 0 else out[:, nw:].add_(bg)
+
+    def _generic(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target, copies: dict,
+                 per_copy: dict) -> torch.Tensor:
+        """(B, n) exact per-example gradients of the generic block: from the per-example copies when the
+        model broadcasts them (checked against vmap/loop on the first batch), else vmap/loop."""
+        names = self.generic.params
+        if copies:
+            got = torch.cat([(torch.zeros_like(copies[n]) if per_copy[id(copies[n])] is None
+                              else per_copy[id(copies[n])]).reshape(tree.length(x), -1) for n in names], 1)
+            if self.broadcast:
+                return got
+        ref = self.grads.per_example_subset(state, x, y, target, names)
+        if copies and self.broadcast is None:
+            tol = 1e-9 if ref.dtype == torch.float64 else 1e-4
+            self.broadcast = bool(torch.allclose(got, ref, rtol=tol, atol=tol * float(ref.abs().max()) + 1e-30))
+        return ref
 
     def generic_rows(self, i: int, b: Block, flat: torch.Tensor, out: torch.Tensor) -> None:
         """Write the generic block's rows from its exact per-example gradients flat (B, n)."""

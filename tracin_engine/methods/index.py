@@ -269,7 +269,7 @@ class GradientIndex:
         """Reopen a saved index read-only; its metadata must match `tracin` (model, checkpoints and
         their contents, proj_dim, ...) and, when given, `train_data` (examples, labels, order)."""
         store = FeatureStore.load(path)
-        tracin.featurizer.adopt(store.metadata.get("per_example", "vmap"))
+        tracin.featurizer.adopt(store.metadata.get("per_example", "vmap"), store.metadata.get("layout"))
         wanted = tracin.metadata()
         if train_data is not None:
             wanted["data"] = data_fingerprint(as_source(train_data, batch_fn))

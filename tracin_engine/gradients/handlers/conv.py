@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register_handler
+from .registry import register_handler
 from .base import KronHandler
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import register_handler
+from .registry import register_handler
 from .base import KronHandler
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import register_handler
+from .registry import register_handler
 from .base import VectorHandler
 
 
@@ -92,6 +92,7 @@ class BatchNormHandler(_Channel):
 
 register_handler(nn.LayerNorm, LayerNormHandler)
 register_handler(nn.GroupNorm, GroupNormHandler)
-register_handler(nn.modules.batchnorm._BatchNorm, BatchNormHandler)
+for _bn in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
+    register_handler(_bn, BatchNormHandler)
 if hasattr(nn, "RMSNorm"):
     register_handler(nn.RMSNorm, RMSNormHandler)

@@ -1,0 +1,39 @@
+"""The handler registry: layer type (or dotted class name) -> handler class.
+
+    >>> register_handler(MyLayer, MyLayerHandler)
+    >>> handler_for(nn.Linear(3, 2))                 # LinearHandler (the class)
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...errors import TracInError
+from .base import KronHandler, LayerHandler, VectorHandler
+
+_BY_TYPE: dict[type, type[LayerHandler]] = {}
+_BY_NAME: dict[str, type[LayerHandler]] = {}
+
+
+def register_handler(layer_type: type | str, handler_cls: type[LayerHandler]) -> None:
+    """Use `handler_cls` (a KronHandler or VectorHandler subclass) for modules of `layer_type`
+    (a class, or its dotted name "package.module.ClassName"); replaces an earlier registration."""
+    if not (isinstance(handler_cls, type) and issubclass(handler_cls, (KronHandler, VectorHandler))):
+        raise TracInError(f"handler_cls must be a KronHandler or VectorHandler subclass, got {handler_cls!r}.")
+    if isinstance(layer_type, str):
+        _BY_NAME[layer_type] = handler_cls
+    elif isinstance(layer_type, type) and issubclass(layer_type, nn.Module):
+        _BY_TYPE[layer_type] = handler_cls
+    else:
+        raise TracInError(f"layer_type must be an nn.Module subclass or its dotted name, got {layer_type!r}.")
+
+
+def handler_for(module: nn.Module) -> type[LayerHandler] | None:
+    """The handler class registered for the module's class or its nearest registered base, or None."""
+    for cls in type(module).__mro__:
+        if cls in _BY_TYPE:
+            return _BY_TYPE[cls]
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if name in _BY_NAME:
+            return _BY_NAME[name]
+    return None
