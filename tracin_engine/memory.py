@@ -8,7 +8,7 @@ Example:
 Rules (docs/gpu.md):
 1. Sizes come from the memory free on the computing device when the work starts: CUDA
    free_bytes = torch.cuda.mem_get_info() free + what PyTorch's caching allocator holds unused;
-   CPU: MemAvailable of /proc/meminfo. One working set takes at most FRACTION of it.
+   CPU: resources.available_memory() (MemAvailable within a container's limit). One working set takes at most FRACTION of it.
 2. Every loop that allocates in proportion to a size (featurization micro-batches, vmap chunks,
    scoring blocks, SOURCE batches, clustering blocks, the test-feature buffer) runs under a
    Backoff: an out-of-memory error frees the allocator cache, halves the size for good and runs
@@ -23,10 +23,11 @@ Rules (docs/gpu.md):
 from __future__ import annotations
 
 import gc
-import os
 from typing import Callable, TypeVar
 
 import torch
+
+from .resources import available_memory
 
 T = TypeVar("T")
 
@@ -49,17 +50,9 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def _cpu_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return CPU_FALLBACK_BYTES
+    """resources.available_memory() (MemAvailable, within a container's limit), or a fallback."""
+    avail = available_memory()
+    return CPU_FALLBACK_BYTES if avail is None else max(0, avail)
 
 
 def free_bytes(device: str | torch.device) -> int:
