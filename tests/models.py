@@ -9,6 +9,8 @@ machine), for handler tests and benchmarks/bench_real_models.py. Sizes are argum
     Mixed()                         Conv1d, GroupNorm, RMSNorm, LayerNorm and Linear on 3-D inputs
     hf_bert(...), hf_gpt2(...)      transformers models from small configs, wrapped to take token ids and
                                     return logits (the attention mask is derived from padding id 0)
+    DropMLP(n_in, hidden, n_out, p) Linear -> ReLU -> Dropout -> Linear (masks for dropout ensembles)
+    sgd_checkpoints(model, X, y, lr, steps, every)   full-batch SGD run, a cloned state dict every `every` steps
 """
 
 from __future__ import annotations
@@ -206,3 +208,29 @@ def token_batch(n: int, seq: int, vocab: int, pad: int = 0, seed: int = 0) -> to
     lengths = torch.randint(seq // 2, seq + 1, (n,), generator=gen)
     ids[torch.arange(seq).unsqueeze(0) >= lengths.unsqueeze(1)] = pad
     return ids
+
+
+class DropMLP(nn.Module):
+    """n_in -> hidden -> ReLU -> dropout(p) -> n_out: small, with dropout so ensembles have masks to vary."""
+
+    def __init__(self, n_in: int = 6, hidden: int = 8, n_out: int = 3, p: float = 0.5):
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(n_in, hidden), nn.Dropout(p), nn.Linear(hidden, n_out)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+def sgd_checkpoints(model: nn.Module, X: torch.Tensor, y: torch.Tensor, lr: float, steps: int,
+                    every: int) -> list[dict]:
+    """Train `model` with full-batch SGD on cross-entropy for `steps` steps; return a cloned state dict
+    after every `every`-th step (distinct tensors: a state_dict() alone would alias the live weights)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    states = []
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+        opt.step()
+        if step % every == 0:
+            states.append({k: v.clone() for k, v in model.state_dict().items()})
+    return states

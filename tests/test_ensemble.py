@@ -10,14 +10,7 @@ from torch import nn
 import tracin_engine as te
 from tracin_engine.methods.ensemble import EnsembleIndex, dropout_ensemble, fixed_dropout
 
-
-class DropMLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.drop, self.fc2 = nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+from models import DropMLP, sgd_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +19,9 @@ def run():
     model = DropMLP().double()
     X, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
     Xt, yt = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    states, steps = [], []
-    for step in range(1, 31):
-        opt.zero_grad()
-        F.cross_entropy(model(X), y).backward()
-        opt.step()
-        if step % 10 == 0:
-            states.append({k: v.clone() for k, v in model.state_dict().items()})
-            steps.append(step)
+    states = sgd_checkpoints(model, X, y, lr=0.3, steps=30, every=10)
     model.eval()
-    ckpts = te.Checkpoints.from_state_dicts(states, [0.3, 0.2, 0.1], steps)
+    ckpts = te.Checkpoints.from_state_dicts(states, [0.3, 0.2, 0.1], [10, 20, 30])
     return model, ckpts, (X, y), (Xt, yt)
 
 

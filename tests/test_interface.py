@@ -7,39 +7,22 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import tracin_engine as te
 from tracin_engine.store.topk import reference_top_k
 
+from models import DropMLP, sgd_checkpoints
+
 KINDS = ["tracin", "source", "ensemble"]
-
-
-class DropMLP(nn.Module):
-    """6 -> 8 -> ReLU -> dropout -> 3: small, with dropout so the ensemble has masks to vary."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.drop, self.fc2 = nn.Linear(6, 8), nn.Dropout(0.3), nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc2(self.drop(torch.relu(self.fc1(x))))
 
 
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    model = DropMLP().double()
+    model = DropMLP(p=0.3).double()
     X, y = torch.randn(30, 6, dtype=torch.float64), torch.randint(0, 3, (30,))
     Xt, yt = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    states = []
-    for step in range(1, 31):
-        opt.zero_grad()
-        F.cross_entropy(model(X), y).backward()
-        opt.step()
-        if step % 10 == 0:
-            states.append({k: v.clone() for k, v in model.state_dict().items()})
+    states = sgd_checkpoints(model, X, y, lr=0.3, steps=30, every=10)
     model.eval()
     ckpts = te.Checkpoints.from_state_dicts(states, [0.3, 0.2, 0.1], [10, 20, 30])
     tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy)

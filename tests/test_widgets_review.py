@@ -14,6 +14,8 @@ import tracin_widgets as tw
 from tracin_engine import TracInError
 from tracin_widgets.review import SIDECAR
 
+from models import sgd_checkpoints
+
 
 def ids(g):
     return [t["index"] for t in g.gallery.strips[0]["tiles"]]
@@ -155,14 +157,7 @@ def index_kinds(small_digits):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 10))
     X, y = small_digits.train[0].flatten(1), small_digits.train[1]
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    states = []
-    for step in range(1, 61):
-        opt.zero_grad()
-        F.cross_entropy(model(X), y).backward()
-        opt.step()
-        if step % 20 == 0:
-            states.append({k: v.clone() for k, v in model.state_dict().items()})
+    states = sgd_checkpoints(model, X, y, lr=0.5, steps=60, every=20)
     model.eval()
     tracin = te.TracIn(model, te.Checkpoints.from_state_dicts(states, [0.5, 0.5, 0.5], [20, 40, 60]),
                        loss_fn=F.cross_entropy)
