@@ -46,27 +46,51 @@ def _has_transformers() -> bool:
         return False
 
 
-def build(name: str, small: bool):
+def images(n: int, topics: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 3, 32, 32) images and labels in 0..9: noise, or (topics) one fixed random pattern per class
+    plus as much noise, so examples of a class have related gradients."""
+    y = torch.randint(0, 10, (n,))
+    X = torch.randn(n, 3, 32, 32)
+    if topics:
+        X = X + 1.0 * torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(7))[y]
+    return X, y
+
+
+def tokens(n: int, seq: int, vocab: int, topics: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, seq) ids with trailing padding 0, and a class in 0..3: uniform tokens in 2..vocab-1 with a
+    random class, or (topics) half the tokens from a block of vocab/5 words of the example's topic and
+    half from shared words."""
+    ids = token_batch(n, seq, vocab, pad=0, seed=1)
+    y = torch.randint(0, 4, (n,))
+    real = ids > 1
+    if not topics:
+        ids[real] = torch.randint(2, vocab, (int(real.sum()),))
+        return ids, y
+    width = vocab // 5
+    own = width * (1 + y).unsqueeze(1) + torch.randint(0, width, ids.shape)       # the topic's words
+    shared = torch.randint(2, width, ids.shape)
+    pick = torch.where(torch.rand(ids.shape) < 0.5, own, shared)
+    ids[real] = pick[real]
+    return ids, y
+
+
+def build(name: str, small: bool, topics: bool = False):
     """(model, data (X, y), loss_fn, description)."""
     torch.manual_seed(0)
     s = 2 if small else 1
+    n = 256
     if name == "resnet":
         model = ResNet(width=64 // s, blocks=(2, 2, 2, 2))
-        n = 256
-        X, y = torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))
-        return model, (X, y), F.cross_entropy, f"ResNet-18 shape, width {64 // s}, BatchNorm, 3x32x32"
+        return model, images(n, topics), F.cross_entropy, f"ResNet-18 shape, width {64 // s}, BatchNorm, 3x32x32"
     if name == "vit":
         model = ViT(dim=192 // s, depth=4, heads=3, patch=4, image=32)
-        n = 256
-        return model, (torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))), F.cross_entropy, \
-            f"ViT dim {192 // s}, 4 blocks, patch 4, 3x32x32"
-    seq, dim, vocab, n = 128 // s, 256 // s, 5000, 128
-    ids = token_batch(n, seq, vocab, pad=0, seed=1)
-    ids[ids > 1] = torch.randint(2, vocab, (int((ids > 1).sum()),))       # realistic spread of tokens
+        return model, images(n, topics), F.cross_entropy, f"ViT dim {192 // s}, 4 blocks, patch 4, 3x32x32"
+    seq, dim, vocab = 128 // s, 256 // s, 5000
+    ids, topic = tokens(n, seq, vocab, topics)
     hf = _has_transformers()
     if name == "bert":
-        model = hf_bert(vocab, dim, 4, 4, seq, 2) if hf else Encoder(vocab, dim, 4, 4, seq, 2)
-        y = torch.randint(0, 2, (n,))
+        model = hf_bert(vocab, dim, 4, 4, seq, 4) if hf else Encoder(vocab, dim, 4, 4, seq, 4)
+        y = topic
         return model, (ids, y), F.cross_entropy, \
             f"{'transformers BertForSequenceClassification' if hf else 'BERT-style'}: 4 layers, hidden {dim}, " \
             f"seq {seq}, vocab {vocab}, attention masks"
@@ -95,17 +119,25 @@ def median_time(fn, repeats: int) -> float:
 
 
 def run_model(name: str, args) -> dict:
-    model, (X, y), loss_fn, desc = build(name, args.small)
+    topics = args.data == "topics"
+    model, (X, y), loss_fn, desc = build(name, args.small, topics)
     dev = torch.device(args.device)
     model.to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     B = args.batch
     xb, yb = X[:B].to(dev), y[:B].to(dev)
     model.train()
-    for s in range(3):                                   # a few steps: a checkpoint that is not the init
-        opt.zero_grad()
-        batch_loss(loss_fn, model(X[s * B:(s + 1) * B].to(dev)), y[s * B:(s + 1) * B].to(dev)).backward()
-        opt.step()
+    steps = args.steps if args.steps is not None else (40 if topics else 3)
+    fit = torch.optim.AdamW(model.parameters(), lr=1e-3) if topics else \
+        torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    for s in range(steps):                               # a checkpoint that is not the initialization
+        lo = (s * B) % (len(X) - B)
+        fit.zero_grad()
+        loss = batch_loss(loss_fn, model(X[lo:lo + B].to(dev)), y[lo:lo + B].to(dev))
+        loss.backward()
+        fit.step()
+        losses.append(float(loss))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)    # the timed step (lr 0: weights kept)
 
     def step():
         opt.zero_grad()
@@ -131,7 +163,9 @@ def run_model(name: str, args) -> dict:
     fwd_s = median_time(fwd, args.repeats)
     fb_s = median_time(fwd_bwd, args.repeats)
     ckpts = te.Checkpoints.from_state_dicts([{k: v.detach().clone() for k, v in model.state_dict().items()}], [1.0])
-    out = {"model": desc, "batch": B, "params": sum(p.numel() for p in model.parameters()),
+    out = {"model": desc, "data": args.data, "fit_steps": steps,
+           "fit_loss_first_last": [round(losses[0], 3), round(sum(losses[-4:]) / len(losses[-4:]), 3)],
+           "batch": B, "params": sum(p.numel() for p in model.parameters()),
            "train_examples_per_s": round(B / train_s, 1), "forward_s": round(fwd_s, 4),
            "backward_s": round(fb_s - fwd_s, 4), "fwd_bwd_s": round(fb_s, 4)}
 
@@ -174,11 +208,43 @@ def run_model(name: str, args) -> dict:
         t0 = time.perf_counter()
         fa_idx = fact.index(train, progress=False, batch_size=B)
         fa_index_s = time.perf_counter() - t0
-        a, b = ex_idx.top_k(test, k=10).proponents.indices, fa_idx.top_k(test, k=10).proponents.indices
-        overlap = sum(len(set(a[i].tolist()) & set(b[i].tolist())) for i in range(len(a))) / a.numel()
-        out.update({"n_train": args.n_train, "n_test": args.n_test, "top10_overlap": round(overlap, 3),
+        a = ex_idx.top_k(test, k=10).proponents.indices
+        out.update({"n_train": args.n_train, "n_test": args.n_test,
+                    "top10_overlap": overlap(a, fa_idx.top_k(test, k=10).proponents.indices),
                     "index_exact_examples_per_s": round(args.n_train / ex_index_s, 1),
                     "index_factored_examples_per_s": round(args.n_train / fa_index_s, 1)})
+        # the same projection with equal shares per layer (no calibration): what calibration adds
+        eq = te.TracIn(model, ckpts, loss_fn=loss_fn, proj_dim=args.proj_dim, device=dev)
+        eq.featurizer.resolve(state, xb[:2], yb[:2])
+        eq.featurizer.projection.calibrate([1.0] * len(eq.featurizer.projection.blocks))
+        out["top10_overlap_equal_shares"] = overlap(a, eq.index(train, progress=False, batch_size=B)
+                                                    .top_k(test, k=10).proponents.indices)
+        if args.dense_ceiling:
+            out["top10_overlap_dense_gaussian"] = dense_ceiling(ex_idx, exact, test, a, args.proj_dim)
+    return out
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean fraction of shared indices between rows of a and b (m, k)."""
+    return round(sum(len(set(a[i].tolist()) & set(b[i].tolist())) for i in range(len(a))) / a.numel(), 3)
+
+
+def dense_ceiling(ex_idx, exact, test, top_exact: torch.Tensor, k: int, seeds: int = 2) -> list[float]:
+    """Top-10 overlap with exact mode of the ideal data-oblivious projection: the exact flat gradients
+    times a dense i.i.d. N(0, 1) matrix (P, k) (torch.randn, drawn in row chunks), one value per seed."""
+    hf = exact.featurizer.hooks
+    F_tr = hf.expand(ex_idx.features(0).float()) if hf is not None else ex_idx.features(0).float()
+    T = exact.features(test)[0].float()
+    F_te = hf.expand(T) if hf is not None else T
+    out = []
+    for seed in range(seeds):
+        gen = torch.Generator().manual_seed(seed)
+        z_tr, z_te = torch.zeros(len(F_tr), k), torch.zeros(len(F_te), k)
+        for s in range(0, F_tr.shape[1], 16384):
+            R = torch.randn(min(16384, F_tr.shape[1] - s), k, generator=gen)
+            z_tr += F_tr[:, s:s + len(R)] @ R
+            z_te += F_te[:, s:s + len(R)] @ R
+        out.append(overlap(top_exact, (z_te.double() @ z_tr.double().T).topk(10, 1).indices))
     return out
 
 
@@ -191,6 +257,12 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=64)
     ap.add_argument("--n-test", type=int, default=8)
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--data", choices=("random", "topics"), default="random",
+                    help="random: uniform tokens / noise images, random labels; topics: classes with structure")
+    ap.add_argument("--steps", type=int, default=None, help="training steps before the checkpoint "
+                    "(default 3 with SGD for random data, 40 with AdamW lr 1e-3 for topics)")
+    ap.add_argument("--dense-ceiling", action="store_true",
+                    help="also the overlap of a dense Gaussian projection of the exact gradients (slow)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),

@@ -120,8 +120,12 @@ def test_two_gloo_processes_equal_one(cnn_run, small_digits, tmp_path):
         assert torch.allclose(a, b, rtol=2 * tol, atol=0)
     assert rows_close(shared.losses, single.store.losses, tol)  # per checkpoint, norm-wise
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    # each rank featurized only its shard (rows 0..39 and 40..69, per checkpoint) and sees the whole index
-    assert [r["rows"] for r in reports] == [40 * len(ckpts), 30 * len(ckpts)]
+    # each rank featurized only its shard (rows 0..39 and 40..69, per checkpoint) and sees the whole index;
+    # rank 0, which creates the store, also calibrated the factored shares on the first 16 examples at
+    # every checkpoint (4 here); rank 1 took that allocation from the store instead of calibrating again
+    assert [r["rows"] for r in reports] == [(40 + 16) * len(ckpts), 30 * len(ckpts)]
+    assert single.store.metadata["projection_allocation"] == json.loads(
+        (store / "metadata.json").read_text())["projection_allocation"]
     for r in reports:
         assert r["n_train"] == 70 and r["complete"]
         si = torch.tensor(r["self_influence"], dtype=torch.float64)

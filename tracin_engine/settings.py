@@ -45,6 +45,8 @@ class IndexSettings:
     method: "tracin" (TracInCP rows) or "source" (SOURCE's v(z) rows, with `source` set).
     projection_generator: the dense projection's generator (gradients/projection.py; R, hence the
     stored rows, depend on it), None without a dense projection.
+    projection_allocation: the factored projection's per-layer [k_c, k_r, k2] (gradients/factored.py;
+    calibrated from gradient norms, so it is stored and adopted, never recomputed), None otherwise.
     """
 
     model: str
@@ -59,6 +61,7 @@ class IndexSettings:
     method: str = "tracin"
     source: SourceSettings | None = None
     projection_generator: str | None = None
+    projection_allocation: tuple | None = None
 
     def with_method(self, source: SourceSettings, layout: dict) -> "IndexSettings":
         """The same model and checkpoints described as a SOURCE index with `layout`."""
@@ -68,7 +71,9 @@ class IndexSettings:
         """Flat JSON-able dict (SOURCE's fields at top level, as stores have always been written)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-        for optional in ("projection", "projection_generator"):
+        if out["projection_allocation"] is not None:
+            out["projection_allocation"] = [list(a) for a in out["projection_allocation"]]
+        for optional in ("projection", "projection_generator", "projection_allocation"):
             if out[optional] is None:
                 del out[optional]
         if self.source is not None:
@@ -87,4 +92,5 @@ class IndexSettings:
         return cls(meta["model"], tuple(meta["parameters"]), tuple(meta["checkpoints"]),
                    tuple(meta["learning_rates"]), meta["proj_dim"], meta["seed"], meta.get("projection"),
                    meta["per_example"], meta["layout"], meta.get("method", "tracin"), source,
-                   meta.get("projection_generator"))
+                   meta.get("projection_generator"),
+                   None if meta.get("projection_allocation") is None else tuple(map(tuple, meta["projection_allocation"])))

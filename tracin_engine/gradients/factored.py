@@ -22,12 +22,18 @@ factors (P_c^T a, P_r^T g) (an "outer" segment, k_c + k_r numbers; see layout.py
 blocks (norm scales and shifts; parameters no handler covers) are projected by one seeded (n, k)
 factor. A factor is the identity (exact) when its full width fits, so small layers are stored exactly.
 A dense block whose share s is small is first projected Kronecker-wise to a wider (k_r, k_c)
-(k_r k_c up to 16 s or 4096) and then by a seeded dense Gaussian Q (k_r k_c, s): the Kronecker
-step alone would have relative variance ~ 1/k_r + 1/k_c ~ 2/sqrt(s) (see _allocate).
+(k_r k_c up to 16 s or WIDE_CAP) and then by a seeded dense Gaussian Q (k_r k_c, s): the Kronecker
+step alone would have relative variance ~ 1/k_r + 1/k_c ~ 2/sqrt(s) (see _allocate). A block with a
+large share whose gradient is nearly rank one in a wide space (GPT-2's tied wte / lm_head: 5000 x 256)
+is projected "paired" (Khatri-Rao) instead: z_m = p_m^T dW q_m = sum_t (p_m . r_t)(q_m . c_t),
+m = 1..s, with independent Gaussian columns p_m (R,), q_m (C,): variance ~ 3/s whatever the rank.
 
-proj_dim is the row length budget. It is shared over blocks by water-filling: blocks whose exact
-row fits an equal share are exact, the rest split what is left; inside a block (k_r, k_c) minimize
-the JL error proxy 1/k_c + 1/k_r (0 for an exact factor) under the block's budget.
+proj_dim is the row length budget, shared over blocks in proportion to their gradients' mean squared
+norms (the variance of a projected inner product of block b is ~ |x_b|^2 |y_b|^2 / s_b, so
+sum_b m_b^2 / s_b is least for s_b ~ m_b), measured on a pilot batch (TracIn.resolve: the first 16
+training examples at up to 4 checkpoints; `calibrate`), with 5% of proj_dim shared equally; blocks
+whose exact row fits their share are exact (water-filling). The allocation is stored with the index
+(metadata "projection_allocation") and adopted on resume and reload, never recomputed.
 """
 
 from __future__ import annotations
@@ -41,9 +47,9 @@ from .per_example import GradientComputer
 from ..store.layout import Layout, Segment
 
 
-def _factor(seed: int, layer: int, side: int, rows: int, k: int, kind: str) -> torch.Tensor:
-    """(rows, k) seeded factor with E[P P^T] = I; the identity when k == rows."""
-    if k == rows:
+def _factor(seed: int, layer: int, side: int, rows: int, k: int, kind: str, exact: bool = True) -> torch.Tensor:
+    """(rows, k) seeded factor with E[P P^T] = I; the identity when k == rows (and `exact`)."""
+    if k == rows and exact:
         return torch.eye(rows)
     gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + 7919 * layer + side)
     if kind == "gaussian":
@@ -64,6 +70,10 @@ def _split(budget: int, A: int, O: int, outer: bool) -> tuple[int, int]:
     return best
 
 
+EQUAL_SHARE = 0.05   # part of proj_dim shared equally over blocks whatever their calibrated norms
+WIDE_CAP = 16384     # largest first (Kronecker) stage k_r k_c of a two-stage block
+
+
 class FactoredProjection(HookFeaturizer):
     """Projected rows (B, layout.dim <= proj_dim) of every handled block from hooks on one batched pass."""
 
@@ -71,6 +81,9 @@ class FactoredProjection(HookFeaturizer):
         if kind not in ("gaussian", "rademacher"):
             raise TracInError(f"unknown factor kind {kind!r}; use 'gaussian' or 'rademacher'.")
         self.proj_dim, self.seed, self.kind = proj_dim, seed, kind
+        self.weights: list[float] | None = None         # calibration: mean squared norm per block
+        self.fixed: list[list[int]] | None = None       # an allocation adopted from a stored index
+        self.equal, self.wide_cap = EQUAL_SHARE, WIDE_CAP
         self._cache: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         try:
             super().__init__(grads)
@@ -87,46 +100,139 @@ class FactoredProjection(HookFeaturizer):
         if self.proj_dim < need:
             raise TracInError(f"proj_dim={self.proj_dim} is too small for {len(self.shapes)} layers with "
                               f"projection='factored'; use at least {need}.")
-        self.k, self.k2 = self._allocate(self.shapes, self.proj_dim)
+        if self.fixed is not None:
+            self.k, self.k2, self.paired = self._checked(self.fixed)
+        else:
+            self.k, self.k2, self.paired = self._allocate(self.shapes, self.proj_dim, self.weights, self.equal,
+                                                          self.wide_cap)
         self._cache.clear()
         segments, start = [], 0
-        for (A, O, outer), (ka, kg), k2 in zip(self.shapes, self.k, self.k2):
-            seg = Segment("outer", start, ka, kg) if outer else Segment("dense", start, k2 or ka * kg)
+        for i, (A, O, outer) in enumerate(self.shapes):
+            ka, kg = self.k[i]
+            seg = Segment("outer", start, ka, kg) if outer else Segment("dense", start, self.width(i))
             segments.append(seg)
             start += seg.size
         self.segments = segments
         self.layout = Layout(segments)
 
-    @staticmethod
-    def _allocate(shapes: list[tuple[int, int, bool]], budget: int
-                  ) -> tuple[list[tuple[int, int]], list[int | None]]:
-        """Per block (k_a, k_g) and k2: the row gets k2 numbers (a second, dense Gaussian stage Q applied to
-        the (k_g, k_a) Kronecker projection) or, k2 None, k_g k_a (dense) / k_a + k_g (outer) numbers.
+    # -- calibration and the stored allocation -------------------------------------------------------
+    @property
+    def calibrated(self) -> bool:
+        """Whether the shares are settled: calibrated, adopted from a stored index, or every block exact."""
+        return self.weights is not None or self.fixed is not None or all(
+            (k2 is None and k == (A, O) and not p) for (A, O, _), k, k2, p in
+            zip(self.shapes, self.k, self.k2, self.paired))
 
+    def width(self, i: int) -> int:
+        """Numbers of block i's projected vector: k2 (two stages), s (paired), else k_r k_c."""
+        ka, kg = self.k[i]
+        return ka if self.paired[i] else (self.k2[i] or ka * kg)
+
+    def block_sq_norms(self, rows: torch.Tensor) -> list[float]:
+        """Mean over the rows (B, layout.dim) of each block's squared norm ||P^T g_b||^2: list (L,) floats.
+        Unbiased estimates of E||g_b||^2 (E[R R^T] = I), exact for exact blocks."""
+        out = []
+        for seg in self.layout.segments:
+            one = Layout([Segment(seg.kind, 0, seg.a_dim, seg.g_dim)])
+            out.append(float(one.sq_norms(rows[:, seg.start:seg.start + seg.size]).mean()))
+        return out
+
+    def calibrate(self, weights: list[float]) -> None:
+        """Share proj_dim by `weights` (L,) >= 0, the blocks' mean squared gradient norms (see _allocate)."""
+        if len(weights) != len(self.blocks) or not all(w >= 0 and w < float("inf") for w in weights):
+            raise TracInError(f"calibration needs {len(self.blocks)} finite non-negative block weights, got {weights}.")
+        # three significant digits: runs whose float sums differ in the last bits (threads, ranks) share alike
+        self.weights, self.fixed = [float(f"{w:.2e}") for w in weights], None
+        self.relayout()
+
+    def allocation(self) -> list[list[int]]:
+        """Per block [k_c, k_r, k2, paired] (k2 0: no second stage; paired 1: Khatri-Rao columns, k_c = k_r
+        = s): what the stored rows depend on (index metadata)."""
+        return [[ka, kg, k2 or 0, int(p)] for (ka, kg), k2, p in zip(self.k, self.k2, self.paired)]
+
+    def adopt_allocation(self, stored: list) -> None:
+        """Use the allocation of a stored index (allocation()), so its rows and new ones agree."""
+        self.fixed = [list(map(int, s)) for s in stored]
+        self.relayout()
+
+    def _checked(self, alloc: list[list[int]]) -> tuple[list[tuple[int, int]], list[int | None], list[bool]]:
+        ok = len(alloc) == len(self.shapes) and all(len(a) == 4 for a in alloc) and all(
+            (p == 1 and ka == kg >= 1 and k2 == 0 and not outer and O > 1) or
+            (p == 0 and 1 <= ka <= A and 1 <= kg <= O and k2 >= 0)
+            for (A, O, outer), (ka, kg, k2, p) in zip(self.shapes, alloc))
+        if not ok:
+            raise TracInError("the stored index's projection allocation does not fit this model's layers "
+                              f"({len(alloc)} stored blocks, {len(self.shapes)} here); build the index again "
+                              "with this model and layers=.")
+        return [(a[0], a[1]) for a in alloc], [a[2] or None for a in alloc], [bool(a[3]) for a in alloc]
+
+    @staticmethod
+    def _allocate(shapes: list[tuple[int, int, bool]], budget: int, weights: list[float] | None = None,
+                  equal: float = EQUAL_SHARE, wide_cap: int = WIDE_CAP
+                  ) -> tuple[list[tuple[int, int]], list[int | None], list[bool]]:
+        """Per block (k_a, k_g), k2 and paired: the row gets k2 numbers (a second, dense Gaussian stage Q
+        applied to the (k_g, k_a) Kronecker projection), s numbers (paired: Khatri-Rao, k_a = k_g = s) or,
+        k2 None, k_g k_a (dense) / k_a + k_g (outer) numbers.
+
+        Shares: a projected inner product of block b has variance ~ |x_b|^2 |y_b|^2 / s_b, so the total
+        sum_b m_b^2 / s_b (m_b the mean squared norm of block b's gradient, `weights`) is least with
+        s_b proportional to m_b. Each block's share is proportional to (1 - equal) m_b / sum m + equal / L
+        (L blocks; equal = 1 or weights None: equal shares), water-filled: a block whose exact row fits its
+        share is stored exactly and the rest share what is left.
         A dense block's Kronecker projection alone has relative variance ~ 1/k_a + 1/k_g, with
-        k_a k_g = its share s (~2/sqrt(s)); projecting a wider one, k_a k_g = I = min(A O, 16 s, 4096),
-        down to s with Q (I, s) gives ~ 1/k_a + 1/k_g + 1/s, much smaller; Q holds I s <= 4096 s numbers.
+        k_a k_g = its share s (~2/sqrt(s)); projecting a wider one, k_a k_g = I = min(A O, 16 s, wide_cap),
+        down to s with Q (I, s) gives ~ 1/k_a + 1/k_g + 1/s, much smaller; Q holds I s numbers.
+        The Kronecker term stays when a block's gradient is nearly rank one in a wide space (a tied
+        embedding / LM head: V rows); the paired (Khatri-Rao) projection z_m = p_m^T dW q_m, m = 1..s,
+        with independent p_m, q_m has variance <= ~3/s (fourth moments of Gaussians) whatever the rank,
+        and is taken when 3/s is below the two-stage 1/k_a + 1/k_g + 1/s; it costs T (R + C) s per
+        example (the two factors' products), so only blocks with a large share use it.
         """
+        L = len(shapes)
         exact = [A + O if outer else A * O for A, O, outer in shapes]
-        k: list[tuple[int, int] | None] = [None] * len(shapes)
-        k2: list[int | None] = [None] * len(shapes)
-        order = sorted(range(len(shapes)), key=lambda i: exact[i])
-        for pos, i in enumerate(order):
-            A, O, outer = shapes[i]
-            share = budget // (len(order) - pos)
-            if exact[i] <= share:
+        if weights is None or not sum(weights) > 0:
+            mix = [1.0 / L] * L
+        else:
+            total = float(sum(weights))
+            mix = [(1 - equal) * float(w) / total + equal / L for w in weights]
+        share: dict[int, float] = {}
+        left, free = float(budget), set(range(L))
+        while free:
+            wsum = sum(mix[i] for i in free)
+            fit = [i for i in free if exact[i] <= left * mix[i] / wsum]
+            if not fit:
+                for i in free:
+                    share[i] = left * mix[i] / wsum
+                break
+            for i in fit:
+                share[i] = exact[i]
+                left -= exact[i]
+                free.discard(i)
+        sizes = [exact[i] if share[i] >= exact[i] else max(2, int(share[i])) for i in range(L)]
+        over = sum(sizes) - budget                 # the floor of 2 numbers can overshoot: the largest pays
+        if over > 0:
+            big = max((i for i in range(L) if sizes[i] < exact[i]), key=lambda i: sizes[i])
+            sizes[big] -= over
+        k: list[tuple[int, int] | None] = [None] * L
+        k2: list[int | None] = [None] * L
+        paired = [False] * L
+        for i, (A, O, outer) in enumerate(shapes):
+            s = sizes[i]
+            if exact[i] <= s:
                 k[i] = (A, O)
             elif outer or O == 1:
-                k[i] = _split(share, A, O, outer)
+                k[i] = _split(s, A, O, outer)
             else:
-                wide = min(A * O, 16 * share, 4096)
-                if wide > share:
-                    k[i], k2[i] = _split(wide, A, O, False), share
+                wide = min(A * O, 16 * s, max(wide_cap, s))
+                if wide > s:
+                    k[i], k2[i] = _split(wide, A, O, False), s
                 else:
-                    k[i] = _split(share, A, O, False)
-            ka, kg = k[i]
-            budget -= k2[i] or (ka + kg if outer else ka * kg)
-        return k, k2
+                    k[i] = _split(s, A, O, False)
+                ka, kg = k[i]
+                kron = (0 if ka == A else 1 / ka) + (0 if kg == O else 1 / kg) + (1 / s if k2[i] else 0)
+                if 3 / s < kron:
+                    k[i], k2[i], paired[i] = (s, s), None, True
+        return k, k2, paired
 
     def factors(self, i: int, device: torch.device,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,8 +241,12 @@ class FactoredProjection(HookFeaturizer):
         key = (i, device, dtype)
         if key not in self._cache:
             (A, O, _), (ka, kg) = self.shapes[i], self.k[i]
-            self._cache[key] = (_factor(self.seed, i, 0, A, ka, self.kind).to(device, dtype),
-                                _factor(self.seed, i, 1, O, kg, self.kind).to(device, dtype))
+            if self.paired[i]:   # columns p_m (R, s) with E[p p^T] = I / s, q_m (C, s) with E[q q^T] = I
+                self._cache[key] = ((_factor(self.seed, i, 3, A, ka, self.kind, False) * ka ** 0.5).to(device, dtype),
+                                    _factor(self.seed, i, 4, O, kg, self.kind, False).to(device, dtype))
+            else:
+                self._cache[key] = (_factor(self.seed, i, 0, A, ka, self.kind).to(device, dtype),
+                                    _factor(self.seed, i, 1, O, kg, self.kind).to(device, dtype))
         return self._cache[key]
 
     def second(self, i: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
@@ -164,6 +274,11 @@ class FactoredProjection(HookFeaturizer):
             out[:, :Pa.shape[1]] = h0.proj_cols(ctx0, g0, Pw, pb)[:, 0]
             out[:, Pa.shape[1]:] = h0.proj_rows(ctx0, g0, Pg)[:, 0]
             return
+        if self.paired[i]:       # z_m = sum_t (p_m . r_t)(q_m . c_t)
+            for j, (h, ctx, g) in enumerate(contrib):
+                z = torch.linalg.vecdot(h.proj_rows(ctx, g, Pg), h.proj_cols(ctx, g, Pw, pb), dim=1)   # (B, s)
+                out.copy_(z) if j == 0 else out.add_(z)
+            return
         Z = None
         for h, ctx, g in contrib:
             z = torch.bmm(h.proj_rows(ctx, g, Pg).transpose(1, 2), h.proj_cols(ctx, g, Pw, pb))  # (B, k_r, k_c)
@@ -178,7 +293,7 @@ class FactoredProjection(HookFeaturizer):
     # -- checks and the equivalent dense projection (slow; for tests and small models) ---------------
     def block_sums(self, rows: torch.Tensor) -> list[torch.Tensor]:
         E = self.expand(rows).sum(0)
-        return list(E.split([k2 or ka * kg for (ka, kg), k2 in zip(self.k, self.k2)]))
+        return list(E.split([self.width(i) for i in range(len(self.blocks))]))
 
     def block_reference(self, b: Block, grads: list[torch.Tensor]) -> torch.Tensor:
         i = self.blocks.index(b)
@@ -188,6 +303,8 @@ class FactoredProjection(HookFeaturizer):
         W = b.uses[0].handler.from_params(grads[0].unsqueeze(0))[0]
         if b.has_bias:
             W = torch.cat([W, grads[1].unsqueeze(1)], 1)
+        if self.paired[i]:
+            return (Pg * (W @ Pa)).sum(0)
         Z = (Pg.T @ W @ Pa).flatten()
         Q = self.second(i, Z.device, Z.dtype)
         return Z if Q is None else Z @ Q
@@ -206,14 +323,15 @@ class FactoredProjection(HookFeaturizer):
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The equivalent projection R (P, D) of flat gradients (GradientComputer order)."""
         cpu = torch.device("cpu")
-        D = sum(k2 or ka * kg for (ka, kg), k2 in zip(self.k, self.k2))
+        D = sum(self.width(i) for i in range(len(self.blocks)))
         R = torch.zeros(self.grads.num_params, D, dtype=dtype)
         col = 0
         for i, b in enumerate(self.blocks):
             Pa, Pg = self.factors(i, cpu, dtype)
             (A, O, _), (ka, kg) = self.shapes[i], self.k[i]
             if b.kind == "kron":
-                K = torch.einsum("oi,nj->onij", Pg, Pa).reshape(O, A, kg * ka)    # row (o, n), col (i, j)
+                K = (torch.einsum("om,nm->onm", Pg, Pa) if self.paired[i]          # row (o, n), col m
+                     else torch.einsum("oi,nj->onij", Pg, Pa).reshape(O, A, kg * ka))  # col (i, j)
                 parts = [b.uses[0].handler.to_params(K[:, :b.C].permute(2, 0, 1)).T]
                 if b.has_bias:
                     parts.append(K[:, b.C])
@@ -224,7 +342,7 @@ class FactoredProjection(HookFeaturizer):
                     parts.append(Pa[pos:pos + k])
                     pos += k
             Q = self.second(i, cpu, dtype)
-            width = kg * ka if Q is None else Q.shape[1]
+            width = self.width(i)
             for n, part in zip(b.params, parts):
                 o = self.offsets[n]
                 R[o:o + part.shape[0], col:col + width] = part if Q is None else part @ Q

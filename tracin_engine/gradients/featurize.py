@@ -125,13 +125,43 @@ class Featurizer:
                       f"({str(exc).split('. A layer')[0]}); using the per-example loop (slower).", stacklevel=4)
         self.mode = "loop"
 
-    def adopt(self, mode: str, layout: list | None = None) -> None:
-        """Use the mode (and the hook path's layout, Layout.to_dict()) an existing index was built with."""
+    def adopt(self, mode: str, layout: list | None = None, allocation: list | None = None) -> None:
+        """Use the mode (and the hook path's layout, Layout.to_dict(), and the factored projection's
+        allocation) an existing index was built with."""
         if self.requested == "auto" and mode in ("vmap", "loop") and self.mode != "factored":
             self.hooks, self.mode = None, mode
+        self.adopt_projection(layout, allocation)
+        self.resolved = True
+
+    def adopt_projection(self, layout: list | None, allocation: list | None) -> None:
+        """Take a stored index's row layout and factored allocation (None: keep this featurizer's)."""
         if self.mode in ("hooks", "factored") and layout is not None:
             self._hook_path.adopt_layout(layout)
-        self.resolved = True
+        if self.mode == "factored" and allocation is not None:
+            self.projection.adopt_allocation(allocation)
+
+    @property
+    def allocation(self) -> list | None:
+        """The factored projection's per-block allocation (FactoredProjection.allocation), else None."""
+        return self.projection.allocation() if self.mode == "factored" else None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the factored projection still shares proj_dim equally (calibrate() settles it)."""
+        return self.mode == "factored" and not self.projection.calibrated
+
+    def calibrate(self, states: list[dict], learning_rates: list[float], x, ys: list, target: Target = "loss"
+                  ) -> None:
+        """Share proj_dim over blocks by their gradient norms on a pilot batch x (B examples) at checkpoints
+        `states` (targets ys[c] for each): block weight w_b = sqrt(sum_c eta_c^2 m_bc^2), m_bc the mean of
+        ||P^T g_b||^2 at checkpoint c (the variance of TracIn's sum over checkpoints; factored.py _allocate)."""
+        acc = torch.zeros(len(self.projection.blocks), dtype=torch.float64)
+        for c, (state, lr, y) in enumerate(zip(states, learning_rates, ys)):
+            rows = self.rows(state, x, y, target).features
+            check_finite(rows, 0, f"checkpoint {c} of the calibration (the first examples)")
+            m = torch.tensor(self.projection.block_sq_norms(rows), dtype=torch.float64)
+            acc += (lr * m) ** 2
+        self.projection.calibrate(acc.sqrt().tolist())
 
     def __call__(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss") -> torch.Tensor:
         """Tensor (B, dim) in float32 (or float64 for a float64 model)."""

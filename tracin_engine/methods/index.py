@@ -54,6 +54,7 @@ class GradientIndex:
         self.tracin = tracin
         self.store = store
         self._on_device: dict[str, DeviceFeatures] = {}
+        self.check_projection()
 
     def __repr__(self) -> str:
         where = f"'{self.store.path}'" if self.store.path else "memory"
@@ -106,7 +107,22 @@ class GradientIndex:
 
         Compute once and pass as features= to query repeatedly (widgets do).
         """
+        self.check_projection()
         return self.tracin.features(test_data, target=target, batch_fn=batch_fn, out_device=out_device)
+
+    def check_projection(self) -> None:
+        """Give a TracIn that has not settled its factored allocation the stored one; TracInError when its
+        allocation is another (another index was loaded into the same TracIn): test features would not
+        match the stored rows."""
+        stored = self.store.metadata.get("projection_allocation")
+        fz = self.tracin.featurizer
+        if stored is not None and fz.needs_calibration:     # a fresh TracIn: take the stored allocation
+            fz.adopt_projection(self.store.metadata.get("layout"), stored)
+        now = fz.allocation
+        if stored is not None and now is not None and [list(a) for a in stored] != now:
+            raise TracInError("this index's rows were projected with another factored allocation than its "
+                              "TracIn now uses (another index was loaded into the same TracIn); load each "
+                              "index with its own TracIn object.")
 
     def query_features(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None,
                        features: torch.Tensor | None = None) -> torch.Tensor:
@@ -269,7 +285,8 @@ class GradientIndex:
         """Reopen a saved index read-only; its metadata must match `tracin` (model, checkpoints and
         their contents, proj_dim, ...) and, when given, `train_data` (examples, labels, order)."""
         store = FeatureStore.load(path)
-        tracin.featurizer.adopt(store.metadata.get("per_example", "vmap"), store.metadata.get("layout"))
+        tracin.featurizer.adopt(store.metadata.get("per_example", "vmap"), store.metadata.get("layout"),
+                                store.metadata.get("projection_allocation"))
         wanted = tracin.metadata()
         if train_data is not None:
             wanted["data"] = data_fingerprint(as_source(train_data, batch_fn))

@@ -32,6 +32,9 @@ from ..store.feature_store import FeatureStore
 from ..store.scoring import accum_dtype
 
 
+PILOT = 16   # examples of the first batch that settle the per-example path and the factored shares
+
+
 class TracIn:
     """TracInCP over `checkpoints` for `model`.
 
@@ -103,6 +106,8 @@ class TracIn:
             layout=self.featurizer.layout.to_dict(),
             projection_generator=(self.featurizer.projection.generator
                                   if isinstance(self.featurizer.projection, RandomProjection) else None),
+            projection_allocation=(None if self.featurizer.allocation is None
+                                   else tuple(map(tuple, self.featurizer.allocation))),
         )
 
     def metadata(self) -> dict:
@@ -122,12 +127,22 @@ class TracIn:
         return explain_input_error(exc, x, self.featurizer.grads.dtype, shape)
 
     def resolve(self, source) -> None:
-        """Settle the per-example path on the first examples before any feature is stored."""
-        if not self.featurizer.resolved:
-            _, x, y = next(iter(source.batches(2)))
-            state = self.state(len(self.checkpoints) - 1)
-            preds = self.featurizer.grads.prediction_targets(state, x, y)
-            self.featurizer.resolve(state, x, preds, "prediction")
+        """Settle the per-example path on the first examples before any feature is stored, and share a
+        factored projection's proj_dim over layers by their gradient norms on up to PILOT examples at up
+        to 4 checkpoints spread over the run (the first batch of `source`, targets as predicted)."""
+        fz = self.featurizer
+        if fz.resolved and not fz.needs_calibration:
+            return
+        _, x, y = next(iter(source.batches(PILOT if fz.needs_calibration else 2)))
+        last = len(self.checkpoints) - 1
+        if not fz.resolved:
+            state = self.state(last)
+            fz.resolve(state, x, fz.grads.prediction_targets(state, x, y), "prediction")
+        if fz.needs_calibration:
+            picks = sorted({round(i * last / 3) for i in range(4)})
+            states = [self.state(c) for c in picks]
+            fz.calibrate(states, [float(self.checkpoints.learning_rates[c]) for c in picks], x,
+                         [fz.grads.prediction_targets(s, x, y) for s in states], "prediction")
 
     def state(self, c: int) -> dict:
         """Checkpoint c's state dict, validated and on the device (kept while the model is small)."""
@@ -180,6 +195,10 @@ class TracIn:
             model_dtype = self.featurizer.grads.dtype
             dtype = torch.float16 if (store is not None and self.proj_dim) else model_dtype
         n, C = len(source), len(self.checkpoints)
+        if store is not None:  # resuming (or another rank's store): its allocation, not a new calibration
+            stored = FeatureStore.stored_metadata(store)
+            if stored and stored.get("projection") == "factored" and self.featurizer.mode == "factored":
+                self.featurizer.adopt_projection(stored.get("layout"), stored.get("projection_allocation"))
         self._explained(lambda: self.resolve(source), source)
         FeatureStore.check_fits(n, C, self.dim, dtype, store)  # before the data pass and any allocation
         meta = {**self.metadata(), "data": data_fingerprint(source)}

@@ -217,6 +217,12 @@ class FeatureStore:
         """Reopen a store folder read-only, as it is (metadata.json tells its shape)."""
         return cls.open(path)
 
+    @staticmethod
+    def stored_metadata(path: str | Path) -> dict | None:
+        """The metadata.json of a store at `path` (a TracInError if damaged), None when there is none."""
+        path = Path(path)
+        return files.read_metadata(path) if os.path.lexists(path / files.METADATA) else None
+
     @classmethod
     def open_or_create(cls, path: str | Path, n: int, n_checkpoints: int, dim: int, dtype: torch.dtype,
                        metadata: dict, shared_lock: bool = False) -> "FeatureStore":
