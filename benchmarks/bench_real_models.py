@@ -136,7 +136,7 @@ def run_model(name: str, args) -> dict:
         loss = batch_loss(loss_fn, model(X[lo:lo + B].to(dev)), y[lo:lo + B].to(dev))
         loss.backward()
         fit.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)    # the timed step (lr 0: weights kept)
 
     def step():
