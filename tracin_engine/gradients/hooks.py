@@ -247,9 +247,11 @@ class HookFeaturizer:
             out[:, b.a_dim:] = h.rows(ctx, g)[:, 0]
             return
         nw = b.R * b.C
+        # each use writes (the first) or adds (the rest) its gradients in place in the rows; sparse
+        # uses (an Embedding tied to a Linear head) go last, so the dense one overwrites without a zero-fill
+        contrib = sorted(contrib, key=lambda c: bool(getattr(c[0], "sparse_grad", False)))
         for j, (h, ctx, g) in enumerate(contrib):
-            w = h.to_params(h.grad_matrix(ctx, g))
-            out[:, :nw].copy_(w) if j == 0 else out[:, :nw].add_(w)
+            h.grad_into(ctx, g, out[:, :nw], accumulate=j > 0)
             if b.has_bias:
                 bg = h.bias_grad(ctx, g)
                 out[:, nw:].copy_(bg) if j == 0 else out[:, nw:].add_(bg)
