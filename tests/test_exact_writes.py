@@ -112,3 +112,16 @@ def test_sq_norms_of_rows_wider_than_a_chunk(dtype):
     got = lay.sq_norms(f)
     assert got.dtype == torch.float64
     assert torch.allclose(got, want, rtol=1e-6)           # float32 accumulation within each chunk
+
+
+def test_empty_output_large_cpu_tensor_is_usable_and_small_ones_are_plain():
+    from tracin_engine.buffers import MIN_BYTES, empty_output
+    n = MIN_BYTES // 4 + 1000
+    big = empty_output((2, n // 2), torch.float32, torch.device("cpu"))
+    assert big.shape == (2, n // 2) and big.dtype == torch.float32 and big.is_contiguous()
+    big.fill_(3.0)
+    row = big[1]
+    del big                                              # a view keeps the mapping alive
+    assert float(row[-1]) == 3.0 and float(row.sum()) == 3.0 * (n // 2)
+    small = empty_output((3, 4), torch.float64, torch.device("cpu"))
+    assert small.shape == (3, 4) and small.dtype == torch.float64

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .. import inputs as tree
+from ..buffers import empty_output
 from .handlers import KronHandler, Unsupported
 from .layers import GENERIC_LIMIT, Block, generic_sizes, plan_blocks
 from .per_example import GradientComputer, Target, model_mode, output_sq_norms
@@ -200,8 +201,7 @@ class HookFeaturizer:
                 calls[id(u)].append((ctx, torch.zeros_like(o) if g is None else g.detach()))
         self._settle(calls, S)
         dtype = next(iter(calls.values()))[0][1].dtype if calls else gc.dtype
-        rows = torch.empty(S, B, self.layout.dim, dtype=dtype if dtype.is_floating_point else torch.float32,
-                           device=gc.device)
+        rows = empty_output((S, B, self.layout.dim), dtype if dtype.is_floating_point else torch.float32, gc.device)
         for s in range(S):
             for i, (b, seg) in enumerate(zip(self.blocks, self.segments)):
                 out = rows[s, :, seg.start:seg.start + seg.size]
