@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .. import inputs as tree
+from ..buffers import empty_output
 from .handlers import KronHandler, Unsupported
 from .layers import GENERIC_LIMIT, Block, generic_sizes, plan_blocks
 from .per_example import GradientComputer, Target, model_mode, output_sq_norms
@@ -200,8 +201,7 @@ class HookFeaturizer:
                 calls[id(u)].append((ctx, torch.zeros_like(o) if g is None else g.detach()))
         self._settle(calls, S)
         dtype = next(iter(calls.values()))[0][1].dtype if calls else gc.dtype
-        rows = torch.empty(S, B, self.layout.dim, dtype=dtype if dtype.is_floating_point else torch.float32,
-                           device=gc.device)
+        rows = empty_output((S, B, self.layout.dim), dtype if dtype.is_floating_point else torch.float32, gc.device)
         for s in range(S):
             for i, (b, seg) in enumerate(zip(self.blocks, self.segments)):
                 out = rows[s, :, seg.start:seg.start + seg.size]
@@ -247,9 +247,11 @@ class HookFeaturizer:
             out[:, b.a_dim:] = h.rows(ctx, g)[:, 0]
             return
         nw = b.R * b.C
+        # each use writes (the first) or adds (the rest) its gradients in place in the rows; sparse
+        # uses (an Embedding tied to a Linear head) go last, so the dense one overwrites without a zero-fill
+        contrib = sorted(contrib, key=lambda c: bool(getattr(c[0], "sparse_grad", False)))
         for j, (h, ctx, g) in enumerate(contrib):
-            w = h.to_params(h.grad_matrix(ctx, g))
-            out[:, :nw].copy_(w) if j == 0 else out[:, :nw].add_(w)
+            h.grad_into(ctx, g, out[:, :nw], accumulate=j > 0)
             if b.has_bias:
                 bg = h.bias_grad(ctx, g)
                 out[:, nw:].copy_(bg) if j == 0 else out[:, nw:].add_(bg)

@@ -97,11 +97,19 @@ class Layout:
         return total
 
 
+_SQ_COLS = 2**16   # columns per chunk of _sq: its x * x temporary stays in cache
+
+
 def _sq(x: torch.Tensor) -> torch.Tensor:
-    """Row squared norms (b,) float64 of x (b, k)."""
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    return torch.linalg.vecdot(x, x).double()
+    """Row squared norms (b,) float64 of x (b, k): vecdot over column chunks of _SQ_COLS, added in
+    float64 (vecdot of a whole wide row materializes x * x: a copy of the rows, ~3x slower)."""
+    if x.shape[1] <= _SQ_COLS:
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        return torch.linalg.vecdot(x, x).double()
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[1], _SQ_COLS):
+        total += _sq(x[:, s:s + _SQ_COLS])
+    return total
 
 
 def _matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,7 @@ class KronHandler(LayerHandler):
 
     kind = "kron"
     kronecker = True   # EK-FAC factors A = E[c c^T], S = E[r r^T] are meaningful
+    sparse_grad = False  # grad_into adds to few entries (Embedding): a tied block writes its dense uses first
 
     def shape(self) -> tuple[int, int]:
         """(R, C) of the weight viewed as a matrix (bias excluded)."""
@@ -95,6 +96,21 @@ class KronHandler(LayerHandler):
         """(B, R, C) exact per-example weight gradients."""
         return torch.bmm(self.rows(ctx, g).transpose(1, 2), self.cols(ctx, g))
 
+    def grad_into(self, ctx: Any, g: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
+        """Write (or, with accumulate, add) the exact per-example weight gradients into `out` (B, numel),
+        in the parameter's flat order (to_params); `out` is a view of the feature rows.
+
+        Default: to_params(grad_matrix) copied in; when neither is overridden, one bmm straight into
+        `out` viewed as (B, R, C) (no (B, R, C) temporary and no copy). Subclasses overriding
+        grad_matrix or to_params may override this too with a copy-free form (conv.py, embedding.py).
+        """
+        if type(self).grad_matrix is KronHandler.grad_matrix and type(self).to_params is KronHandler.to_params:
+            bmm_into(out.unflatten(1, self.shape()), self.rows(ctx, g).transpose(1, 2), self.cols(ctx, g),
+                     accumulate)
+            return
+        W = self.to_params(self.grad_matrix(ctx, g))
+        out.add_(W) if accumulate else out.copy_(W)
+
     def bias_grad(self, ctx: Any, g: torch.Tensor) -> torch.Tensor:
         """(B, R) exact per-example bias gradients: sum_t r_bt."""
         return self.rows(ctx, g).sum(1)
@@ -107,6 +123,17 @@ class KronHandler(LayerHandler):
         """Inverse of to_params: (B, numel) -> (B, R, C)."""
         R, C = self.shape()
         return flat.reshape(flat.shape[0], R, C)
+
+
+def bmm_into(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, accumulate: bool) -> None:
+    """out (B, m, n) = x @ y (or += with accumulate), x (B, m, k), y (B, k, n); `out` may be a strided view."""
+    if x.dtype != out.dtype or y.dtype != out.dtype:      # layers of mixed precision: through a product
+        p = torch.bmm(x, y)
+        out.add_(p) if accumulate else out.copy_(p)
+    elif accumulate:
+        out.baddbmm_(x, y)
+    else:
+        torch.bmm(x, y, out=out)
 
 
 class VectorHandler(LayerHandler):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .registry import register_handler
-from .base import KronHandler
+from .base import KronHandler, bmm_into
 
 
 def _pair(v, one_d: bool, fill: int):
@@ -68,6 +68,10 @@ class ConvHandler(KronHandler):
     def grad_matrix(self, ctx, g):
         U = F.unfold(ctx, self.kernel, self.dilation, self.padding, self.stride)  # (B, Ckk, L)
         return torch.bmm(g.flatten(2), U.transpose(1, 2))                          # (B, O, Ckk)
+
+    def grad_into(self, ctx, g, out, accumulate=False):
+        U = F.unfold(ctx, self.kernel, self.dilation, self.padding, self.stride)  # (B, Ckk, L)
+        bmm_into(out.unflatten(1, self.shape()), g.flatten(2), U.transpose(1, 2), accumulate)
 
     def bias_grad(self, ctx, g):
         return g.flatten(2).sum(2)

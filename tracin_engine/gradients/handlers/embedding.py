@@ -17,6 +17,7 @@ from .base import KronHandler
 
 class EmbeddingHandler(KronHandler):
     rank_one_hint = False
+    sparse_grad = True  # grad_into touches only the rows of the tokens used: added after dense uses
     kronecker = False   # A = E[one-hot one-hot^T] is a V x V diagonal: not worth an eigendecomposition
 
     @classmethod
@@ -64,6 +65,15 @@ class EmbeddingHandler(KronHandler):
         rows = (ctx + torch.arange(B, device=ctx.device).unsqueeze(1) * V).reshape(-1)
         W = torch.zeros(B * V, D, dtype=gg.dtype, device=gg.device)
         return W.index_add_(0, rows, gg.reshape(-1, D)).reshape(B, V, D)
+
+    def grad_into(self, ctx, g, out, accumulate=False):
+        """Scatter-add g_bt into row x_bt of example b's (V, D) block of `out`: only the rows used are
+        touched (after zeroing `out` when not accumulating onto a dense use of the same weight)."""
+        gg = self._g(ctx, g)
+        if not accumulate:
+            out.zero_()
+        b = torch.arange(ctx.shape[0], device=ctx.device).unsqueeze(1).expand_as(ctx)
+        out.unflatten(1, self.shape()).index_put_((b, ctx), gg.to(out.dtype), accumulate=True)
 
 
 register_handler(nn.Embedding, EmbeddingHandler)

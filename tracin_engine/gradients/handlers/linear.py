@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .registry import register_handler
-from .base import KronHandler
+from .base import KronHandler, bmm_into
 
 
 class LinearHandler(KronHandler):
@@ -42,6 +42,10 @@ class HFConv1DHandler(LinearHandler):
     def from_params(self, flat: torch.Tensor) -> torch.Tensor:
         R, C = self.shape()
         return flat.reshape(flat.shape[0], C, R).transpose(1, 2)
+
+    def grad_into(self, ctx, g, out, accumulate=False):
+        R, C = self.shape()   # the parameter's order is (C, R): dW_b^T = sum_t a_bt g_bt^T, one bmm
+        bmm_into(out.unflatten(1, (C, R)), self.cols(ctx, g).transpose(1, 2), self.rows(ctx, g), accumulate)
 
 
 register_handler(nn.Linear, LinearHandler)
