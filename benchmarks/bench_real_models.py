@@ -58,37 +58,46 @@ def images(n: int, topics: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return X, y
 
 
-def tokens(n: int, seq: int, vocab: int, topics: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, seq) ids with trailing padding 0, and a class in 0..3: uniform tokens in 2..vocab-1 with a
-    random class, or (topics) half the tokens from a block of vocab/5 words of the example's topic and
-    half from shared words."""
+def tokens(n: int, seq: int, vocab: int, data: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, seq) ids with trailing padding 0, and a class in 0..3:
+    random   uniform tokens in 2..vocab-1, random class;
+    topics   half the tokens drawn from a block of vocab/5 words of the example's topic, half from
+             shared words (a bag of words: next tokens are unpredictable within the topic);
+    phrases  one of 8 fixed token sequences of its topic (from the topic's words) with 15% of the
+             tokens replaced by shared words: near-duplicates, as fine-tuning sets have."""
     ids = token_batch(n, seq, vocab, pad=0, seed=1)
     y = torch.randint(0, 4, (n,))
     real = ids > 1
-    if not topics:
+    width = vocab // 5
+    if data == "random":
         ids[real] = torch.randint(2, vocab, (int(real.sum()),))
         return ids, y
-    width = vocab // 5
-    own = width * (1 + y).unsqueeze(1) + torch.randint(0, width, ids.shape)       # the topic's words
     shared = torch.randint(2, width, ids.shape)
-    pick = torch.where(torch.rand(ids.shape) < 0.5, own, shared)
+    if data == "topics":
+        own = width * (1 + y).unsqueeze(1) + torch.randint(0, width, ids.shape)       # the topic's words
+        pick = torch.where(torch.rand(ids.shape) < 0.5, own, shared)
+    else:
+        gen = torch.Generator().manual_seed(3)
+        phrases = width * (1 + torch.arange(4)).view(4, 1, 1) + torch.randint(0, width, (4, 8, seq), generator=gen)
+        own = phrases[y, torch.randint(0, 8, (n,))]
+        pick = torch.where(torch.rand(ids.shape) < 0.85, own, shared)
     ids[real] = pick[real]
     return ids, y
 
 
-def build(name: str, small: bool, topics: bool = False):
+def build(name: str, small: bool, data: str = "random"):
     """(model, data (X, y), loss_fn, description)."""
     torch.manual_seed(0)
     s = 2 if small else 1
     n = 256
     if name == "resnet":
         model = ResNet(width=64 // s, blocks=(2, 2, 2, 2))
-        return model, images(n, topics), F.cross_entropy, f"ResNet-18 shape, width {64 // s}, BatchNorm, 3x32x32"
+        return model, images(n, data != "random"), F.cross_entropy, f"ResNet-18 shape, width {64 // s}, BatchNorm, 3x32x32"
     if name == "vit":
         model = ViT(dim=192 // s, depth=4, heads=3, patch=4, image=32)
-        return model, images(n, topics), F.cross_entropy, f"ViT dim {192 // s}, 4 blocks, patch 4, 3x32x32"
+        return model, images(n, data != "random"), F.cross_entropy, f"ViT dim {192 // s}, 4 blocks, patch 4, 3x32x32"
     seq, dim, vocab = 128 // s, 256 // s, 5000
-    ids, topic = tokens(n, seq, vocab, topics)
+    ids, topic = tokens(n, seq, vocab, data)
     hf = _has_transformers()
     if name == "bert":
         model = hf_bert(vocab, dim, 4, 4, seq, 4) if hf else Encoder(vocab, dim, 4, 4, seq, 4)
@@ -121,8 +130,8 @@ def median_time(fn, repeats: int) -> float:
 
 
 def run_model(name: str, args) -> dict:
-    topics = args.data == "topics"
-    model, (X, y), loss_fn, desc = build(name, args.small, topics)
+    topics = args.data != "random"
+    model, (X, y), loss_fn, desc = build(name, args.small, args.data)
     dev = torch.device(args.device)
     model.to(dev)
     B = args.batch
@@ -270,10 +279,11 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=64)
     ap.add_argument("--n-test", type=int, default=8)
     ap.add_argument("--small", action="store_true")
-    ap.add_argument("--data", choices=("random", "topics"), default="random",
-                    help="random: uniform tokens / noise images, random labels; topics: classes with structure")
+    ap.add_argument("--data", choices=("random", "topics", "phrases"), default="random",
+                    help="random: uniform tokens / noise images, random labels; topics / phrases: classes with "
+                         "structure (see tokens(); images: one pattern per class for both)")
     ap.add_argument("--steps", type=int, default=None, help="training steps before the checkpoint "
-                    "(default 3 with SGD for random data, 40 with AdamW lr 1e-3 for topics)")
+                    "(default 3 with SGD for random data, else 40 with AdamW lr 1e-3)")
     ap.add_argument("--dense-ceiling", action="store_true",
                     help="also the overlap of a dense Gaussian projection of the exact gradients (slow)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
