@@ -125,3 +125,30 @@ def test_empty_output_large_cpu_tensor_is_usable_and_small_ones_are_plain():
     assert float(row[-1]) == 3.0 and float(row.sum()) == 3.0 * (n // 2)
     small = empty_output((3, 4), torch.float64, torch.device("cpu"))
     assert small.shape == (3, 4) and small.dtype == torch.float64
+
+
+class Convs(nn.Module):
+    """Conv2d with stride, dilation and bias, a Conv2d used twice (accumulating), and a Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, stride=2, padding=2, dilation=2)
+        self.b = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.c = nn.Conv1d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.b(torch.tanh(self.b(torch.tanh(self.a(x))))))     # (B, 3, 9, 9)
+        h = torch.tanh(self.c(h.flatten(2)))                                    # (B, 4, 81)
+        return self.fc(h.mean(2))
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_conv_gradients_by_grouped_convolution_and_by_unfolding(monkeypatch, grouped):
+    """Both ways of writing a convolution's per-example weight gradients (chosen by the number of
+    output positions) against the float64 loop: forced here, never left to the sizes."""
+    from tracin_engine.gradients.handlers import conv
+
+    monkeypatch.setattr(conv, "GROUPED_MIN_POSITIONS", 1 if grouped else 10**9)
+    torch.manual_seed(0)
+    _check(Convs().double(), torch.randn(3, 2, 17, 17, dtype=torch.float64), torch.tensor([0, 2, 1]))

@@ -14,6 +14,10 @@ from .registry import register_handler
 from .base import KronHandler, bmm_into
 
 
+GROUPED_MIN_POSITIONS = 256   # output positions per example from which grad_into uses a grouped convolution
+                              # (measured on the CPU: unfold + bmm wins below, e.g. 8x8 at 256 channels)
+
+
 def _pair(v, one_d: bool, fill: int):
     return (fill, v[0]) if one_d else tuple(v)
 
@@ -70,6 +74,16 @@ class ConvHandler(KronHandler):
         return torch.bmm(g.flatten(2), U.transpose(1, 2))                          # (B, O, Ckk)
 
     def grad_into(self, ctx, g, out, accumulate=False):
+        B, O = g.shape[:2]
+        if g[0, 0].numel() >= GROUPED_MIN_POSITIONS and g.dtype == ctx.dtype == out.dtype:
+            # many output positions: one weight-gradient convolution with the examples as groups (the
+            # backend's own kernel) beats unfolding (B, C k k, L) patches: 3.3x at 32x32, 64 channels
+            C, g2 = ctx.shape[1], g.unsqueeze(2) if self.one_d else g                  # (B, O, H', W')
+            w = torch.nn.grad.conv2d_weight(ctx.reshape(1, B * C, *ctx.shape[2:]), (B * O, C, *self.kernel),
+                                            g2.reshape(1, B * O, *g2.shape[2:]), self.stride, self.padding,
+                                            self.dilation, groups=B)              # (B O, C, kh, kw)
+            out.add_(w.reshape(B, -1)) if accumulate else out.copy_(w.reshape(B, -1))
+            return
         U = F.unfold(ctx, self.kernel, self.dilation, self.padding, self.stride)  # (B, Ckk, L)
         bmm_into(out.unflatten(1, self.shape()), g.flatten(2), U.transpose(1, 2), accumulate)
 
