@@ -77,7 +77,8 @@ class UnitRows:
         self.scale = torch.where(norms > 0, w.sqrt().unsqueeze(1) / norms.clamp_min(1e-300),
                                  torch.zeros_like(norms)).to(self.device, self.dtype)  # (C, n)
         self.keep = [c for c in range(store.n_checkpoints) if float(w[c]) > 0]
-        per_ckpt = sum(s.a_dim for s in self.layout.dense) + sum(s.a_dim * s.g_dim for s in self.layout.outer)
+        per_ckpt = sum(s.a_dim for s in self.layout.dense) + sum(s.a_dim * s.g_dim for s in self.layout.outer) \
+            + sum(s.a_dim * s.g_dim for s in self.layout.lowrank)
         self.n, self.dim = store.n, per_ckpt * len(self.keep)
         itemsize = 8 if self.dtype == torch.float64 else 4
         self.block_size = block_size or rows_that_fit(3 * itemsize * max(1, self.dim), self.device, maximum=self.n,
@@ -98,6 +99,9 @@ class UnitRows:
         for s in self.layout.outer:
             a, g = f[:, s.start:s.start + s.a_dim], f[:, s.start + s.a_dim:s.start + s.size]
             parts.append((g.unsqueeze(2) * a.unsqueeze(1)).flatten(1))
+        for s in self.layout.lowrank:                   # sum_t g_t a_t^T, flattened like an outer segment
+            a, g = s.parts(f)
+            parts.append(torch.bmm(g.transpose(1, 2), a).flatten(1))
         return torch.cat(parts, 1)
 
     def block(self, start: int, stop: int) -> torch.Tensor:

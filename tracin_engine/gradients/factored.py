@@ -77,6 +77,8 @@ WIDE_CAP = 16384     # largest first (Kronecker) stage k_r k_c of a two-stage bl
 class FactoredProjection(HookFeaturizer):
     """Projected rows (B, layout.dim <= proj_dim) of every handled block from hooks on one batched pass."""
 
+    low_rank_rows = False
+
     def __init__(self, grads: GradientComputer, proj_dim: int, seed: int = 0, kind: str = "gaussian"):
         if kind not in ("gaussian", "rademacher"):
             raise TracInError(f"unknown factor kind {kind!r}; use 'gaussian' or 'rademacher'.")

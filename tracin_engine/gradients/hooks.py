@@ -41,6 +41,8 @@ Contribution = tuple[Any, Any, torch.Tensor]   # (handler, captured ctx, output 
 class HookFeaturizer:
     """Exact features for models whose selected parameters the handlers cover (small rest: generic)."""
 
+    low_rank_rows = True   # store few-position convolutions as factor pairs (FactoredProjection: False)
+
     def __init__(self, grads: GradientComputer, generic_limit: int = GENERIC_LIMIT):
         self.grads = grads
         self.blocks: list[Block] = plan_blocks(grads.model, grads.param_names, grads.train_mode)
@@ -66,6 +68,8 @@ class HookFeaturizer:
         """Block i's segment of an exact row."""
         if b.kind == "kron" and b.outer:
             return Segment("outer", start, b.a_dim, b.R)
+        if b.kind == "kron" and b.rank:
+            return Segment("lowrank", start, b.a_dim, b.R, b.rank)
         return Segment("dense", start, b.numel)
 
     def relayout(self) -> None:
@@ -86,25 +90,39 @@ class HookFeaturizer:
         for b, seg in zip(self.blocks, stored):
             if b.kind == "kron" and len(b.uses) == 1:
                 b.outer = seg[0] == "outer"
+                b.rank = int(seg[4]) if seg[0] == "lowrank" and self.low_rank_rows else 0
         self.relayout()
         self.frozen = True
 
     def _settle(self, calls: dict[int, list], S: int) -> None:
-        """Choose outer (rank one) or dense for each kron block from the first batch; later batches must fit."""
+        """Choose outer (rank one), lowrank or dense for each kron block from the first batch; later batches
+        must fit. Lowrank (exact rows only): a layer with a fixed number T of positions per example (a
+        convolution) whose T (C + R) factor numbers are at most half its R C weights and whose scoring
+        cost T^2 (C + R) is at most 4 R C (ResNet-18's 4x4 layers: 29x smaller, cheaper to score)."""
         changed = False
         for b in self.blocks:
             if b.kind != "kron":
                 continue
             n_calls = sum(len(calls[id(u)]) for u in b.uses)
             u0 = b.uses[0]
+            single = n_calls == S and len(b.uses) == 1
             rank_one = n_calls == S and getattr(u0.handler, "rank_one_hint", False) and all(
                 u0.handler.positions(ctx, g) == 1 for ctx, g in calls[id(u0)])
-            if rank_one != b.outer:
+            T = {u0.handler.positions(ctx, g) for ctx, g in calls[id(u0)]}
+            rank, ab = 0, b.a_dim + b.R
+            if self.low_rank_rows and single and not rank_one and getattr(u0.handler, "fixed_positions", False) \
+                    and len(T) == 1:
+                t = next(iter(T))
+                rank = t if 2 * t * ab <= b.R * b.a_dim and t * t * ab <= 4 * b.R * b.a_dim else 0
+            if self.frozen and b.rank and T != {b.rank}:
+                raise Unsupported(f"layer {b.describe()} now has {sorted(T)} positions per example, not the "
+                                  f"{b.rank} of the first batch (inputs of another size); the row layout is fixed")
+            if rank_one != b.outer or (rank != b.rank and not self.frozen):
                 if self.frozen and not rank_one:
                     raise Unsupported(f"layer {b.describe()} now sees several positions per example; the "
                                       "row layout was fixed on the first batch (rank one)")
                 if not self.frozen:
-                    b.outer, changed = rank_one, True
+                    b.outer, b.rank, changed = rank_one, rank, True
         if changed:
             self.relayout()
         self.frozen = True
@@ -246,6 +264,14 @@ class HookFeaturizer:
                 out[:, b.C] = 1
             out[:, b.a_dim:] = h.rows(ctx, g)[:, 0]
             return
+        if b.rank:
+            h, ctx, g = contrib[0]
+            a, r = Segment("lowrank", 0, b.a_dim, b.R, b.rank).parts(out)         # views of the rows
+            a[:, :, :b.C] = h.cols(ctx, g)
+            if b.has_bias:
+                a[:, :, b.C] = 1
+            r.copy_(h.rows(ctx, g))
+            return
         nw = b.R * b.C
         # each use writes (the first) or adds (the rest) its gradients in place in the rows; sparse
         # uses (an Embedding tied to a Linear head) go last, so the dense one overwrites without a zero-fill
@@ -317,7 +343,11 @@ class HookFeaturizer:
             r = rows[:, seg.start:seg.start + seg.size]
             if b.kind == "kron":
                 h = b.uses[0].handler
-                if b.outer:
+                if b.rank:
+                    a, g = Segment("lowrank", 0, b.a_dim, b.R, b.rank).parts(r)
+                    full = torch.bmm(g.transpose(1, 2), a)                               # (B, R, C [+1])
+                    w, bias = h.to_params(full[:, :, :b.C]), full[:, :, b.C] if b.has_bias else None
+                elif b.outer:
                     full = r[:, b.a_dim:].unsqueeze(2) * r[:, :b.a_dim].unsqueeze(1)   # (B, R, C [+1])
                     w, bias = h.to_params(full[:, :, :b.C]), full[:, :, b.C] if b.has_bias else None
                 else:

@@ -44,6 +44,7 @@ class Block:
     has_bias: bool = False
     n: int = 0                      # vector / generic: numbers per example
     outer: bool = False             # kron: stored as its two factors (one use, one position)
+    rank: int = 0                   # kron: stored as `rank` factor pairs (exact rows; see hooks.py), else 0
 
     @property
     def a_dim(self) -> int:

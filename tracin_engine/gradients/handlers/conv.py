@@ -26,6 +26,7 @@ class ConvHandler(KronHandler):
     """Conv1d runs as a Conv2d of height 1: the same unfold and filter arithmetic."""
 
     rank_one_hint = False
+    fixed_positions = True   # T = output positions, the same for every batch of equally sized inputs
 
     @classmethod
     def unsupported(cls, module, train_mode):
