@@ -45,7 +45,7 @@ class IndexSettings:
     method: "tracin" (TracInCP rows) or "source" (SOURCE's v(z) rows, with `source` set).
     projection_generator: the dense projection's generator (gradients/projection.py; R, hence the
     stored rows, depend on it), None without a dense projection.
-    projection_allocation: the factored projection's per-layer [k_c, k_r, k2] (gradients/factored.py;
+    projection_allocation: the factored projection's per-layer [k_c, k_r, k2, paired] (gradients/factored.py;
     calibrated from gradient norms, so it is stored and adopted, never recomputed), None otherwise.
     """
 

@@ -85,7 +85,6 @@ class FactoredProjection(HookFeaturizer):
         self.proj_dim, self.seed, self.kind = proj_dim, seed, kind
         self.weights: list[float] | None = None         # calibration: mean squared norm per block
         self.fixed: list[list[int]] | None = None       # an allocation adopted from a stored index
-        self.equal, self.wide_cap = EQUAL_SHARE, WIDE_CAP
         self._cache: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         try:
             super().__init__(grads)
@@ -105,8 +104,7 @@ class FactoredProjection(HookFeaturizer):
         if self.fixed is not None:
             self.k, self.k2, self.paired = self._checked(self.fixed)
         else:
-            self.k, self.k2, self.paired = self._allocate(self.shapes, self.proj_dim, self.weights, self.equal,
-                                                          self.wide_cap)
+            self.k, self.k2, self.paired = self._allocate(self.shapes, self.proj_dim, self.weights)
         self._cache.clear()
         segments, start = [], 0
         for i, (A, O, outer) in enumerate(self.shapes):

@@ -150,15 +150,16 @@ class Featurizer:
         """Whether the factored projection still shares proj_dim equally (calibrate() settles it)."""
         return self.mode == "factored" and not self.projection.calibrated
 
-    def calibrate(self, states: list[dict], learning_rates: list[float], x, ys: list, target: Target = "loss"
-                  ) -> None:
+    def calibrate(self, states: list[dict], learning_rates: list[float], names: list[str], x, ys: list,
+                  target: Target = "loss") -> None:
         """Share proj_dim over blocks by their gradient norms on a pilot batch x (B examples) at checkpoints
-        `states` (targets ys[c] for each): block weight w_b = sqrt(sum_c eta_c^2 m_bc^2), m_bc the mean of
-        ||P^T g_b||^2 at checkpoint c (the variance of TracIn's sum over checkpoints; factored.py _allocate)."""
+        `states` (named `names`, targets ys[c] for each): block weight w_b = sqrt(sum_c eta_c^2 m_bc^2),
+        m_bc the mean of ||P^T g_b||^2 at checkpoint c (the variance of TracIn's sum over checkpoints;
+        factored.py _allocate)."""
         acc = torch.zeros(len(self.projection.blocks), dtype=torch.float64)
-        for c, (state, lr, y) in enumerate(zip(states, learning_rates, ys)):
+        for state, lr, name, y in zip(states, learning_rates, names, ys):
             rows = self.rows(state, x, y, target).features
-            check_finite(rows, 0, f"checkpoint {c} of the calibration (the first examples)")
+            check_finite(rows, 0, f"{name} (calibrating the projection on the first examples)")
             m = torch.tensor(self.projection.block_sq_norms(rows), dtype=torch.float64)
             acc += (lr * m) ** 2
         self.projection.calibrate(acc.sqrt().tolist())

@@ -105,13 +105,11 @@ class HookFeaturizer:
                 continue
             n_calls = sum(len(calls[id(u)]) for u in b.uses)
             u0 = b.uses[0]
-            single = n_calls == S and len(b.uses) == 1
-            rank_one = n_calls == S and getattr(u0.handler, "rank_one_hint", False) and all(
-                u0.handler.positions(ctx, g) == 1 for ctx, g in calls[id(u0)])
             T = {u0.handler.positions(ctx, g) for ctx, g in calls[id(u0)]}
+            rank_one = n_calls == S and getattr(u0.handler, "rank_one_hint", False) and T == {1}
             rank, ab = 0, b.a_dim + b.R
-            if self.low_rank_rows and single and not rank_one and getattr(u0.handler, "fixed_positions", False) \
-                    and len(T) == 1:
+            if self.low_rank_rows and n_calls == S and len(b.uses) == 1 and not rank_one and len(T) == 1 \
+                    and getattr(u0.handler, "fixed_positions", False):
                 t = next(iter(T))
                 rank = t if 2 * t * ab <= b.R * b.a_dim and t * t * ab <= 4 * b.R * b.a_dim else 0
             if self.frozen and b.rank and T != {b.rank}:
@@ -266,7 +264,7 @@ class HookFeaturizer:
             return
         if b.rank:
             h, ctx, g = contrib[0]
-            a, r = Segment("lowrank", 0, b.a_dim, b.R, b.rank).parts(out)         # views of the rows
+            a, r = _pairs(b, out)                                                  # views of the rows
             a[:, :, :b.C] = h.cols(ctx, g)
             if b.has_bias:
                 a[:, :, b.C] = 1
@@ -344,7 +342,7 @@ class HookFeaturizer:
             if b.kind == "kron":
                 h = b.uses[0].handler
                 if b.rank:
-                    a, g = Segment("lowrank", 0, b.a_dim, b.R, b.rank).parts(r)
+                    a, g = _pairs(b, r)
                     full = torch.bmm(g.transpose(1, 2), a)                               # (B, R, C [+1])
                     w, bias = h.to_params(full[:, :, :b.C]), full[:, :, b.C] if b.has_bias else None
                 elif b.outer:
@@ -367,6 +365,11 @@ class HookFeaturizer:
     def _put(self, flat: torch.Tensor, name: str, values: torch.Tensor) -> None:
         o = self.offsets[name]
         flat[:, o:o + values.shape[1]] = values
+
+
+def _pairs(b: Block, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A lowrank block's (c (B, T, C [+1]), r (B, T, R)) views of its segment's rows (B, size)."""
+    return Segment("lowrank", 0, b.a_dim, b.R, b.rank).parts(rows)
 
 
 def build(grads: GradientComputer) -> HookFeaturizer | None:

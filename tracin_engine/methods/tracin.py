@@ -141,7 +141,8 @@ class TracIn:
         if fz.needs_calibration:
             picks = sorted({round(i * last / 3) for i in range(4)})
             states = [self.state(c) for c in picks]
-            fz.calibrate(states, [float(self.checkpoints.learning_rates[c]) for c in picks], x,
+            fz.calibrate(states, [float(self.checkpoints.learning_rates[c]) for c in picks],
+                         [f"checkpoint {c} ({self.checkpoints[c].name})" for c in picks], x,
                          [fz.grads.prediction_targets(s, x, y) for s in states], "prediction")
 
     def state(self, c: int) -> dict:
