@@ -234,3 +234,23 @@ def sgd_checkpoints(model: nn.Module, X: torch.Tensor, y: torch.Tensor, lr: floa
         if step % every == 0:
             states.append({k: v.clone() for k, v in model.state_dict().items()})
     return states
+
+
+def topic_lm(vocab: int, seq: int, n: int, topics: int, steps: int, saves: int = 1, lr: float = 3e-3):
+    """A tied-embedding CausalLM (dim 16, one block) fitted with full-batch Adam on `n` sequences whose
+    tokens come from one of `topics` blocks of 100 words: (model, ids (n, seq), next-token targets
+    (n, seq) with -100 at the end, [state dict after every steps // saves steps])."""
+    torch.manual_seed(0)
+    model = CausalLM(vocab=vocab, dim=16, depth=1, seq=seq)
+    topic = torch.randint(0, topics, (n,))
+    ids = topic[:, None] * 100 + torch.randint(0, 100, (n, seq))
+    y = torch.cat([ids[:, 1:], torch.full((n, 1), -100)], 1)
+    opt = torch.optim.Adam(model.parameters(), lr)
+    states = []
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        F.cross_entropy(model(ids).reshape(-1, vocab), y.reshape(-1), ignore_index=-100).backward()
+        opt.step()
+        if step % (steps // saves) == 0:
+            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return model, ids, y, states

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tracin_engine as te
 from tracin_engine.gradients.factored import FactoredProjection
 from tracin_engine.gradients.featurize import Featurizer
 from tracin_engine.gradients.per_example import GradientComputer
 
-from models import CausalLM, lm_loss
+from models import CausalLM, lm_loss, topic_lm
 
 V, T = 300, 12
 
@@ -20,17 +19,8 @@ V, T = 300, 12
 @pytest.fixture(scope="module")
 def lm_run():
     """A tied-embedding causal LM fitted for 30 Adam steps on three topics of 100 words each."""
-    torch.manual_seed(0)
-    model = CausalLM(vocab=V, dim=16, depth=1, seq=T)
-    topic = torch.randint(0, 3, (60,))
-    ids = topic[:, None] * 100 + torch.randint(0, 100, (60, T))
-    y = torch.cat([ids[:, 1:], torch.full((60, 1), -100)], 1)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(30):
-        opt.zero_grad()
-        F.cross_entropy(model(ids).reshape(-1, V), y.reshape(-1), ignore_index=-100).backward()
-        opt.step()
-    return model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0]), (ids[:48], y[:48]), (ids[48:], y[48:])
+    model, ids, y, states = topic_lm(V, T, n=60, topics=3, steps=30)
+    return model, te.Checkpoints.from_state_dicts(states, [1.0]), (ids[:48], y[:48]), (ids[48:], y[48:])
 
 
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -124,3 +114,18 @@ def test_an_index_refuses_a_tracin_that_took_another_allocation(lm_run, tmp_path
     te.GradientIndex.load(tmp_path / "b", shared)                         # the TracIn now holds b's allocation
     with pytest.raises(te.TracInError, match="another factored allocation"):
         first.influence(test)
+
+
+def test_tight_budgets_give_every_block_at_least_two_numbers_within_proj_dim():
+    # a BERT-like mix (one dominant block, many tiny-weight ones) at proj_dim = 2 L .. 3 L: the floor of two
+    # numbers per block overshoots and must be paid by several blocks, none going below two
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        L = int(torch.randint(3, 20, (1,), generator=gen))
+        shapes = [(int(torch.randint(1, 40, (1,), generator=gen)), int(torch.randint(1, 40, (1,), generator=gen)), False)
+                  for _ in range(L)]
+        weights = (torch.rand(L, generator=gen) ** 8).tolist()
+        budget = 2 * L + int(torch.randint(0, L + 1, (1,), generator=gen))
+        k, k2, paired = FactoredProjection._allocate(shapes, budget, weights, equal=0.05)
+        widths = [ka if p else (b2 or ka * kg) for (ka, kg), b2, p in zip(k, k2, paired)]
+        assert sum(widths) <= budget and min(widths) >= 1, (trial, shapes, widths)

@@ -310,3 +310,14 @@ def test_explorer_shows_dict_examples_through_render():
     tile = strips["proponents"]["tiles"][0]
     assert tile["text"] == render({"input_ids": ids[tile["index"]], "attention_mask": mask[tile["index"]]})
     assert tile["pred"] is not None        # predictions come from model(**batch) on the stacked dicts
+
+
+def test_predictions_of_a_language_model_name_the_per_token_alternative():
+    from models import CausalLM, lm_loss
+    torch.manual_seed(0)
+    model = CausalLM(vocab=20, dim=8, depth=1, seq=6)
+    ids = torch.randint(1, 20, (4, 6))
+    tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0]), loss_fn=lm_loss)
+    with pytest.raises(te.TracInError, match=r"shape \(4, 6, 20\).*argmax\(-1\)"):
+        tracin.predictions((ids,))
+    assert tracin.outputs((ids,)).argmax(-1).shape == (4, 6)

@@ -57,3 +57,24 @@ def test_self_influence_gallery_of_a_source_index_ranks_by_source_self_influence
     assert g.ranked()[:8].tolist() == torch.argsort(s, descending=True, stable=True)[:8].tolist()
     with pytest.raises(te.TracInError, match="no output-space self-influence"):
         tw.SelfInfluenceGallery(source_index, small_digits.train, space="output")
+
+
+def test_explorer_rerank_shows_exact_scores_of_a_projected_index(two_methods, cnn_run, small_digits):
+    exact_index, _ = two_methods
+    model, ckpts = cnn_run
+    proj = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=32).index(small_digits.train, progress=False)
+    ex = tw.InfluenceExplorer(proj, small_digits.train, small_digits.test, k=5, rerank=40, browse=0)
+    query = (small_digits.test[0][:1], small_digits.test[1][:1])
+    S = exact_index.influence(query)[0].double()
+    shown = _strip_indices(ex, "proponents")
+    scores = [t["score"] for s in ex.gallery.strips if s["key"] == "proponents" for t in s["tiles"]]
+    assert shown == proj.top_k(query, k=5, rerank=40, train_data=small_digits.train).proponents.indices[0].tolist()
+    assert torch.allclose(torch.tensor(scores, dtype=torch.float64), S[shown], rtol=1e-4, atol=1e-6 * float(S.abs().max()))
+    per = ex.per_checkpoint(shown[0])                    # the detail's bars sum to the exact score
+    assert torch.allclose(per.sum(), S[shown[0]], rtol=1e-4)
+    ex.train_query = 7                                   # a training query is left out of its own list
+    assert 7 not in _strip_indices(ex, "proponents") and len(_strip_indices(ex, "proponents")) == 5
+    auto = tw.InfluenceExplorer(proj, small_digits.train, small_digits.test, k=5, rerank="auto", browse=0)
+    assert _strip_indices(auto, "proponents") == exact_index.top_k(query, k=5).proponents.indices[0].tolist()
+    with pytest.raises(te.TracInError, match="rerank must be an integer >= k=5"):
+        tw.InfluenceExplorer(proj, small_digits.train, small_digits.test, k=5, rerank=3)

@@ -79,6 +79,13 @@ def has_output_norms(index: Any) -> bool:
     return _has(index)
 
 
+def can_rerank(index: Any) -> bool:
+    """Whether index.top_k takes rerank= and changes anything: a GradientIndex with a projection (proj_dim)."""
+    from tracin_engine.methods.index import GradientIndex
+
+    return isinstance(index, GradientIndex) and bool(index.tracin.proj_dim)
+
+
 def per_checkpoint_row(index: Any, features: torch.Tensor, i: int) -> torch.Tensor:
     """Terms eta_c <g_c(query), g_c(z_i)> for one training example i: Tensor (C,) float64, summing to S(query, z_i).
 

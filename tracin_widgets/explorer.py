@@ -54,14 +54,23 @@ class InfluenceExplorer(GalleryBase):
     def __init__(self, index: Any, train_data: Any, test_data: Any, k: int = 8, test_index: int = 0,
                  target: str | None = None, embeddings: bool = False, test_batch_fn: Any = None,
                  cache_queries: int = 256, methods: dict[str, Any] | None = None, browse: int = 24,
-                 test_text: Any = None, **kwargs: Any):
+                 test_text: Any = None, rerank: int | None = None, **kwargs: Any):
         """methods: other indexes over the same training data to switch to, e.g. {"SOURCE": source_index}.
         browse: test examples per page of the browser (0: no browser). test_text: original text of each
-        test example (sequence of str or function i -> str), like text= for training examples."""
+        test example (sequence of str or function i -> str), like text= for training examples.
+        rerank: with a projected TracIn index (proj_dim), rescore its `rerank` best candidates each way (or
+        "auto": as many as the projection's error leaves in doubt) with exact gradients
+        (GradientIndex.top_k(rerank=)): the strips and the detail show exact scores; a query then costs about
+        2 * rerank exact per-example gradients (other methods are shown as they are)."""
         if k < 1:
             raise TracInError(f"k must be at least 1, got {k}.")
         if browse < 0:
             raise TracInError(f"browse must be 0 (no test-example browser) or more, got {browse}.")
+        if rerank is not None and rerank != "auto" and (isinstance(rerank, bool) or not isinstance(rerank, int)
+                                                          or rerank < k):
+            raise TracInError(f"rerank must be an integer >= k={k} (projected candidates rescored exactly) or "
+                              f"'auto', got {rerank!r}.")
+        self.rerank = rerank
         self.indexes = {"TracIn": index, **(methods or {})}
         bad = [name for name, ix in self.indexes.items() if ix.n_train != index.n_train]
         if bad:
@@ -246,7 +255,12 @@ class InfluenceExplorer(GalleryBase):
             sub = self._source(role).subset([i])
             feats = self.index.test_features(sub, target=self.target)
             extra = 1 if role == "train" else 0
-            topk = self.index.top_k(k=self.k + extra, features=feats)
+            if self._reranking:
+                topk = self.index.top_k(sub, k=self.k + extra, target=self.target, features=feats,
+                                        rerank=self.rerank if self.rerank == "auto" else max(self.rerank, self.k + extra),
+                                        train_data=self.train)
+            else:
+                topk = self.index.top_k(k=self.k + extra, features=feats)
             res = {"features": feats, "embedding": None, "data": sub,
                    "proponents": self._drop(topk.proponents, role, i), "opponents": self._drop(topk.opponents, role, i)}
             self._results[key] = res
@@ -395,9 +409,17 @@ class InfluenceExplorer(GalleryBase):
         """Terms eta_c <g_c(query), g_c(z_i)> for one training example: Tensor (C,) float64, sums to its score.
 
         The same numbers as index.influence_per_checkpoint(...)[:, 0, i], from one stored row per
-        checkpoint instead of a pass over all n_train rows.
+        checkpoint instead of a pass over all n_train rows; with rerank=, exact terms from recomputed gradients.
         """
+        if self._reranking:
+            return self.index.exact_influence_per_checkpoint(self.result()["data"], self.train, [int(i)],
+                                                              target=self.target)[:, 0, 0]
         return eng.per_checkpoint_row(self.index, self.result()["features"], int(i))
+
+    @property
+    def _reranking(self) -> bool:
+        """Whether queries of the current method are rescored exactly (rerank= and a projected TracIn index)."""
+        return bool(self.rerank) and eng.can_rerank(self.index)
 
     def _detail_rows(self, i: int) -> list[tuple[str, str]]:
         per = self.per_checkpoint(i)

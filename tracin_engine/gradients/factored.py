@@ -209,10 +209,13 @@ class FactoredProjection(HookFeaturizer):
                 left -= exact[i]
                 free.discard(i)
         sizes = [exact[i] if share[i] >= exact[i] else max(2, int(share[i])) for i in range(L)]
-        over = sum(sizes) - budget                 # the floor of 2 numbers can overshoot: the largest pays
-        if over > 0:
-            big = max((i for i in range(L) if sizes[i] < exact[i]), key=lambda i: sizes[i])
-            sizes[big] -= over
+        over = sum(sizes) - budget      # the floor of 2 numbers can overshoot: the largest pay, down to 2 each
+        for i in sorted(range(L), key=lambda i: -sizes[i]):   # (budget >= 2 L: sum(sizes - 2) >= over)
+            if over <= 0:
+                break
+            cut = min(over, sizes[i] - 2)
+            sizes[i] -= cut
+            over -= cut
         k: list[tuple[int, int] | None] = [None] * L
         k2: list[int | None] = [None] * L
         paired = [False] * L

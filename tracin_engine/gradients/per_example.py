@@ -329,6 +329,10 @@ class GradientComputer:
             outs = [self.forward(state, tree.take(x, s, s + batch_size))
                     for s in range(0, tree.length(x), batch_size)]
         out = torch.cat(outs)
+        if out.dim() > 2:
+            raise TracInError(f"predictions() gives one class per example, but this model's output has shape "
+                              f"{tuple(out.shape)} (a prediction per position, e.g. a language model's tokens); "
+                              "use tracin.outputs(data).argmax(-1) for the predicted token at each position.")
         return out.reshape(out.shape[0], -1).argmax(1)
 
     def prediction_targets(self, state: dict, inputs: Any, labels: torch.Tensor | None) -> torch.Tensor | None:

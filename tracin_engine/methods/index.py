@@ -34,6 +34,7 @@ from ..store import files
 from ..store.feature_store import FeatureStore, compare_metadata
 from ..store.residency import DeviceFeatures
 from ..store.topk import TopK, streaming_top_k
+from .rerank import exact_influence_per_checkpoint, rerank_top_k
 
 
 
@@ -54,6 +55,8 @@ class GradientIndex:
         self.tracin = tracin
         self.store = store
         self._on_device: dict[str, DeviceFeatures] = {}
+        self._rerank_source: tuple | None = None      # (train_data, batch_fn, DataSource) last checked (rerank.py)
+        self.last_rerank: dict | None = None          # what the last top_k(rerank=) rescored (rerank.py)
         self.check_projection()
 
     def __repr__(self) -> str:
@@ -164,21 +167,40 @@ class GradientIndex:
     def top_k(self, test_data: Any = None, k: int = 10, target: Target = "loss",
               batch_fn: BatchFn | None = None, *, features: torch.Tensor | None = None,
               block_size: int | None = None, test_chunk: int = 1024,
-              out_device: str | torch.device | None = None) -> TopK:
+              out_device: str | torch.device | None = None, rerank: int | str | None = None,
+              train_data: Any = None, train_batch_fn: BatchFn | None = None) -> TopK:
         """k proponents (highest scores) and k opponents (lowest) per test example, streamed over blocks.
 
         Returns TopK: .proponents.indices / .scores (n_test, k), best first; .opponents likewise,
         most negative first; on the CPU (or out_device). Memory stays bounded: test examples go in
         chunks of `test_chunk`, training rows in blocks of `block_size` (default: the block's scores
         and features within the device's budget, scoring.default_block_size).
+
+        rerank=M (a projected index, with train_data= the data it was built from): the M best
+        candidates each way by the projected scores are rescored with exact gradients and the k best
+        by exact scores returned; rerank="auto" rescores as many as the projection's error leaves in
+        doubt (rerank.py). Every returned score is then exact TracInCP; last_rerank says how many
+        examples were rescored. An exact index's scores are exact already: rerank changes nothing.
         """
         k = check_k(k)
+        if rerank is not None and self.tracin.proj_dim:
+            return rerank_top_k(self, test_data, train_data, k, rerank, target, batch_fn, train_batch_fn,
+                                features).to(output_device(out_device))
         t = self.query_features(test_data, target, batch_fn, features)
         feats = self.device_features()
         parts = [streaming_top_k(score_blocks(t[:, s:s + test_chunk], feats, self.learning_rates,
                                               self.layout, block_size=block_size, tf32=self.tracin.tf32), k)
                  for s in range(0, t.shape[1], test_chunk)]
         return (parts[0] if len(parts) == 1 else TopK.concat(parts)).to(output_device(out_device))
+
+    def exact_influence_per_checkpoint(self, test_data: Any, train_data: Any, rows: Any,
+                                       target: Target = "loss", batch_fn: BatchFn | None = None,
+                                       train_batch_fn: BatchFn | None = None) -> torch.Tensor:
+        """Exact terms eta_c <g_c(z), g_c(z')> against the training examples at `rows` (indices into
+        train_data, the data the index was built from), from recomputed exact gradients whatever the
+        index's projection: Tensor (C, m, len(rows)) float64 on the CPU (rerank.py)."""
+        return exact_influence_per_checkpoint(self, test_data, train_data, torch.as_tensor(rows), target, batch_fn,
+                                              train_batch_fn)
 
     def similarity(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None,
                    *, features: torch.Tensor | None = None, out_device: str | torch.device | None = None

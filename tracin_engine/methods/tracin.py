@@ -145,6 +145,19 @@ class TracIn:
                          [f"checkpoint {c} ({self.checkpoints[c].name})" for c in picks], x,
                          [fz.grads.prediction_targets(s, x, y) for s in states], "prediction")
 
+    def exact(self) -> "TracIn":
+        """This TracIn without a projection: the same model, checkpoints, layers, loss, device and
+        per-example path, exact gradients (P numbers per checkpoint). Itself when already exact; made
+        once and kept. GradientIndex.top_k(rerank=) rescores projected candidates with it."""
+        if not self.proj_dim:
+            return self
+        if getattr(self, "_exact", None) is None:
+            gc = self.featurizer.grads
+            self._exact = TracIn(self.model, self.checkpoints, self.loss_fn, self.layers, None, self.device,
+                                 self.seed, per_example=self.featurizer.requested, train_mode=gc.train_mode,
+                                 tf32=self.tf32, output_fn=gc.output_fn)
+        return self._exact
+
     def state(self, c: int) -> dict:
         """Checkpoint c's state dict, validated and on the device (kept while the model is small)."""
         if c in self._prepared:
