@@ -70,6 +70,8 @@ def test_explorer_rerank_shows_exact_scores_of_a_projected_index(two_methods, cn
     scores = [t["score"] for s in ex.gallery.strips if s["key"] == "proponents" for t in s["tiles"]]
     assert shown == proj.top_k(query, k=5, rerank=40, train_data=small_digits.train).proponents.indices[0].tolist()
     assert torch.allclose(torch.tensor(scores, dtype=torch.float64), S[shown], rtol=1e-4, atol=1e-6 * float(S.abs().max()))
+    note = next(s["note"] for s in ex.gallery.strips if s["key"] == "query")
+    assert f"exact scores ({proj.last_rerank['rescored']} projected candidates rescored)" in note
     per = ex.per_checkpoint(shown[0])                    # the detail's bars sum to the exact score
     assert torch.allclose(per.sum(), S[shown[0]], rtol=1e-4)
     ex.train_query = 7                                   # a training query is left out of its own list

@@ -244,7 +244,9 @@ class InfluenceExplorer(GalleryBase):
         return self.test if role == "test" else self.train
 
     def result(self, role: str | None = None, i: int | None = None) -> dict:
-        """Cached query result: {"features": (C, 1, dim), "topk": TopK (1, k), "embedding": Neighbors | None}.
+        """Cached query result: {"features": (C, 1, dim), "proponents" / "opponents": (indices, scores),
+        "embedding": (indices, scores) | None, "data": the query, "rescored": training examples rescored
+        exactly (rerank=) | None}.
 
         A training query is left out of its own lists: top_k asks for k + 1 and drops it.
         """
@@ -261,7 +263,8 @@ class InfluenceExplorer(GalleryBase):
                                         train_data=self.train)
             else:
                 topk = self.index.top_k(k=self.k + extra, features=feats)
-            res = {"features": feats, "embedding": None, "data": sub,
+            rescored = self.index.last_rerank["rescored"] if self._reranking else None
+            res = {"features": feats, "embedding": None, "data": sub, "rescored": rescored,
                    "proponents": self._drop(topk.proponents, role, i), "opponents": self._drop(topk.opponents, role, i)}
             self._results[key] = res
             if len(self._results) > self._cache_queries:
@@ -373,7 +376,9 @@ class InfluenceExplorer(GalleryBase):
         towards = qtile["label"] if self.target == "loss" else (qtile["pred"] or "its prediction")
         formula = "S(z, z') = sum_c eta_c <g_c(z), g_c(z')>, summed over checkpoints c (learning rate eta_c)"
         query = {"key": "query", "title": f"query: {what} {i}", "scale": 0.0, "tiles": [qtile],
-                 "note": f"{self.method}, k={self.k}" + (", left out of its own lists" if role == "train" else ""),
+                 "note": f"{self.method}, k={self.k}" + (", left out of its own lists" if role == "train" else "")
+                 + ("" if res["rescored"] is None else
+                    f", exact scores ({res['rescored']} projected candidates rescored)"),
                  "help": f"target={self.target}"}
         strips = [query,
                   self._strip("proponents", "proponents", pro, pro_s, color="influence", help=formula + "; S > 0",

@@ -1,7 +1,8 @@
 """The galleries in real JupyterLab and Notebook 7 (headless Chromium): render, click, keys, sync, themes.
 
 Each frontend opens its own copy of a notebook that trains a tiny CNN, builds an index and shows
-InfluenceExplorer, SelfInfluenceGallery, ClusterGallery and an explorer of text tiles. The test reads
+InfluenceExplorer, SelfInfluenceGallery, ClusterGallery and an explorer of text tiles (a projected index
+rescored exactly, rerank="auto"). The test reads
 tiles from the DOM and the Python state from the kernel (kernel_exec), and checks they agree after
 every interaction: the test-example browser and its confusion matrix, the query history and back key,
 the review loop (s / a / u with auto-advance), the brushable scatter, the detail opening beside the
@@ -37,6 +38,8 @@ train(model, train_data, run, epochs=8, n_checkpoints=2, lr=0.3)
 tracin = te.TracIn(model, te.Checkpoints.from_dir(run), loss_fn=F.cross_entropy)
 index = tracin.index(train_data, progress=False)
 source = tracin.index(train_data, method="source", progress=False)
+coarse = te.TracIn(model, te.Checkpoints.from_dir(run), loss_fn=F.cross_entropy, proj_dim=32).index(
+    train_data, progress=False)
 def ids(w, key):
     return [t["index"] for s in w.gallery.strips if s["key"] == key for t in s["tiles"]]
 """
@@ -48,7 +51,7 @@ CELLS = [
     "clusters",
     "words = 'the model learns a digit from strokes and loops that look alike across many writers'.split()\n"
     "sentences = [' '.join(words[(i + j) % len(words)] for j in range(9 + i % 23)) for i in range(300)]\n"
-    "texts = tw.InfluenceExplorer(index, train_data, test_data, k=4, browse=0, text=sentences,\n"
+    "texts = tw.InfluenceExplorer(coarse, train_data, test_data, k=4, browse=0, text=sentences, rerank='auto',\n"
     "                             test_text=[f'test sentence number {i} about a handwritten digit' for i in range(40)])\n"
     "texts",
 ]
@@ -289,6 +292,21 @@ def test_galleries_in_browser(server, page, jl, frontend):
     assert clamped > 0                                                         # long ones end in an ellipsis
     page.locator(".tw-explorer .tw-text-tile[data-index]").first.click()
     jl.shot(page, f"widgets_{frontend}_text", page.locator(".tw-explorer").nth(1))
+
+    # -- the text explorer shows a projected index (proj_dim=32) rescored exactly (rerank="auto"): a query
+    #    typed in its box reaches Python, the DOM follows, and every score shown is the exact index's
+    picker = page.locator(".tw-explorer").nth(1).locator(".tw-picker input")
+    picker.fill("5")
+    picker.press("Enter")
+    jl.wait_kernel(page, "print(json.dumps(texts.query))", lambda v: v == ["test", 5])
+    shown = py("print(json.dumps(ids(texts, 'proponents')))")
+    wait_dom_ids(page, f"{PRO}.tw-text-tile", shown)
+    expect(page.locator(".tw-explorer").nth(1)).to_contain_text("projected candidates rescored")
+    jl.shot(page, f"widgets_{frontend}_text_rerank", page.locator(".tw-explorer").nth(1))
+    gap = py("S = index.influence((test_data[0][5:6], test_data[1][5:6]))[0]\n"
+             "got = [t['score'] for s in texts.gallery.strips if s['key'] == 'proponents' for t in s['tiles']]\n"
+             "print(json.dumps(max(abs(g - float(S[j])) for g, j in zip(got, ids(texts, 'proponents'))) / float(S.abs().max())))")
+    assert gap < 1e-4, gap
 
     page.locator(".tw-explorer").first.scroll_into_view_if_needed()
     jl.shot(page, f"widgets_{frontend}_page")
