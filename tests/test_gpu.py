@@ -222,3 +222,16 @@ def test_nccl_single_rank(cnn_run, data, tmp_path, monkeypatch):
         assert idx.store.complete and idx.self_influence().device.type == "cpu"
     finally:
         dist.destroy_process_group()
+
+
+def test_rerank_on_cuda_returns_the_cpu_exact_scores(cnn_run, data):
+    model, ckpts = cnn_run
+    train, test = data
+    exact_cpu = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu").index(train, progress=False)
+    S = exact_cpu.influence(test).double()
+    proj = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=64, device="cuda").index(train, progress=False)
+    best = proj.top_k(test, k=5, rerank="auto", train_data=train)
+    assert best.proponents.indices.device.type == "cpu"
+    tol = agreement_tolerance(False, exact_cpu.store.dim)       # exact gradients on CUDA vs on the CPU
+    for nb in (best.proponents, best.opponents):
+        assert rel_err(nb.scores.double(), S.gather(1, nb.indices)) < tol
