@@ -172,3 +172,18 @@ def test_auto_rerank_warns_when_it_stops_before_certainty(lm_run, monkeypatch):
     with pytest.warns(UserWarning, match="rerank=.auto. stopped after rescoring 8 of 40"):
         proj.top_k((test[0][:1], test[1][:1]), k=2, rerank="auto", train_data=train)
     assert proj.last_rerank["rounds"] == 1
+
+
+def test_rerank_from_a_reloaded_disk_index(lm_run, tmp_path):
+    model, ck, train, test = lm_run
+    truth = te.TracIn(model, ck, loss_fn=lm_loss).index(train, progress=False).top_k(test, k=3)
+    te.TracIn(model, ck, loss_fn=lm_loss, proj_dim=20).index(train, store=tmp_path / "ix", progress=False)
+    fresh = te.TracIn(model, ck, loss_fn=lm_loss, proj_dim=20)                   # a new session: nothing cached
+    index = te.GradientIndex.load(tmp_path / "ix", fresh, train_data=train)
+    assert index.store.dtype == torch.float16                                      # projected rows on disk
+    best = index.top_k(test, k=3, rerank=40, train_data=train)
+    assert torch.equal(best.proponents.indices, truth.proponents.indices)
+    assert torch.allclose(best.proponents.scores, truth.proponents.scores, rtol=1e-4, atol=1e-6)
+    other = (train[0], train[1].roll(1, 0))                                        # same inputs, other labels
+    with pytest.raises(te.TracInError, match="not the data this index was built from"):
+        te.GradientIndex.load(tmp_path / "ix", fresh).top_k(test, k=3, rerank=5, train_data=other)
