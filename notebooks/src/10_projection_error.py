@@ -184,9 +184,11 @@ pd.DataFrame([shared_with_exact(M) for M in (0, 10, 20, 40, 80, "auto")]).round(
 # %% [markdown]
 # The projection alone (M = 0) misses some of the exact top 10; rescoring candidates recovers them, and
 # the scores shown are the exact ones. How many candidates are enough depends on how noisy the projection
-# is, which `rerank="auto"` measures: it rescores 2k candidates each way, fits the projected scores'
-# error on them (it grows with the two gradients' norms), and keeps rescoring every training example whose
-# projected score is within three errors of the current k-th exact score, until none is left. On a large
+# is, which `rerank="auto"` measures: it rescores 2k candidates each way and 2k random training examples,
+# fits the projected scores' error on the random ones (it grows with the two gradients' norms; the best
+# candidates would overstate it: they look best partly *because* of their errors), and keeps rescoring
+# every training example whose projected score is within three errors of the current k-th exact score,
+# until none is left. On a large
 # model each candidate costs a per-example gradient (docs/benchmarks.md: a GPT-2 with 4.5 million
 # parameters), still far less than an exact index. In the explorer, `rerank=` does this for every query
 # you click: `tw.InfluenceExplorer(coarse_index, split.train, split.test, rerank="auto")`.

@@ -18,11 +18,13 @@ returning, per test example, the k highest (proponents) and k lowest (opponents)
 score is exact; the returned sets are the exact top k whenever those lie within U.
 
 Candidates: rerank=M takes each test example's M highest and M lowest projected scores. rerank="auto"
-starts from 2k each way and widens: a projected score s^ of a pair errs by about alpha * u, with
-u = sqrt(sum_c eta_c^2 ||t_c||^2 ||f_c||^2) from the stored norms (noise_scale) and alpha fitted on the
-candidates already rescored (root mean square of (s^ - S) / u); every training example with
-s^ + 3 alpha u >= the k-th best exact score so far (or s^ - 3 alpha u <= the k-th lowest) is rescored,
-until none is left (or half the training set is rescored: a warning says the projection is too coarse).
+starts from 2k each way plus a random probe of 2k training examples and widens: a projected score s^ of
+a pair errs by about alpha * u, with u^2 = sum_c eta_c^2 ||t_c||^2 ||f_c||^2 + s^2 from the stored norms
+(noise_scale; the Johnson-Lindenstrauss variance) and alpha the root mean square of (s^ - S) / u on the
+probe (unbiased, unlike the selected candidates, whose projected scores are extreme because of their
+errors), raised by two standard errors. Every training example with s^ + 3 alpha u >= the k-th best
+exact score so far (or s^ - 3 alpha u <= the k-th lowest) is rescored, until none is left (or half the
+training set is rescored: a warning says the projection is too coarse).
 Cost: |U| + m exact per-example gradients per checkpoint; memory: the test examples' exact rows
 (C, m, P) plus one chunk of candidates' (measured in benchmarks/bench_rerank.py).
 """
@@ -45,7 +47,8 @@ from ..store.scoring import accum_dtype
 from ..store.topk import Neighbors, TopK
 
 WORK_ROWS = 3     # a candidate's exact rows plus the working memory of computing them, in rows
-AUTO_START = 2    # rerank="auto": first 2 k candidates each way,
+AUTO_START = 2    # rerank="auto": first 2 k candidates each way and a random probe of 2 k examples
+AUTO_PROBE = 2    #   (the probe's residuals fit the error scale alpha without selection bias),
 AUTO_Z = 3.0      # then every example whose projected score is within 3 error scales of the k-th exact one,
 AUTO_LIMIT = 0.5  # until none is left or half the training set is rescored (then a warning)
 
@@ -132,13 +135,14 @@ def _ranked(S: torch.Tensor, rows: torch.Tensor, k: int) -> TopK:
     return TopK(Neighbors(rows[top.indices], top.values), Neighbors(rows[low.indices], low.values))
 
 
-def noise_scale(index: Any, t: torch.Tensor) -> torch.Tensor:
-    """u (m, n) float64: sqrt(sum_c eta_c^2 ||t_c||^2 ||f_c||^2) for projected test features t (C, m, dim)
-    and the stored training rows' squared norms: the scale of a projected score's error (for a
-    Johnson-Lindenstrauss projection of k numbers its standard deviation is about u / sqrt(k))."""
+def noise_scale(index: Any, t: torch.Tensor, est: torch.Tensor) -> torch.Tensor:
+    """u (m, n) float64 with u^2 = sum_c eta_c^2 ||t_c||^2 ||f_c||^2 + s^2: projected test features t
+    (C, m, dim), the stored training rows' squared norms, the projected scores s^ = est (m, n). A
+    Johnson-Lindenstrauss projection of k numbers errs on <x, y> with variance (|x|^2 |y|^2 + <x, y>^2) / k,
+    so the error of a projected score is about alpha * u (alpha fitted in rerank_top_k)."""
     lrs = index.learning_rates.double()
     tn = torch.stack([index.layout.sq_norms(t[c]).double().cpu() for c in range(t.shape[0])], 1)   # (m, C)
-    return ((tn * lrs ** 2) @ index.store.sq_norms).clamp_min(0).sqrt()
+    return ((tn * lrs ** 2) @ index.store.sq_norms + est ** 2).clamp_min(0).sqrt()
 
 
 def rerank_top_k(index: Any, test_data: Any, train_data: Any, k: int, candidates: int | str,
@@ -163,15 +167,25 @@ def rerank_top_k(index: Any, test_data: Any, train_data: Any, k: int, candidates
     approx = index.top_k(k=first, features=t)
     rows = torch.unique(torch.cat([approx.proponents.indices.flatten(), approx.opponents.indices.flatten()]).cpu())
     scorer = ExactScorer(index, test_data, source, target, batch_fn)
-    S = scorer.terms(rows).sum(0)                                                # (m, |rows|) exact
-    rounds, alpha = 1, None
+    rounds, alpha, probe = 1, None, rows[:0]
     if auto:
         est = index.influence(features=t).double().cpu()                         # (m, n) projected
-        u = noise_scale(index, t).clamp_min(torch.finfo(torch.float64).tiny)
+        u = noise_scale(index, t, est).clamp_min(torch.finfo(torch.float64).tiny)
         done = torch.zeros(n, dtype=torch.bool)
         done[rows] = True
+        free = (~done).nonzero().flatten()                # a random probe: residuals free of selection
+        probe = free[torch.randperm(len(free), generator=torch.Generator().manual_seed(0))[:AUTO_PROBE * k]]
+        done[probe] = True
+        rows = torch.cat([rows, probe])
+    S = scorer.terms(rows).sum(0)                                                # (m, |rows|) exact
+    if auto:
+        if len(probe):
+            r = (est[:, probe] - S[:, -len(probe):]) / u[:, probe]
+            # root mean square, raised by two of its standard errors (~ alpha / sqrt(2 N) for N residuals)
+            alpha = float(r.pow(2).mean().sqrt()) * (1 + 2 / (2 * r.numel()) ** 0.5)
+        else:
+            alpha = 0.0                                                          # every example is scored
         while True:
-            alpha = float((((est[:, rows] - S) / u[:, rows]) ** 2).mean().sqrt())   # error per unit of u
             kk = min(k, len(rows))
             hi = S.topk(kk, dim=1).values[:, -1:]                               # k-th best exact score so far
             lo = S.topk(kk, dim=1, largest=False).values[:, -1:]
