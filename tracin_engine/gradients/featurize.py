@@ -338,13 +338,13 @@ def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSour
     return store
 
 
-def progress_bar(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool, desc: str = "featurize (checkpoints x batches)", unit: str = "batch"):
     """A tqdm.auto bar over `total` steps when enabled and tqdm is installed, else a no-op bar."""
     if enabled:
         try:
             from tqdm.auto import tqdm
 
-            return tqdm(total=total, desc="featurize (checkpoints x batches)", unit="batch")
+            return tqdm(total=total, desc=desc, unit=unit)
         except ImportError:
             pass
     return _NoBar()

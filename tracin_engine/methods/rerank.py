@@ -40,6 +40,7 @@ from ..checks import check_k
 from ..data import BatchFn, as_source
 from ..errors import TracInError
 from ..fingerprint import data_fingerprint
+from ..gradients.featurize import progress_bar
 from ..gradients.per_example import Target
 from ..memory import fits, rows_that_fit
 from ..resources import format_bytes
@@ -51,6 +52,7 @@ AUTO_START = 2    # rerank="auto": first 2 k candidates each way and a random pr
 AUTO_PROBE = 2    #   (the probe's residuals fit the error scale alpha without selection bias),
 AUTO_Z = 3.0      # then every example whose projected score is within 3 error scales of the k-th exact one,
 AUTO_LIMIT = 0.5  # until none is left or half the training set is rescored (then a warning)
+PROGRESS_STEP = 64  # candidates featurized per step; more than one step shows a progress bar
 
 
 def check_train_data(index: Any, train_data: Any, batch_fn: BatchFn | None):
@@ -79,8 +81,9 @@ class ExactScorer:
     """Exact per-checkpoint terms of fixed test examples against any training rows, computed on demand.
 
     Holds the test examples' exact rows T (C, m, P) (the index's TracIn without projection,
-    TracIn.exact()); terms(rows) featurizes the training examples at `rows` a memory budget's chunk
-    at a time and returns eta_c <T_c, F_c(z')>: Tensor (C, m, len(rows)) float64 on the CPU.
+    TracIn.exact()); terms(rows) featurizes the training examples at `rows` in chunks of at most
+    PROGRESS_STEP within the memory budget (a tqdm bar when there is more than one) and returns
+    eta_c <T_c, F_c(z')>: Tensor (C, m, len(rows)) float64 on the CPU.
     """
 
     def __init__(self, index: Any, test_data: Any, source, target: Target, batch_fn: BatchFn | None):
@@ -100,13 +103,18 @@ class ExactScorer:
         C, m = self.T.shape[0], self.T.shape[1]
         layout, lrs = self.exact.featurizer.layout, self.index.learning_rates
         out = torch.zeros(C, m, len(rows), dtype=torch.float64)
-        chunk = rows_that_fit(WORK_ROWS * self.row_bytes, "cpu", maximum=max(1, len(rows)))
-        for s in range(0, len(rows), chunk):
-            part = rows[s:s + chunk]
-            F = self.exact.features(self.source.subset(part.tolist()), target="loss",
-                                    batch_size=min(len(part), 32))                  # (C, b, P)
-            for c in range(C):
-                out[c, :, s:s + len(part)] = float(lrs[c]) * layout.dots(self.T[c], F[c]).double().cpu()
+        chunk = rows_that_fit(WORK_ROWS * self.row_bytes, "cpu", maximum=max(1, min(len(rows), PROGRESS_STEP)))
+        bar = progress_bar(len(rows), len(rows) > PROGRESS_STEP, "rerank: exact gradients of candidates", "example")
+        try:
+            for s in range(0, len(rows), chunk):
+                part = rows[s:s + chunk]
+                F = self.exact.features(self.source.subset(part.tolist()), target="loss",
+                                        batch_size=min(len(part), 32))              # (C, b, P)
+                for c in range(C):
+                    out[c, :, s:s + len(part)] = float(lrs[c]) * layout.dots(self.T[c], F[c]).double().cpu()
+                bar.update(len(part))
+        finally:
+            bar.close()
         self.scored += len(rows)
         return out
 
