@@ -30,23 +30,14 @@ import torch
 
 import tracin_engine as te
 
-from bench_real_models import batch_loss, build, overlap
+from bench_real_models import build, fit, overlap
 
 
 def fitted(name: str, data: str, steps: int | None, device: torch.device):
-    """(model, checkpoints, X, y) after the training bench_real_models does for the same data."""
+    """(model, checkpoints, loss_fn, description, X, y) after the training bench_real_models does."""
     model, (X, y), loss_fn, desc = build(name, False, data)
     model.to(device)
-    topics, B = data != "random", 16
-    steps = steps if steps is not None else (40 if topics else 3)
-    fit = torch.optim.AdamW(model.parameters(), lr=1e-3) if topics else \
-        torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model.train()
-    for s in range(steps):
-        lo = (s * B) % (len(X) - B)
-        fit.zero_grad()
-        batch_loss(loss_fn, model(X[lo:lo + B].to(device)), y[lo:lo + B].to(device)).backward()
-        fit.step()
+    fit(model, X, y, loss_fn, data != "random", steps, 16, device)
     model.eval()
     ckpts = te.Checkpoints.from_state_dicts([{k: v.detach().clone() for k, v in model.state_dict().items()}], [1.0])
     return model, ckpts, loss_fn, desc, X, y

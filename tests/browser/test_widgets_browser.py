@@ -317,6 +317,7 @@ def test_galleries_in_browser(server, page, jl, frontend):
     page.locator(".tw-outliers").scroll_into_view_if_needed()
     jl.shot(page, f"widgets_{frontend}_outliers_dark", page.locator(".tw-outliers"))
     jl.shot(page, f"widgets_{frontend}_explorer_dark", page.locator(".tw-explorer").first)
+    jl.shot(page, f"widgets_{frontend}_text_rerank_dark", page.locator(".tw-explorer").nth(1))
     set_theme(page, "JupyterLab Light", True)
     print(f"{frontend}: minimum text contrast light {contrast_light:.2f}, dark {contrast_dark:.2f}")
 

@@ -199,8 +199,7 @@ class GradientIndex:
         """Exact terms eta_c <g_c(z), g_c(z')> against the training examples at `rows` (indices into
         train_data, the data the index was built from), from recomputed exact gradients whatever the
         index's projection: Tensor (C, m, len(rows)) float64 on the CPU (rerank.py)."""
-        return exact_influence_per_checkpoint(self, test_data, train_data, torch.as_tensor(rows), target, batch_fn,
-                                              train_batch_fn)
+        return exact_influence_per_checkpoint(self, test_data, train_data, rows, target, batch_fn, train_batch_fn)
 
     def similarity(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None,
                    *, features: torch.Tensor | None = None, out_device: str | torch.device | None = None

@@ -97,7 +97,6 @@ class ExactScorer:
                               f"({C} checkpoints x {P:,} gradient numbers each), more than the free memory "
                               "allows; rescore fewer test examples per call, or select fewer layers (layers=[...]).")
         self.T = exact.features(test_data, target=target, batch_fn=batch_fn)       # (C, m, P) on the CPU
-        self.scored = 0                                                             # training rows featurized
 
     def terms(self, rows: torch.Tensor) -> torch.Tensor:
         C, m = self.T.shape[0], self.T.shape[1]
@@ -115,15 +114,14 @@ class ExactScorer:
                 bar.update(len(part))
         finally:
             bar.close()
-        self.scored += len(rows)
         return out
 
 
-def exact_influence_per_checkpoint(index: Any, test_data: Any, train_data: Any, rows: torch.Tensor,
+def exact_influence_per_checkpoint(index: Any, test_data: Any, train_data: Any, rows: Any,
                                    target: Target = "loss", batch_fn: BatchFn | None = None,
                                    train_batch_fn: BatchFn | None = None) -> torch.Tensor:
     """Exact terms eta_c <g_c(z), g_c(z')> of the test examples z against the training examples z' at
-    `rows` (int64 indices into train_data, the index's data): Tensor (C, m, len(rows)) float64 on the CPU,
+    `rows` (indices into train_data, the index's data: a sequence or tensor of ints): Tensor (C, m, len(rows)) float64 on the CPU,
     summing over c to S(z, z'). Gradients of the index's TracIn without projection (TracIn.exact())."""
     source = check_train_data(index, train_data, train_batch_fn)
     return ExactScorer(index, test_data, source, target, batch_fn).terms(_checked_rows(rows, index.n_train))

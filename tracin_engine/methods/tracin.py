@@ -78,6 +78,7 @@ class TracIn:
         self.device = grads.device
         self.tf32 = bool(tf32)
         self._prepared: dict[int, dict] = {}
+        self._exact: TracIn | None = None           # exact(): this TracIn without projection, made on first use
 
     def __repr__(self) -> str:
         return (f"TracIn(params={self.num_params}, checkpoints={len(self.checkpoints)}, "
@@ -151,7 +152,7 @@ class TracIn:
         once and kept. GradientIndex.top_k(rerank=) rescores projected candidates with it."""
         if not self.proj_dim:
             return self
-        if getattr(self, "_exact", None) is None:
+        if self._exact is None:
             gc = self.featurizer.grads
             self._exact = TracIn(self.model, self.checkpoints, self.loss_fn, self.layers, None, self.device,
                                  self.seed, per_example=self.featurizer.requested, train_mode=gc.train_mode,
