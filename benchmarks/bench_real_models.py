@@ -15,6 +15,8 @@ Per model, on the same batch (after a few SGD steps, so the checkpoint is not th
                                 records the graph is slower than forward_s)
     factored_examples_per_s     TracIn(proj_dim=4096) (projection="auto" -> factored) rows of the batch,
                                 incl. squared norms and the finiteness check; ratio_factored_to_training
+                                (TF32 off, the engine's default; on CUDA also factored_tf32_*: TracIn(tf32=True),
+                                the TF32 the training step's cuDNN convolutions use by PyTorch's default)
     exact_s, ratio_exact_to_backward   exact rows (layer handlers) of the batch, bookkeeping included
     bookkeeping_s               squared norms + finiteness check of the exact rows
     top10_overlap               top-10 proponents of n_test examples over n_train: factored(4096) vs exact
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import tracin_engine as te
+from tracin_engine.devices import tf32_mode
 from tracin_engine.gradients.featurize import check_finite
 
 from models import CausalLM, Encoder, ResNet, ViT, hf_bert, hf_gpt2, lm_loss, token_batch
@@ -129,7 +132,7 @@ def fit(model, X, y, loss_fn, topics: bool, steps: int | None, B: int, dev: torc
         torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     losses = []
     for s in range(steps):
-        lo = (s * B) % (len(X) - B)
+        lo = (s * B) % max(1, len(X) - B)
         opt.zero_grad()
         loss = batch_loss(loss_fn, model(X[lo:lo + B].to(dev)), y[lo:lo + B].to(dev))
         loss.backward()
@@ -204,12 +207,13 @@ def run_model(name: str, args) -> dict:
     state = fact.state(0)
     fz.resolve(state, xb, yb)
 
-    def featurize(f):
-        def go():
-            r = f.rows(state, xb, yb)
-            sq = f.sq_norms(r.features)
-            check_finite(r.features, 0, "bench")
-            sync()
+    def featurize(f, tf32: bool = False):
+        def go():                                        # the engine's TF32 policy (off unless tf32=True)
+            with tf32_mode(tf32):
+                r = f.rows(state, xb, yb)
+                sq = f.sq_norms(r.features)
+                check_finite(r.features, 0, "bench")
+                sync()
             return sq
         return go
 
@@ -217,6 +221,12 @@ def run_model(name: str, args) -> dict:
     out.update({"projection": fz.projection_kind, "factored_row_dim": fact.dim,
                 "factored_examples_per_s": round(B / fact_s, 1),
                 "ratio_factored_to_training": round(train_s / fact_s, 3)})
+    if dev.type == "cuda":   # the training step ran with PyTorch's TF32 defaults; TracIn(tf32=True) matches them
+        fact_tf32_s = median_time(featurize(fz, True), args.repeats)
+        out.update({"training_tf32": {"cudnn": torch.backends.cudnn.allow_tf32,
+                                      "matmul": torch.backends.cuda.matmul.allow_tf32},
+                    "factored_tf32_examples_per_s": round(B / fact_tf32_s, 1),
+                    "ratio_factored_tf32_to_training": round(train_s / fact_tf32_s, 3)})
 
     exact = te.TracIn(model, ckpts, loss_fn=loss_fn, device=dev)
     ez = exact.featurizer

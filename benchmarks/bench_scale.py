@@ -119,9 +119,10 @@ def train_throughput(model, X, y, batch, device, run_dir, n_ckpt=4):
     return rate, paths
 
 
-def featurize_rate(model, ckpt_path, X, y, proj_dim, projection, batch, device, warm=True):
+def featurize_rate(model, ckpt_path, X, y, proj_dim, projection, batch, device, warm=True, tf32=False):
     ck = te.Checkpoints.from_files([ckpt_path], learning_rates=[0.01])
-    tracin = te.TracIn(model, ck, loss_fn=F.cross_entropy, proj_dim=proj_dim, projection=projection, device=device)
+    tracin = te.TracIn(model, ck, loss_fn=F.cross_entropy, proj_dim=proj_dim, projection=projection, device=device,
+                       tf32=tf32)
     if warm:
         tracin.index((X[:batch], y[:batch]), progress=False, batch_size=batch)
     sec, _ = clock(lambda: tracin.index((X, y), progress=False, batch_size=batch), device)
@@ -241,10 +242,18 @@ def main() -> None:
                                                   args.proj_dim, "factored", cfg["batch"], device)[0])
     log("factored featurization done")
     if args.only == "gpu-check":
+        extra = {}
+        if gpu:   # the training step's cuDNN convolutions use TF32 by PyTorch's default; TracIn(tf32=True) too
+            tf32_rate = max(featurize_rate(model, paths[-1], X[:cfg["n_feat"]], y[:cfg["n_feat"]], args.proj_dim,
+                                           "factored", cfg["batch"], device, tf32=True)[0] for _ in range(2))
+            extra = {"training_tf32": {"cudnn": torch.backends.cudnn.allow_tf32,
+                                       "matmul": torch.backends.cuda.matmul.allow_tf32},
+                     "featurize_factored_tf32_examples_per_s": round(tf32_rate, 1),
+                     "ratio_factored_tf32_to_training": round(tf32_rate / train_rate, 3)}
         query = query_latency(model, paths, X, y, args.proj_dim, args.n_query, cfg["repeats"], device)
         print(json.dumps({**head, "train_examples_per_s": round(train_rate, 1),
                           "featurize_factored_examples_per_s": round(fact_rate, 1),
-                          "ratio_factored_to_training": round(fact_rate / train_rate, 3), **query}, indent=1))
+                          "ratio_factored_to_training": round(fact_rate / train_rate, 3), **extra, **query}, indent=1))
         return
     gauss_rate, _ = featurize_rate(model, paths[-1], X[:cfg["n_gauss"]], y[:cfg["n_gauss"]], args.proj_dim,
                                    "gaussian", cfg["gauss_batch"], device, warm=False)

@@ -5,6 +5,7 @@ never asserts: the tests and scripts/gpu-check decide against devices.agreement_
 
 from __future__ import annotations
 
+import copy
 import warnings
 from contextlib import contextmanager
 from typing import Callable
@@ -14,8 +15,11 @@ import torch.nn.functional as F
 
 import tracin_engine as te
 from tracin_engine.devices import agreement_tolerance
+from tracin_engine.gradients.factored import FactoredProjection
+from tracin_engine.gradients.hooks import HookFeaturizer
+from tracin_engine.gradients.per_example import GradientComputer
 from tracin_engine.store.residency import DeviceFeatures
-from tracin_engine.store.scoring import full_scores
+from tracin_engine.store.scoring import full_scores, uses_half_products
 
 from reference import rel_err
 
@@ -49,14 +53,50 @@ def agreement(model, ckpts, train, test, per_example: str, projection: str | Non
     }
 
 
+def handler_agreement(build: Callable, device: str = "cuda", proj_dim: int = 256) -> dict:
+    """One layer-handler case (tests/models.py HANDLER_CASES: () -> float64 model, inputs, targets, loss)
+    computed on `device`:
+      exact_rel_err, factored_rel_err   float64 exact rows (expanded) and factored rows on `device`
+                                        against the CPU's per-example loop G and its explicit
+                                        projection G P (P generated on the CPU from the seed)
+      {exact,factored}_influence_rel_err  a float32 copy indexed on `device` vs on the CPU (same
+                                        inputs as train and test), with {..}_tolerance from
+                                        agreement_tolerance(TF32 off, row length)"""
+    model, x, y, loss = build()
+    ref = GradientComputer(model, loss, device="cpu")
+    G = ref.reference(ref.prepare(model.state_dict()), x, y)                  # (B, P) float64
+    gc = GradientComputer(model, loss, device=device)
+    state = gc.prepare(model.state_dict())
+    hooks = HookFeaturizer(gc)
+    fp = FactoredProjection(gc, proj_dim, seed=3)
+    out = {"device": device, "row_dim_exact": G.shape[1],
+           "exact_rel_err": rel_err(hooks.expand(hooks(state, x, y)).cpu(), G),
+           "factored_rel_err": rel_err(fp.expand(fp(state, x, y)).cpu(), G @ fp.matrix().cpu())}
+    m32 = copy.deepcopy(model).float()
+    data = (x.float() if x.is_floating_point() else x, y)
+    ckpts = te.Checkpoints.from_state_dicts([{k: v.detach().clone() for k, v in m32.state_dict().items()}], [1.0])
+    for name, kw in (("exact", {}), ("factored", {"proj_dim": proj_dim, "projection": "factored"})):
+        a = te.TracIn(m32, ckpts, loss_fn=loss, device="cpu", **kw).index(data, progress=False)
+        b = te.TracIn(m32, ckpts, loss_fn=loss, device=device, **kw).index(data, progress=False)
+        out[f"{name}_influence_rel_err"] = rel_err(b.influence(data), a.influence(data))
+        out[f"{name}_tolerance"] = agreement_tolerance(False, b.store.dim)
+    return out
+
+
 def store_agreement(model, ckpts, train, test, path, device: str = "cuda") -> dict:
     """float16 store on disk (memory-mapped) vs the same rows resident on `device` vs streamed:
-    relative errors of the scores against the on-disk store scored on the CPU."""
+    relative errors of the scores against sum_c eta_c <t_c, F_c> in float64 from the same stored rows,
+    and the tolerance: float32 products (CUDA; a CPU with many test rows) agree to agreement_tolerance,
+    half products (a CPU with few test rows, scoring.half_matmul) to 2 u, u = 2^-11."""
     tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=128, projection="factored", device=device)
     disk = tracin.index(train, store=path, progress=False, dtype=torch.float16)
     t = tracin.features(test, out_device=device)
-    ref = full_scores(t.cpu(), disk.store, disk.learning_rates, disk.layout)
-    out = {"store_dtype": str(disk.store.dtype), "device": device}
+    t64, w = t.cpu().double(), disk.learning_rates.double()
+    ref = sum(w[c] * disk.layout.dots(t64[c], disk.store.features(c).double()) for c in range(len(t64)))
+    half = uses_half_products(disk.store.dtype, t.device, t.shape[1])
+    out = {"store_dtype": str(disk.store.dtype), "device": device, "half_products": half,
+           # float32 products: agreement_tolerance; half products round each output to float16 (scoring.py)
+           "tolerance": 2 * 2.0**-11 if half else agreement_tolerance(False, disk.store.dim)}
     for mode in ("direct", "resident", "stream"):
         feats = DeviceFeatures(disk.store, device, mode=mode)
         out[f"{mode}_rel_err"] = rel_err(full_scores(t, feats, disk.learning_rates, disk.layout), ref)

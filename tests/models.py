@@ -254,3 +254,46 @@ def topic_lm(vocab: int, seq: int, n: int, topics: int, steps: int, saves: int =
         if step % (steps // saves) == 0:
             states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return model, ids, y, states
+
+
+# Layer-handler cases: () -> (float64 model, inputs, targets, loss_fn), small enough for the per-example loop.
+# tests/test_handlers.py checks each on the CPU, tests/test_gpu.py on CUDA.
+
+def _case_resnet():
+    torch.manual_seed(0)
+    m = ResNet(width=3, blocks=(1, 1)).double()
+    m.train()
+    with torch.no_grad():
+        for _ in range(2):                              # non-trivial running statistics
+            m(torch.randn(8, 3, 6, 6, dtype=torch.float64))
+    return m, torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.randint(0, 10, (4,)), F.cross_entropy
+
+
+def _case_vit():
+    torch.manual_seed(0)
+    return ViT().double(), torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (3,)), F.cross_entropy
+
+
+def _case_encoder(hf=False):
+    torch.manual_seed(0)
+    m = (hf_bert() if hf else Encoder()).double()
+    return m, token_batch(4, 8, 30), torch.randint(0, 3, (4,)), F.cross_entropy
+
+
+def _case_lm(hf=False):
+    torch.manual_seed(0)
+    m = (hf_gpt2() if hf else CausalLM()).double()
+    ids = token_batch(3, 8, 30, pad=0)
+    y = torch.cat([ids[:, 1:], torch.zeros(3, 1, dtype=torch.long)], 1)
+    y[y == 0] = -100                                     # padding is not predicted
+    return m, ids, y, lm_loss
+
+
+def _case_mixed():
+    torch.manual_seed(0)
+    return Mixed().double(), token_batch(4, 7, 12, pad=1), torch.randint(0, 3, (4,)), F.cross_entropy
+
+
+HANDLER_CASES = {"resnet_bn": _case_resnet, "vit": _case_vit, "encoder_mask": _case_encoder,
+                 "causal_lm_tied": _case_lm, "mixed": _case_mixed,
+                 "hf_bert": lambda: _case_encoder(True), "hf_gpt2_tied": lambda: _case_lm(True)}

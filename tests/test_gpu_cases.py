@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from gpu_cases import agreement, counting_syncs, ideal_agreement, store_agreement
+from gpu_cases import agreement, counting_syncs, handler_agreement, ideal_agreement, store_agreement
+from models import HANDLER_CASES
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,9 @@ def test_store_and_ideal_agreement_on_cpu(cnn_run, tiny, tmp_path):
     model, ckpts = cnn_run
     r = store_agreement(model, ckpts, *tiny, tmp_path / "ix", device="cpu")
     assert r["store_dtype"] == "torch.float16" and r["auto_mode"] == "direct"
-    assert all(r[f"{m}_rel_err"] < 1e-6 for m in ("direct", "resident", "stream"))
+    assert r["half_products"] and r["tolerance"] == 2**-10      # 4 test rows: half products on any CPU
+    assert all(r[f"{m}_rel_err"] < r["tolerance"] for m in ("direct", "resident", "stream"))
+    assert r["direct_rel_err"] == r["resident_rel_err"] == r["stream_rel_err"] > 0   # same rows, same path
     data = ((tiny[0][0].flatten(1), tiny[0][1]), (tiny[1][0].flatten(1), tiny[1][1]))
     ideal = ideal_agreement(lambda: nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)), data,
                             device_b="cpu", steps=3)
@@ -43,6 +46,14 @@ def test_store_and_ideal_agreement_on_cpu(cnn_run, tiny, tmp_path):
     with counting_syncs("cpu") as counted:
         torch.ones(3).sum().item()
     assert counted == {"syncs": 0}
+
+
+@pytest.mark.parametrize("name", ["resnet_bn", "causal_lm_tied"])
+def test_handler_agreement_on_cpu(name):
+    r = handler_agreement(HANDLER_CASES[name], device="cpu")
+    assert r["exact_rel_err"] < 1e-12 and r["factored_rel_err"] < 1e-10       # float64, same device
+    assert r["exact_influence_rel_err"] == 0 and r["factored_influence_rel_err"] == 0
+    assert 0 < r["exact_tolerance"] < 1e-3 and 0 < r["factored_tolerance"] < 1e-3
 
 
 def test_gpu_check_script_reports_json_without_a_gpu(tmp_path):
@@ -60,5 +71,6 @@ def test_gpu_check_script_reports_json_without_a_gpu(tmp_path):
     names = {c["name"] for c in report["tests"]["cases"]}
     assert "test_nccl_single_rank" in names and "test_cuda_agrees_with_cpu[vmap-factored-tf32_on]" in names
     assert "test_rerank_on_cuda_returns_the_cpu_exact_scores" in names
+    assert "test_layer_handlers_on_cuda[hf_gpt2_tied]" in names
     if not torch.cuda.is_available():
-        assert report["cuda"] is False and report["tests"]["skipped"] == len(names) == 23
+        assert report["cuda"] is False and report["tests"]["skipped"] == len(names) == 31

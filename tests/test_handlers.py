@@ -17,46 +17,7 @@ from tracin_engine.gradients.handlers import VectorHandler, handler_for, registe
 from tracin_engine.gradients.hooks import HookFeaturizer
 from tracin_engine.gradients.per_example import GradientComputer
 
-from models import CausalLM, Encoder, Mixed, ResNet, ViT, hf_bert, hf_gpt2, lm_loss, token_batch
-
-
-def _resnet():
-    torch.manual_seed(0)
-    m = ResNet(width=3, blocks=(1, 1)).double()
-    m.train()
-    with torch.no_grad():
-        for _ in range(2):                              # non-trivial running statistics
-            m(torch.randn(8, 3, 6, 6, dtype=torch.float64))
-    return m, torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.randint(0, 10, (4,)), F.cross_entropy
-
-
-def _vit():
-    torch.manual_seed(0)
-    return ViT().double(), torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (3,)), F.cross_entropy
-
-
-def _encoder(hf=False):
-    torch.manual_seed(0)
-    m = (hf_bert() if hf else Encoder()).double()
-    return m, token_batch(4, 8, 30), torch.randint(0, 3, (4,)), F.cross_entropy
-
-
-def _lm(hf=False):
-    torch.manual_seed(0)
-    m = (hf_gpt2() if hf else CausalLM()).double()
-    ids = token_batch(3, 8, 30, pad=0)
-    y = torch.cat([ids[:, 1:], torch.zeros(3, 1, dtype=torch.long)], 1)
-    y[y == 0] = -100                                     # padding is not predicted
-    return m, ids, y, lm_loss
-
-
-def _mixed():
-    torch.manual_seed(0)
-    return Mixed().double(), token_batch(4, 7, 12, pad=1), torch.randint(0, 3, (4,)), F.cross_entropy
-
-
-MODELS = {"resnet_bn": _resnet, "vit": _vit, "encoder_mask": _encoder, "causal_lm_tied": _lm, "mixed": _mixed,
-          "hf_bert": lambda: _encoder(True), "hf_gpt2_tied": lambda: _lm(True)}
+from models import HANDLER_CASES as MODELS
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -78,7 +39,7 @@ def test_handlers_exact_and_factored_match_the_float64_loop(name):
 
 
 def test_tied_weights_sum_over_uses_and_last_layer_is_the_head():
-    model, x, y, loss = _lm()
+    model, x, y, loss = MODELS["causal_lm_tied"]()
     tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [0.1]), loss_fn=loss,
                        layers="last")
     gc = tracin.featurizer.grads
@@ -100,7 +61,7 @@ class SumsScale(nn.Module):
         return self.fc(x) * self.scale.sum()
 
 
-@pytest.mark.parametrize("make,broadcast", [(lambda: _vit()[:3], True),
+@pytest.mark.parametrize("make,broadcast", [(lambda: MODELS["vit"]()[:3], True),
                                             (lambda: (SumsScale().double(), torch.randn(4, 3, dtype=torch.float64),
                                                       torch.randint(0, 2, (4,))), False)])
 def test_generic_path_covers_parameters_without_a_handler(make, broadcast):
@@ -240,7 +201,7 @@ def test_auto_fallbacks_warn_once_and_stay_exact():
 
 
 def test_projection_auto_is_factored_where_handlers_cover():
-    model = _resnet()[0].float()
+    model = MODELS["resnet_bn"]()[0].float()
     t = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [0.1]), loss_fn=F.cross_entropy,
                   proj_dim=64)
     assert t.featurizer.projection_kind == "factored" and t.metadata()["projection"] == "factored"
@@ -248,7 +209,7 @@ def test_projection_auto_is_factored_where_handlers_cover():
 
 def test_sequence_model_index_saves_and_reloads(tmp_path):
     """Linear layers on sequences are stored dense (rank > 1); a reopened index takes that layout back."""
-    model, x, y, loss = _encoder()
+    model, x, y, loss = MODELS["encoder_mask"]()
     ck = te.Checkpoints.from_state_dicts([model.state_dict()], [0.1])
     for kw in ({}, {"proj_dim": 256}):
         index = te.TracIn(model, ck, loss_fn=loss, **kw).index((x, y), progress=False)

@@ -115,6 +115,40 @@ def test_oom_inside_vmap_is_not_wrapped_and_the_batch_halves(cnn_run, data, monk
     assert not isinstance(info.value, te.TracInError)
 
 
+def test_rows_are_stored_micro_batch_by_micro_batch_after_a_back_off(cnn_run, data, monkeypatch):
+    """Once a batch is split, each micro-batch's rows go to the store before the next is computed: the
+    device never holds the whole batch's rows (on CUDA an exact batch of 200 wide rows does not fit
+    under a cap that fits 30; tests/test_gpu.py test_forced_out_of_memory_backs_off)."""
+    from tracin_engine.store.feature_store import FeatureStore
+
+    train, _ = data
+    want = _index(cnn_run, train, per_example="vmap")
+    real_vmap, real_write = per_example.vmap, FeatureStore.write
+    writes = []
+
+    def fake_vmap(fn, *args, **kw):
+        batched = real_vmap(fn, *args, **kw)
+
+        def call(*xs):
+            if max(x.shape[0] for x in xs if isinstance(x, torch.Tensor)) > 4:
+                raise _oom()
+            return batched(*xs)
+        return call
+
+    def spy(store, c, start, feats, *a, **kw):
+        writes.append((c, start, feats.shape[0]))
+        return real_write(store, c, start, feats, *a, **kw)
+
+    monkeypatch.setattr(per_example, "vmap", fake_vmap)
+    monkeypatch.setattr(FeatureStore, "write", spy)
+    got = _index(cnn_run, train, per_example="vmap")
+    assert max(b for _, _, b in writes) == 4                       # micro-batches, not the batch of 16
+    assert [s for c, s, _ in writes if c == 0] == list(range(0, len(train[1]), 4))
+    assert got.store.complete
+    for c in range(want.store.n_checkpoints):
+        assert torch.allclose(got.features(c), want.features(c), rtol=1e-5, atol=1e-7)
+
+
 def test_oom_on_the_hook_path_and_in_test_features(cnn_run, data, monkeypatch):
     train, test = data
     want = _index(cnn_run, train)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from ..store.layout import Layout
 from .factored import FactoredProjection
 from .projection import RandomProjection
 from ..store.feature_store import FeatureStore
+from ..store.writer import RowWriter, non_finite_rows, raise_non_finite, row_sums
 
 
 class Featurizer:
@@ -231,31 +233,16 @@ class Rows:
     out_sq_norms: torch.Tensor | None
     losses: torch.Tensor | None
 
-    @staticmethod
-    def cat(parts: list["Rows"]) -> "Rows":
-        if len(parts) == 1:  # the usual case: no copy of the rows
-            return parts[0]
-        return Rows(torch.cat([p.features for p in parts]), torch.cat([p.out_sq_norms for p in parts]),
-                    torch.cat([p.losses for p in parts]))
-
 
 def check_finite(feats: torch.Tensor, start: int, checkpoint_name: str) -> None:
-    """Raise naming the example indices whose features are NaN or infinite.
+    """Raise naming the example indices (start + row) whose features (B, dim) are NaN or infinite.
 
     One row-sum pass (NaN and inf propagate to the sum); rows whose sum is not finite (or
     overflowed) are then checked entry by entry, so no (B, dim) boolean mask is built for good rows.
     """
-    sums = feats.sum(1) if feats.dtype in (torch.float32, torch.float64) else feats.float().sum(1)
-    suspect = (~torch.isfinite(sums)).nonzero().flatten()
-    if not len(suspect):
-        return
-    bad = suspect[~torch.isfinite(feats[suspect]).all(1)]
-    if len(bad):
-        idx = (bad + start).tolist()
-        raise TracInError(
-            f"non-finite gradients (NaN or inf) at {checkpoint_name} for example indices {idx[:20]}"
-            f"{' ...' if len(idx) > 20 else ''}. Check those inputs and labels, or whether the "
-            "checkpoint's weights are finite; rows computed so far are kept.")
+    bad = non_finite_rows(feats, row_sums(feats))
+    if bad:
+        raise_non_finite(bad, start, checkpoint_name)
 
 
 def auto_batch_size(featurizer: Featurizer) -> int:
@@ -283,15 +270,20 @@ class _Chunk:
         return self.backoff.size
 
     def compute(self, featurizer: Featurizer, state: dict, x: torch.Tensor, y: torch.Tensor | None,
-                target: Target) -> tuple[Rows, torch.Tensor]:
-        """(Rows of the batch, their squared norms (B,) float64), micro-batch by micro-batch."""
-        def step(size: int) -> tuple[Rows, torch.Tensor]:
-            rows = Rows.cat([featurizer.rows(state, tree.take(x, s, s + size), None if y is None else y[s:s + size],
-                                              target)
-                             for s in range(0, tree.length(x), size)])
-            return rows, featurizer.sq_norms(rows.features)
+                target: Target) -> Iterator[tuple[int, Rows, torch.Tensor]]:
+        """(offset in the batch, Rows of one micro-batch, their squared norms (B',) float64), micro-batch by
+        micro-batch: the caller stores each before the next is computed, so the device never holds more
+        than one micro-batch's rows (an out-of-memory error halves the micro-batch and computes it again)."""
+        n, start = tree.length(x), 0
+        while start < n:
+            def step(size: int) -> tuple[Rows, torch.Tensor]:
+                rows = featurizer.rows(state, tree.take(x, start, start + size),
+                                       None if y is None else y[start:start + size], target)
+                return rows, featurizer.sq_norms(rows.features)
 
-        return self.backoff.run(step)
+            rows, sq_norms = self.backoff.run(step)
+            yield start, rows, sq_norms
+            start += len(sq_norms)
 
 
 def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSource, store: FeatureStore,
@@ -301,8 +293,9 @@ def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSour
 
     batch_size None: auto_batch_size; on out-of-memory the batch is split in halves (and stays
     smaller: memory.Backoff). rows=(lo, hi) restricts the work to examples lo..hi-1 (one shard of a distributed run).
-    Rows are written (and flushed, on disk) batch by batch, so an interruption loses at most the
-    batch in flight. Rows written without output norms or losses (an older store) are redone.
+    Rows are written (and flushed, on disk) micro-batch by micro-batch through a RowWriter (on CUDA
+    one micro-batch behind the GPU, store/writer.py), so an interruption loses at most the micro-batch
+    in flight. Rows written without output norms or losses (an older store) are redone.
     """
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise TracInError(f"batch_size must be a positive integer or None (automatic), got {batch_size!r}.")
@@ -312,6 +305,7 @@ def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSour
     store.redo_rows_without_outputs(lo, hi)  # rows of a store written before output norms were recorded
     n_batches = len(source.data) if source.is_loader else math.ceil(len(source) / batch_size)
     bar = progress_bar(len(checkpoints) * n_batches, progress)
+    writer = RowWriter(store, featurizer.grads.device)
     try:
         for c in range(len(checkpoints)):
             if store.is_done(c, lo, hi):
@@ -326,13 +320,20 @@ def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSour
 
             for start, x, y in source.batches(batch_size, skip=skip):
                 a, b = max(start, lo) - start, min(start + tree.length(x), hi) - start
-                rows, sq_norms = chunk.compute(featurizer, state, tree.take(x, a, b), None if y is None else y[a:b], target)
-                check_finite(rows.features, start + a, name)
-                store.write(c, start + a, rows.features, sq_norms,
-                            out_sq_norms=rows.out_sq_norms, losses=rows.losses)
+                for off, rows, sq_norms in chunk.compute(featurizer, state, tree.take(x, a, b),
+                                                         None if y is None else y[a:b], target):
+                    writer.put(c, start + a + off, rows.features, sq_norms, name,
+                               out_sq_norms=rows.out_sq_norms, losses=rows.losses)
                 computed += 1
                 bar.update(1)
+            writer.flush()
             bar.update(n_batches - computed)
+    except BaseException:
+        try:
+            writer.flush()              # rows computed before the error are kept
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            writer.discard()
+        raise
     finally:
         bar.close()
     return store
