@@ -88,6 +88,12 @@ def test_rerank_refuses_other_data_and_bad_arguments(lm_run):
     feats = proj.test_features(test)
     with pytest.raises(te.TracInError, match="needs test_data"):
         proj.top_k(k=3, rerank=5, train_data=train, features=feats)
+    # the accepted object is remembered; changed in place afterwards, it is checked again and refused
+    data = (train[0].clone(), train[1].clone())
+    proj.top_k(test, k=3, rerank=5, train_data=data)
+    data[0][0, 0] = (data[0][0, 0] + 1) % 100
+    with pytest.raises(te.TracInError, match="not the data this index was built from"):
+        proj.top_k(test, k=3, rerank=5, train_data=data)
 
 
 def test_rerank_on_an_exact_index_changes_nothing():

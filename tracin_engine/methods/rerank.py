@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from .. import inputs as tree
 from ..checks import check_k
 from ..data import BatchFn, as_source
 from ..errors import TracInError
@@ -58,12 +59,13 @@ PROGRESS_STEP = 64  # candidates featurized per step; more than one step shows a
 def check_train_data(index: Any, train_data: Any, batch_fn: BatchFn | None):
     """The DataSource of `train_data`, refused (TracInError) unless it is the data the index was built
     from: same length, and the same fingerprint (every example and label) when the store recorded one.
-    The last accepted object is remembered, so repeated queries with it do not hash the data again."""
+    The last accepted object is remembered, so repeated queries with it do not hash the data again,
+    unless its tensors were modified in place since (their version counters moved)."""
     if train_data is None:
         raise TracInError("rerank= recomputes exact gradients of the candidate training examples: pass "
                           "train_data= (the data the index was built from).")
     seen = index._rerank_source
-    if seen is not None and seen[0] is train_data and seen[1] is batch_fn:
+    if seen is not None and seen[0] is train_data and seen[1] is batch_fn and seen[3] == _versions(train_data):
         return seen[2]
     source = as_source(train_data, batch_fn)
     if len(source) != index.n_train:
@@ -73,8 +75,20 @@ def check_train_data(index: Any, train_data: Any, batch_fn: BatchFn | None):
     if stored is not None and data_fingerprint(source) != stored:
         raise TracInError("train_data is not the data this index was built from (its examples, labels or "
                           "order differ); pass the same training data, in the same order.")
-    index._rerank_source = (train_data, batch_fn, source)
+    index._rerank_source = (train_data, batch_fn, source, _versions(train_data))
     return source
+
+
+def _versions(data: Any) -> tuple[int, ...]:
+    """The in-place modification counters (Tensor._version) of the tensors `data` holds directly: an
+    (inputs, labels) tuple, a dict, a TensorDataset. A changed counter means the same object now holds
+    other values, and its fingerprint is checked again. Other datasets give () (their identity only)."""
+    if isinstance(data, torch.utils.data.TensorDataset):
+        data = data.tensors
+    try:
+        return tuple(t._version for t in tree.leaves(data))
+    except TracInError:
+        return ()
 
 
 class ExactScorer:
