@@ -80,3 +80,22 @@ def test_explorer_rerank_shows_exact_scores_of_a_projected_index(two_methods, cn
     assert _strip_indices(auto, "proponents") == exact_index.top_k(query, k=5).proponents.indices[0].tolist()
     with pytest.raises(te.TracInError, match="rerank must be an integer >= k=5"):
         tw.InfluenceExplorer(proj, small_digits.train, small_digits.test, k=5, rerank=3)
+
+
+def test_dropout_ensemble_as_a_method(small_digits):
+    """Any index of the InfluenceIndex contract can be a method: a dropout ensemble ranks by its averaged scores."""
+    from models import DropMLP, sgd_checkpoints
+
+    X, y = small_digits.train[0][:120].flatten(1), small_digits.train[1][:120]
+    test = (small_digits.test[0][:4].flatten(1), small_digits.test[1][:4])
+    torch.manual_seed(0)
+    model = DropMLP(64, 16, 10, 0.3)
+    ckpts = te.Checkpoints.from_state_dicts(sgd_checkpoints(model, X, y, 0.1, 10, 5), [0.1, 0.1])
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy)
+    ensemble = te.dropout_ensemble(tracin, (X, y), n_members=3, progress=False)
+    ex = tw.InfluenceExplorer(tracin.index((X, y), progress=False), (X, y), test, k=5,
+                              methods={"dropout ensemble": ensemble})
+    ex.method = "dropout ensemble"
+    expected = ensemble.top_k((test[0][:1], test[1][:1]), k=5)
+    assert _strip_indices(ex, "proponents") == expected.proponents.indices[0].tolist()
+    assert ex._detail_rows(expected.proponents.indices[0, 0].item())[0][0] == "dropout ensemble score (sum)"
