@@ -38,6 +38,31 @@ def test_handlers_exact_and_factored_match_the_float64_loop(name):
     assert torch.allclose(fp.expand(Z), G @ fp.matrix(), rtol=1e-8, atol=1e-11)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("gain", [0.0, float("inf")], ids=["by_positions", "dense"])
+def test_factored_rows_by_positions_and_from_dense_gradients_agree(name, gain, monkeypatch):
+    """Both ways of projecting a block (position by position, or from dW_b = R_b^T C_b: dense_route)
+    give the explicit projection G P of the float64 loop's gradients; gain inf forces the dense way
+    wherever it is allowed, 0 forbids it."""
+    from tracin_engine.gradients import factored
+
+    if name.startswith("hf_"):
+        pytest.importorskip("transformers")
+    monkeypatch.setattr(factored, "DENSE_GAIN", gain)
+    model, x, y, loss = MODELS[name]()
+    gc = GradientComputer(model, loss, device="cpu")
+    state = gc.prepare(model.state_dict())
+    G = gc.reference(state, x, y)
+    fp = FactoredProjection(gc, 512, seed=3)
+    routes = []
+    real = FactoredProjection.dense_route
+    monkeypatch.setattr(FactoredProjection, "dense_route",
+                        lambda self, *a: routes.append(real(self, *a)) or routes[-1])
+    Z = fp(state, x, y)
+    assert torch.allclose(fp.expand(Z), G @ fp.matrix(), rtol=1e-8, atol=1e-11)
+    assert any(routes) == (gain > 0)       # every case has a block the dense way can take
+
+
 def test_tied_weights_sum_over_uses_and_last_layer_is_the_head():
     model, x, y, loss = MODELS["causal_lm_tied"]()
     tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [0.1]), loss_fn=loss,
