@@ -163,6 +163,8 @@ def query_latency(model, paths, X, y, proj_dim, n_query, repeats, device) -> dic
     ckpts = te.Checkpoints.from_files(paths)
     tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=proj_dim, projection="factored",
                        device=device)
+    one = (X[:1], y[:1])
+    tracin.features(one)  # settles the layout: tracin.dim is provisional until a batch has been seen
     store = te.FeatureStore(n_query, 4, tracin.dim, torch.float16)
     block = torch.randn(5000, tracin.dim, generator=torch.Generator().manual_seed(1)) * 1e-2
     block_norms = tracin.featurizer.sq_norms(block)
@@ -171,7 +173,6 @@ def query_latency(model, paths, X, y, proj_dim, n_query, repeats, device) -> dic
             b = min(len(block), n_query - s)
             store.write(c, s, block[:b], block_norms[:b])
     index = te.GradientIndex(tracin, store)
-    one = (X[:1], y[:1])
     index.top_k(one, k=10)  # warm-up: caches the 4 checkpoints, makes the store resident on a GPU (once)
     q_total, _ = clock(lambda: index.top_k(one, k=10), device, repeats)
     q_grad, t = clock(lambda: tracin.features(one, out_device=device), device, repeats)

@@ -205,3 +205,24 @@ def test_numpy_k_is_accepted(tiny):
     model, ckpts, X, y = tiny
     index = te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X, y), progress=False)
     assert index.top_k((X[:2], y[:2]), k=np.int64(3)).proponents.indices.shape == (2, 3)
+
+
+def test_query_features_of_another_length_than_the_stored_rows_are_refused():
+    """A store filled before its TracIn had seen a batch (tracin.dim still provisional: a factored
+    projection settles its layout on the first batch) is refused at the query with both lengths, not a
+    shape error from inside a matrix product."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [0.1]),
+                       loss_fn=F.cross_entropy, proj_dim=64)
+    provisional = tracin.dim
+    store = te.FeatureStore(5, 1, provisional, torch.float32)
+    store.write(0, 0, torch.randn(5, provisional))
+    index = te.GradientIndex(tracin, store)
+    test = (torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))
+    with pytest.raises(te.TracInError, match=rf"have {tracin.features(test).shape[-1]} numbers per checkpoint but "
+                                             rf"the stored rows have {provisional}"):
+        index.top_k(test, k=3)
+    assert tracin.dim != provisional
+    with pytest.raises(te.TracInError, match="numbers per checkpoint"):
+        index.influence(features=torch.zeros(1, 2, provisional + 1))

@@ -130,18 +130,29 @@ class GradientIndex:
     def query_features(self, test_data: Any = None, target: Target = "loss", batch_fn: BatchFn | None = None,
                        features: torch.Tensor | None = None) -> torch.Tensor:
         """`features` when given, else test_features(test_data, target, batch_fn): Tensor (C, m, dim)
-        on the computing device (self.device)."""
+        on the computing device (self.device); refused when their length is not the stored rows' dim."""
         if features is not None:
-            return features.to(self.device)
+            return self._check_dim(features.to(self.device))
         if test_data is None:
             raise TracInError("pass test_data (or features= from index.test_features(...)).")
         try:
-            return self.test_features(test_data, target, batch_fn, out_device=self.device).to(self.device)
+            t = self.test_features(test_data, target, batch_fn, out_device=self.device).to(self.device)
         except (RuntimeError, TracInError) as exc:  # other shape or dtype than the training examples?
             err = self.tracin.explain(exc, test_data, batch_fn, self.store.metadata.get("data"))
             if err is None:
                 raise
             raise err from exc
+        return self._check_dim(t)
+
+    def _check_dim(self, t: torch.Tensor) -> torch.Tensor:
+        if t.shape[-1] != self.store.dim:
+            raise TracInError(
+                f"query features have {t.shape[-1]} numbers per checkpoint but the stored rows have "
+                f"{self.store.dim}: the rows were made with another feature layout (another proj_dim, "
+                "layers= or projection, or a store filled before its TracIn had seen a batch, when tracin.dim "
+                "is still provisional). Build the index with tracin.index(data), or reopen it with "
+                "GradientIndex.load(path, tracin).")
+        return t
 
     # -- queries ----------------------------------------------------------------------------------
     def _scores(self, t: torch.Tensor, weights: torch.Tensor, out_device: Any, **kw: Any) -> torch.Tensor:

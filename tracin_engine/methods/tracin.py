@@ -91,7 +91,9 @@ class TracIn:
 
     @property
     def dim(self) -> int:
-        """Feature length per example per checkpoint: P (exact) or proj_dim."""
+        """Feature length per example per checkpoint: P (exact), or at most proj_dim. With a factored
+        projection it is provisional until the first batch is seen (which layers see one position, the
+        calibrated shares): read it after tracin.index() or tracin.features()."""
         return self.featurizer.dim
 
     def settings(self) -> IndexSettings:
