@@ -233,3 +233,23 @@ def test_oom_while_clustering_halves_the_block(cnn_index, monkeypatch):
     got = cnn_index.cluster(5, seed=1, block_size=64, cache_bytes=0)
     assert torch.equal(got.labels, want.labels)
     assert torch.allclose(got.centrality, want.centrality, rtol=1e-5)
+
+
+def test_auto_batch_size_counts_the_dense_route_of_a_factored_projection(monkeypatch):
+    """The factored projection may form dW_b (B, R, C) for blocks with many positions (dense_route):
+    the automatic batch size leaves room for two float32 copies of the largest one."""
+    from tracin_engine.gradients.featurize import auto_batch_size
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 6 * 6, 10))
+    tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [0.1]),
+                       loss_fn=F.cross_entropy, proj_dim=64)
+    tracin.features((torch.randn(2, 3, 8, 8), torch.tensor([0, 1])))   # settles the layout
+    fp = tracin.featurizer.projection
+    assert fp.dense_numel() == 8 * 27          # the convolution; the Linear sees one position (outer)
+    monkeypatch.setattr(memory, "_cpu_available", lambda: 2 * 2**23)  # budget: half of it, 8 MiB
+    per_row = 16 * tracin.dim + 2**16
+    assert auto_batch_size(tracin.featurizer) == 2**23 // (per_row + 8 * 216) == 122
+    monkeypatch.setattr(type(fp), "dense_numel", lambda self: 2**17)
+    assert auto_batch_size(tracin.featurizer) == 2**23 // (per_row + 8 * 2**17) == 7

@@ -295,6 +295,11 @@ class FactoredProjection(HookFeaturizer):
         Q = self.second(i, g0.device, g0.dtype)
         out.copy_(Z.flatten(1) if Q is None else Z.flatten(1) @ Q)
 
+    def dense_numel(self) -> int:
+        """Numbers per example of the largest dW_b the dense route may form (0 when none can)."""
+        return max([b.R * b.C for b in self.blocks if b.kind == "kron" and not b.outer and len(b.uses) == 1
+                    and b.R * b.C <= DENSE_MAX_NUMEL], default=0)
+
     def dense_route(self, i: int, b: Block, contrib: list[Contribution]) -> bool:
         """Whether block i is cheaper projected from its per-example gradients dW_b (B, R, C) than position
         by position. Per example, in multiply-adds (T positions, R rows, C cols, k_c / k_r the factors):

@@ -250,11 +250,14 @@ def auto_batch_size(featurizer: Featurizer) -> int:
     at most 1024 on CUDA and 256 elsewhere; halved on out-of-memory.
 
     Bytes per example: 4 copies of its flat gradient (float32) when the path forms it (vmap, loop,
-    dense projection), else 4 copies of its stored row, plus 64 KB for activations.
+    dense projection), else 4 copies of its stored row, plus 64 KB for activations; a factored
+    projection adds 2 float32 copies of the largest weight gradient its dense route may form.
     """
     grads = featurizer.grads
     flat = featurizer.mode in ("vmap", "loop") or isinstance(featurizer.projection, RandomProjection)
     per_row = 16 * (grads.num_params if flat else featurizer.dim) + 2**16
+    if featurizer.mode == "factored":
+        per_row += 8 * featurizer.projection.dense_numel()
     return rows_that_fit(per_row, grads.device, maximum=1024 if grads.device.type == "cuda" else 256)
 
 
