@@ -101,17 +101,18 @@ def test_bmm_into_a_strided_view_and_across_dtypes(accumulate):
         assert torch.equal(rows[:, :10], before[:, :10]) and torch.equal(rows[:, 30:], before[:, 30:])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_sq_norms_of_rows_wider_than_a_chunk(dtype):
     torch.manual_seed(0)
-    k = 2**17 + 2**16 + 11                               # three chunks and a remainder
+    k = 2**17 + 2**16 + 11                               # many chunks and a remainder
     f = torch.randn(3, k + 30).to(dtype)
     lay = Layout([Segment("dense", 0, k), Segment("outer", k, 10, 20)])
     f64 = f.double()
     want = (f64[:, :k] ** 2).sum(1) + (f64[:, k:k + 10] ** 2).sum(1) * (f64[:, k + 10:] ** 2).sum(1)
     got = lay.sq_norms(f)
     assert got.dtype == torch.float64
-    assert torch.allclose(got, want, rtol=1e-6)           # float32 accumulation within each chunk
+    # float32 accumulation within each chunk of 4096 (float64 for float64 rows), then float64
+    assert torch.allclose(got, want, rtol=1e-12 if dtype == torch.float64 else 1e-6)
 
 
 def test_empty_output_large_cpu_tensor_is_usable_and_small_ones_are_plain():
