@@ -48,7 +48,7 @@ def test_factored_rows_by_positions_and_from_dense_gradients_agree(name, gain, m
 
     if name.startswith("hf_"):
         pytest.importorskip("transformers")
-    monkeypatch.setattr(factored, "DENSE_GAIN", gain)
+    monkeypatch.setattr(factored, "DENSE_GAIN", {"cpu": gain})
     model, x, y, loss = MODELS[name]()
     gc = GradientComputer(model, loss, device="cpu")
     state = gc.prepare(model.state_dict())

@@ -73,7 +73,8 @@ def _split(budget: int, A: int, O: int, outer: bool) -> tuple[int, int]:
 EQUAL_SHARE = 0.05   # part of proj_dim shared equally over blocks whatever their calibrated norms
 WIDE_CAP = 16384     # largest first (Kronecker) stage k_r k_c of a two-stage block
 DENSE_MAX_NUMEL = 2**17  # largest per-example weight gradient R x C formed to project a block (dense_route)
-DENSE_GAIN = 1.0     # ... where it needs fewer multiply-adds than DENSE_GAIN x the position-wise form
+DENSE_GAIN = {"cpu": 1.0}  # ... where it needs fewer multiply-adds than this x the position-wise form (per
+                           # device type; elsewhere 0.5: clear wins only, the GPU's kernels for it unmeasured)
 
 
 class FactoredProjection(HookFeaturizer):
@@ -308,7 +309,9 @@ class FactoredProjection(HookFeaturizer):
         (the same products in another order). Dense wins where positions are many and channels few (the
         early convolutions of a small CNN: 32 x 32 positions, 16-32 channels, a few hundred projected
         columns; CifarNet(16) on the CPU: factored rows 2.3x faster) and is taken there, when dW_b has at
-        most DENSE_MAX_NUMEL numbers (one use, no tied parameters, not an Embedding)."""
+        most DENSE_MAX_NUMEL numbers (one use, no tied parameters, not an Embedding). On the CPU whichever
+        needs fewer multiply-adds; on other devices only where the dense way needs at most half (DENSE_GAIN:
+        the GPU kernels of the two ways have not been timed against each other)."""
         if len(contrib) != 1 or not self.dense_ok:
             return False
         h, ctx, g = contrib[0]
@@ -320,7 +323,7 @@ class FactoredProjection(HookFeaturizer):
             by_positions, dense = T * (R + C) * ka + T * ka, T * R * C + R * C * ka + R * ka
         else:
             by_positions, dense = T * (R * kg + C * ka) + T * kg * ka, T * R * C + R * C * ka + R * ka * kg
-        return dense < DENSE_GAIN * by_positions
+        return dense < DENSE_GAIN.get(g.device.type, 0.5) * by_positions
 
     def _dense_rows(self, i: int, b: Block, contrib: Contribution, Pa: torch.Tensor, Pg: torch.Tensor,
                     Pw: torch.Tensor, pb: torch.Tensor | None, out: torch.Tensor) -> None:
