@@ -166,16 +166,20 @@ def test_no_hidden_syncs_in_scoring(cnn_run, data, record_property):
     x, y = train[0][:64].cuda(), train[1][:64].cuda()
     with counting_syncs("cuda") as fz:
         tracin.featurizer.rows(state, x, y)
+    with counting_syncs("cuda") as fz_cpu:      # a batch from the CPU: labels checked on the CPU copy
+        tracin.featurizer.rows(state, train[0][:64], train[1][:64])
     with counting_syncs("cuda") as sc:
         total = sum(s.sum() for _, s in score_blocks(t, feats, idx.learning_rates, idx.layout))
     with counting_syncs("cuda") as q:
         idx.top_k(features=t, k=10)
     record_property("featurization_batch_syncs", fz["syncs"])
+    record_property("featurization_cpu_batch_syncs", fz_cpu["syncs"])
     record_property("scoring_syncs", sc["syncs"])
     record_property("top_k_query_syncs", q["syncs"])
     assert torch.isfinite(total)
     assert sc["syncs"] == 0  # the scoring loop never waits for the GPU
     assert q["syncs"] <= 4   # the query: only the transfers of its results to the CPU
+    assert fz_cpu["syncs"] <= 2  # at most the two pageable copies of inputs and labels; no label check on the GPU
 
 
 def test_forced_out_of_memory_backs_off(small_digits, monkeypatch, record_property):

@@ -321,3 +321,42 @@ def test_predictions_of_a_language_model_name_the_per_token_alternative():
     with pytest.raises(te.TracInError, match=r"shape \(4, 6, 20\).*argmax\(-1\)"):
         tracin.predictions((ids,))
     assert tracin.outputs((ids,)).argmax(-1).shape == (4, 6)
+
+
+def test_label_checks_read_the_cpu_batch_on_an_accelerator():
+    """On a GPU the label range check runs on the CPU copy of the batch's targets (a check on the device
+    makes the host wait for the GPU every batch); forced here on the CPU: same errors, same rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [0.1]), loss_fn=F.cross_entropy)
+    gc = tracin.featurizer.grads
+    assert gc.check_on_host is False                      # on the CPU the labels are already there
+    gc.check_on_host = True
+    X, y = torch.randn(6, 4), torch.tensor([0, 2, 1, 0, 2, 1])
+    checked = []
+    real = gc.loss_fn.check
+    gc.loss_fn.check = lambda out, labels: (checked.append(labels), real(out, labels))
+    want = te.TracIn(model, tracin.checkpoints, loss_fn=F.cross_entropy).features((X, y))
+    torch.testing.assert_close(tracin.features((X, y)), want)
+    assert checked and all(t.device.type == "cpu" and torch.equal(t, y) for t in checked)
+    assert gc._host_targets is not None and torch.equal(gc._host_targets[1], y)   # the CPU copy was kept
+    with pytest.raises(te.TracInError, match=r"labels out of range for 3 classes at positions \[1\]"):
+        tracin.features((X, torch.tensor([0, 7, 1, 0, 2, 1])))
+
+
+def test_causal_lm_targets_are_derived_on_the_cpu_too():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=30, n_embd=8, n_layer=1, n_head=2, n_positions=16,
+                                  attn_implementation="eager", bos_token_id=0, eos_token_id=0)
+    lm = transformers.GPT2LMHeadModel(cfg).eval()
+    ids, mask = _tokens(n=4, T=6, vocab=30)
+    tr = te.TracIn(lm, te.Checkpoints.from_state_dicts([lm.state_dict()], [1.0]), loss_fn="causal_lm")
+    gc = tr.featurizer.grads
+    want = tr.features({"input_ids": ids, "attention_mask": mask})
+    gc.check_on_host = True
+    x, y = gc.batch({"input_ids": ids, "attention_mask": mask}, None)
+    dev, host = gc._host_targets
+    assert dev is y and host is not y and host.device.type == "cpu" and torch.equal(host, y)
+    assert (host == -100).sum() == (mask == 0).sum()       # padding masked out on the CPU copy as well
+    torch.testing.assert_close(tr.features({"input_ids": ids, "attention_mask": mask}), want)

@@ -114,6 +114,8 @@ class GradientComputer:
         self.aliases = set(tied_aliases(model.state_dict()))  # tied weights: one key each (functional_call ties)
         self._model_keys = [k for k in model.state_dict() if k not in self.aliases]
         self._validated = False
+        self.check_on_host = self.device.type != "cpu"  # label checks on the CPU batch (tests force it there)
+        self._host_targets: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- checkpoint state -------------------------------------------------------------------------
     def prepare(self, state: dict[str, torch.Tensor], name: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -169,7 +171,25 @@ class GradientComputer:
         padding (attention_mask == 0) set to -100 where the loss says so (losses.py)."""
         x = self.cast(inputs)
         y = None if targets is None else targets.to(self.device)
-        return x, self.loss_fn.targets(x, y)
+        y = self.loss_fn.targets(x, y)
+        self._host_targets = self._on_host(inputs, targets, y)
+        return x, y
+
+    def _on_host(self, inputs: Any, targets: torch.Tensor | None, y: torch.Tensor | None):
+        """(y, the same targets computed from the CPU batch) when the device is not the CPU and the batch
+        came from the CPU, else None. check_outputs then checks the labels' range on the CPU copy: on the
+        device that check must read a result back (nonzero: the GPU waits for everything queued), and it
+        must happen before the loss runs (an out-of-range class index is a fatal device-side assert)."""
+        if y is None or not self.check_on_host:
+            return None
+        try:
+            on_cpu = all(t.device.type == "cpu" for t in tree.leaves(inputs))
+        except TracInError:
+            return None
+        if not on_cpu or (targets is not None and targets.device.type != "cpu"):
+            return None
+        host = self.loss_fn.targets(inputs, targets)
+        return None if host is None else (y, host)
 
     def check_args(self, y: torch.Tensor | None, target: Target) -> None:
         """Fail early when the objective cannot be formed (no labels)."""
@@ -177,9 +197,11 @@ class GradientComputer:
             raise TracInError(self.loss_fn.no_labels())
 
     def check_outputs(self, out: torch.Tensor, y: torch.Tensor | None, target: Target) -> None:
-        """Labels must fit the output (class indices 0..C-1, token ids below the vocabulary size)."""
+        """Labels must fit the output (class indices 0..C-1, token ids below the vocabulary size); checked on
+        the CPU copy of the batch's targets when batch() kept one (only the output's shape is read)."""
         if isinstance(target, str) and target == "loss":
-            self.loss_fn.check(out, y)
+            host = self._host_targets
+            self.loss_fn.check(out, host[1] if host is not None and host[0] is y else y)
 
     @staticmethod
     def loss_error(exc: Exception, out: torch.Tensor, y: torch.Tensor | None) -> TracInError:
