@@ -214,12 +214,17 @@ def test_token_losses_average_each_sequence_over_its_own_tokens():
         resolve_loss("ctc")
 
 
-def test_causal_lm_matches_the_library_loss_and_ignores_padding():
+def _tiny_gpt2():
+    """A transformers GPT-2 LM (vocab 30, width 8, one layer) in eval mode, seeded."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=30, n_embd=8, n_layer=1, n_head=2, n_positions=16,
                                   attn_implementation="eager", bos_token_id=0, eos_token_id=0)
-    lm = transformers.GPT2LMHeadModel(cfg).eval()
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def test_causal_lm_matches_the_library_loss_and_ignores_padding():
+    lm = _tiny_gpt2()
     ids, mask = _tokens(n=4, T=6, vocab=30)
     tr = te.TracIn(lm, te.Checkpoints.from_state_dicts([lm.state_dict()], [1.0]), loss_fn="causal_lm")
     gc = tr.featurizer.grads
@@ -239,11 +244,7 @@ def test_causal_lm_matches_the_library_loss_and_ignores_padding():
 
 
 def test_lm_prediction_form_is_the_log_probability_of_the_continuation():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=30, n_embd=8, n_layer=1, n_head=2, n_positions=16,
-                                  attn_implementation="eager", bos_token_id=0, eos_token_id=0)
-    lm = transformers.GPT2LMHeadModel(cfg).eval()
+    lm = _tiny_gpt2()
     ckpts = te.Checkpoints.from_state_dicts([lm.state_dict()], [1.0])
     tr = te.TracIn(lm, ckpts, loss_fn="causal_lm", per_example="loop")
     prompt_and_continuation = torch.tensor([[4, 9, 2, 7, 7]])
@@ -345,11 +346,7 @@ def test_label_checks_read_the_cpu_batch_on_an_accelerator():
 
 
 def test_causal_lm_targets_are_derived_on_the_cpu_too():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=30, n_embd=8, n_layer=1, n_head=2, n_positions=16,
-                                  attn_implementation="eager", bos_token_id=0, eos_token_id=0)
-    lm = transformers.GPT2LMHeadModel(cfg).eval()
+    lm = _tiny_gpt2()
     ids, mask = _tokens(n=4, T=6, vocab=30)
     tr = te.TracIn(lm, te.Checkpoints.from_state_dicts([lm.state_dict()], [1.0]), loss_fn="causal_lm")
     gc = tr.featurizer.grads
