@@ -89,7 +89,6 @@ class FactoredProjection(HookFeaturizer):
         self.weights: list[float] | None = None         # calibration: mean squared norm per block
         self.fixed: list[list[int]] | None = None       # an allocation adopted from a stored index
         self._cache: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.dense_ok = True                             # dense_route allowed (tests turn it off to compare)
         try:
             super().__init__(grads)
         except Unsupported as exc:
@@ -296,10 +295,16 @@ class FactoredProjection(HookFeaturizer):
         Q = self.second(i, g0.device, g0.dtype)
         out.copy_(Z.flatten(1) if Q is None else Z.flatten(1) @ Q)
 
+    @staticmethod
+    def _dense_candidate(b: Block) -> bool:
+        """Whether the dense route may ever form block b's dW_b: a kron block stored dense, with one use, a
+        handler with dense gradients (not an Embedding) and at most DENSE_MAX_NUMEL weights."""
+        return (b.kind == "kron" and not b.outer and len(b.uses) == 1 and not b.uses[0].handler.sparse_grad
+                and b.R * b.C <= DENSE_MAX_NUMEL)
+
     def dense_numel(self) -> int:
         """Numbers per example of the largest dW_b the dense route may form (0 when none can)."""
-        return max([b.R * b.C for b in self.blocks if b.kind == "kron" and not b.outer and len(b.uses) == 1
-                    and b.R * b.C <= DENSE_MAX_NUMEL], default=0)
+        return max([b.R * b.C for b in self.blocks if self._dense_candidate(b)], default=0)
 
     def dense_route(self, i: int, b: Block, contrib: list[Contribution]) -> bool:
         """Whether block i is cheaper projected from its per-example gradients dW_b (B, R, C) than position
@@ -312,11 +317,9 @@ class FactoredProjection(HookFeaturizer):
         most DENSE_MAX_NUMEL numbers (one use, no tied parameters, not an Embedding). On the CPU whichever
         needs fewer multiply-adds; on other devices only where the dense way needs at most half (DENSE_GAIN:
         the GPU kernels of the two ways have not been timed against each other)."""
-        if len(contrib) != 1 or not self.dense_ok:
+        if len(contrib) != 1 or not self._dense_candidate(b):   # one call of its one use
             return False
         h, ctx, g = contrib[0]
-        if h.sparse_grad or b.R * b.C > DENSE_MAX_NUMEL:
-            return False
         T, R, C = h.positions(ctx, g), b.R, b.a_dim
         ka, kg = self.k[i]
         if self.paired[i]:
