@@ -15,10 +15,13 @@ Per model, on the same batch (after a few SGD steps, so the checkpoint is not th
                                 records the graph is slower than forward_s)
     factored_examples_per_s     TracIn(proj_dim=4096) (projection="auto" -> factored) rows of the batch,
                                 incl. squared norms and the finiteness check; ratio_factored_to_training
-                                (TF32 off, the engine's default; on CUDA also factored_tf32_*: TracIn(tf32=True),
-                                the TF32 the training step's cuDNN convolutions use by PyTorch's default)
+                                under the engine's default TF32 policy (tf32="auto": on for this projected
+                                index, as PyTorch's default for the training step's cuDNN convolutions);
+                                on CUDA also factored_tf32_off_*: TracIn(tf32=False), IEEE float32
+    exact_s, ...                exact rows under exact mode's default (TF32 off)
     exact_s, ratio_exact_to_backward   exact rows (layer handlers) of the batch, bookkeeping included
-    bookkeeping_s               squared norms + finiteness check of the exact rows
+    index_exact_s_per_batch     tracin.index (exact) of 4 batches into an in-memory store, per batch
+    bookkeeping_s               squared norms of the exact rows (they are also the finiteness screen)
     top10_overlap               top-10 proponents of n_test examples over n_train: factored(4096) vs exact
 --small: half the sizes (documented in docs/benchmarks.md when used).
 """
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 
 import tracin_engine as te
 from tracin_engine.devices import tf32_mode
-from tracin_engine.gradients.featurize import check_finite
+from tracin_engine.store.writer import non_finite_rows
 
 from models import CausalLM, Encoder, ResNet, ViT, hf_bert, hf_gpt2, lm_loss, token_batch
 
@@ -207,37 +210,44 @@ def run_model(name: str, args) -> dict:
     state = fact.state(0)
     fz.resolve(state, xb, yb)
 
-    def featurize(f, tf32: bool = False):
-        def go():                                        # the engine's TF32 policy (off unless tf32=True)
+    def featurize(f, tf32: bool):
+        def go():                                        # the engine's TF32 policy (TracIn.tf32)
             with tf32_mode(tf32):
                 r = f.rows(state, xb, yb)
                 sq = f.sq_norms(r.features)
-                check_finite(r.features, 0, "bench")
+                assert not non_finite_rows(r.features, sq)   # featurization's screen (store/writer.py)
                 sync()
             return sq
         return go
 
-    fact_s = median_time(featurize(fz), args.repeats)
+    fact_s = median_time(featurize(fz, fact.tf32), args.repeats)
     out.update({"projection": fz.projection_kind, "factored_row_dim": fact.dim,
                 "factored_examples_per_s": round(B / fact_s, 1),
                 "ratio_factored_to_training": round(train_s / fact_s, 3)})
-    if dev.type == "cuda":   # the training step ran with PyTorch's TF32 defaults; TracIn(tf32=True) matches them
-        fact_tf32_s = median_time(featurize(fz, True), args.repeats)
+    if dev.type == "cuda":
+        out["tf32"] = fact.tf32   # the training step ran with PyTorch's TF32 defaults; also IEEE featurization
+        fact_ieee_s = median_time(featurize(fz, False), args.repeats)
         out.update({"training_tf32": {"cudnn": torch.backends.cudnn.allow_tf32,
                                       "matmul": torch.backends.cuda.matmul.allow_tf32},
-                    "factored_tf32_examples_per_s": round(B / fact_tf32_s, 1),
-                    "ratio_factored_tf32_to_training": round(train_s / fact_tf32_s, 3)})
+                    "factored_tf32_off_examples_per_s": round(B / fact_ieee_s, 1),
+                    "ratio_factored_tf32_off_to_training": round(train_s / fact_ieee_s, 3)})
 
     exact = te.TracIn(model, ckpts, loss_fn=loss_fn, device=dev)
     ez = exact.featurizer
     ez.resolve(state, xb, yb)
-    exact_s = median_time(featurize(ez), args.repeats)
+    exact_s = median_time(featurize(ez, exact.tf32), args.repeats)
     rows = ez.rows(state, xb, yb).features
-    book_s = median_time(lambda: (ez.sq_norms(rows), check_finite(rows, 0, "bench"), sync()), args.repeats)
+    book_s = median_time(lambda: (non_finite_rows(rows, ez.sq_norms(rows)), sync()), args.repeats)
     out.update({"exact_mode": ez.mode, "exact_row_dim": exact.dim, "exact_s": round(exact_s, 4),
                 "ratio_exact_to_backward": round(exact_s / max(bwd_s, 1e-9), 2),
                 "ratio_exact_to_fwd_bwd": round(exact_s / fb_s, 2), "bookkeeping_s": round(book_s, 4)})
     del rows
+    # the product path: tracin.index of 4 batches into an in-memory store (rows written in place), warm
+    nb = min(4, len(y) // B)
+    few = (X[:nb * B].to(dev), y[:nb * B].to(dev))
+    idx_s = median_time(lambda: (exact.index(few, progress=False, batch_size=B), sync()), 2) / nb
+    out.update({"index_exact_s_per_batch": round(idx_s, 4),
+                "ratio_index_exact_to_backward": round(idx_s / max(bwd_s, 1e-9), 2)})
 
     if args.n_train:
         train = (X[:args.n_train], y[:args.n_train])

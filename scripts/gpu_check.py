@@ -103,8 +103,9 @@ def main() -> int:
         ratio, q = scale.get("ratio_factored_to_training"), scale.get("query_scoring_top10_ms")
         report["targets"] = {
             "featurize_ge_0.75x_training_at_proj_dim_4096": None if ratio is None else ratio >= 0.75,
-            "featurize_tf32_ge_0.75x_training": (None if scale.get("ratio_factored_tf32_to_training") is None
-                                                 else scale["ratio_factored_tf32_to_training"] >= 0.75),
+            "featurize_tf32_off_ge_0.75x_training": (
+                None if scale.get("ratio_factored_tf32_off_to_training") is None
+                else scale["ratio_factored_tf32_off_to_training"] >= 0.75),
             "top10_over_50k_x_4_checkpoints_lt_20ms": (None if scale.get("query_top10_total_ms") is None
                                                        else scale["query_top10_total_ms"] < 20),
             "scoring_only_ms": q,

@@ -75,7 +75,7 @@ def handler_agreement(build: Callable, device: str = "cuda", proj_dim: int = 256
     m32 = copy.deepcopy(model).float()
     data = (x.float() if x.is_floating_point() else x, y)
     ckpts = te.Checkpoints.from_state_dicts([{k: v.detach().clone() for k, v in m32.state_dict().items()}], [1.0])
-    for name, kw in (("exact", {}), ("factored", {"proj_dim": proj_dim, "projection": "factored"})):
+    for name, kw in (("exact", {}), ("factored", {"proj_dim": proj_dim, "projection": "factored", "tf32": False})):
         a = te.TracIn(m32, ckpts, loss_fn=loss, device="cpu", **kw).index(data, progress=False)
         b = te.TracIn(m32, ckpts, loss_fn=loss, device=device, **kw).index(data, progress=False)
         out[f"{name}_influence_rel_err"] = rel_err(b.influence(data), a.influence(data))
@@ -88,7 +88,8 @@ def store_agreement(model, ckpts, train, test, path, device: str = "cuda") -> di
     relative errors of the scores against sum_c eta_c <t_c, F_c> in float64 from the same stored rows,
     and the tolerance: float32 products (CUDA; a CPU with many test rows) agree to agreement_tolerance,
     half products (a CPU with few test rows, scoring.half_matmul) to 2 u, u = 2^-11."""
-    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=128, projection="factored", device=device)
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=128, projection="factored", device=device,
+                       tf32=False)   # the IEEE float32 tolerance below
     disk = tracin.index(train, store=path, progress=False, dtype=torch.float16)
     t = tracin.features(test, out_device=device)
     t64, w = t.cpu().double(), disk.learning_rates.double()

@@ -142,8 +142,38 @@ def test_tf32_switch_sets_and_restores_the_flags():
     # tolerances derived from the unit roundoff (docs/gpu.md)
     assert devices.agreement_tolerance(False, 1000) == pytest.approx(64 * 1000 ** 0.5 * 2 ** -24)
     assert devices.agreement_tolerance(True, 1000) > 100 * devices.agreement_tolerance(False, 1000)
-    lin = nn.Linear(2, 2)
-    assert te.TracIn(lin, te.Checkpoints.from_state_dicts([lin.state_dict()], [1.0])).tf32 is False
+
+
+def test_tf32_auto_allows_it_for_projected_indexes_only(monkeypatch):
+    """tf32="auto" (the default): True with proj_dim (projection error ~1/sqrt(proj_dim) >> TF32's 1e-3),
+    False for exact gradients and for a projected TracIn's exact sibling (rerank); explicit values win;
+    the resolved flag is what featurization runs under."""
+    from tracin_engine.methods import tracin as tracin_mod
+
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2)
+    ck = te.Checkpoints.from_state_dicts([lin.state_dict()], [1.0])
+    exact, proj = te.TracIn(lin, ck), te.TracIn(lin, ck, proj_dim=4)
+    assert exact.tf32 is False and proj.tf32 is True and proj.exact().tf32 is False
+    assert te.TracIn(lin, ck, proj_dim=4, tf32=False).tf32 is False
+    assert te.TracIn(lin, ck, tf32=True).tf32 is True
+    assert te.TracIn(lin, ck, proj_dim=4, tf32=True).exact().tf32 is True   # an explicit choice carries over
+    with pytest.raises(te.TracInError, match="tf32 must be 'auto', True or False"):
+        te.TracIn(lin, ck, tf32="yes")
+    seen = []
+    real = tracin_mod.tf32_mode
+
+    def spy(enabled):
+        seen.append(enabled)
+        return real(enabled)
+
+    monkeypatch.setattr(tracin_mod, "tf32_mode", spy)
+    data = (torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]))
+    te.TracIn(lin, ck, proj_dim=4, loss_fn=nn.functional.cross_entropy).index(data, progress=False)
+    assert seen and set(seen) == {True}
+    seen.clear()
+    te.TracIn(lin, ck, loss_fn=nn.functional.cross_entropy).index(data, progress=False)
+    assert seen and set(seen) == {False}
 
 
 # -- the projection generator, checked against an independent pure-Python implementation -----------

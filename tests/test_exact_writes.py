@@ -77,6 +77,69 @@ def test_reused_and_tied_layers_accumulate_in_place():
     assert tied == [[nn.Linear, nn.Embedding]]           # the dense use first in module order
 
 
+@pytest.mark.parametrize("store_dtype", [None, torch.float32], ids=["in_place", "reused_buffer"])
+def test_featurize_writes_rows_in_place_or_into_one_reused_buffer(store_dtype, tmp_path, monkeypatch):
+    """On the CPU featurization writes each micro-batch's exact rows straight into the store when it
+    holds the rows' dtype (FeatureStore.destination), else into the first micro-batch's rows reused
+    (no fresh memory per batch); either way each stored row equals the float64 per-example loop's
+    (stale numbers of the previous batch anywhere, e.g. in the tied embedding's untouched rows, fail)."""
+    import tracin_engine as te
+    from tracin_engine.gradients import hooks as hooks_mod
+
+    torch.manual_seed(1)
+    model = Reused().double()
+    ids, y = torch.randint(0, 9, (11, 6)), torch.randint(0, 9, (11,))
+    ids[5:] = torch.randint(0, 3, (6, 6))                # later batches use fewer tokens than earlier ones
+    made = []
+    real = hooks_mod.empty_output
+
+    def counting(shape, dtype, device):
+        made.append(shape)
+        return real(shape, dtype, device)
+
+    monkeypatch.setattr(hooks_mod, "empty_output", counting)
+    later = {k: v * 1.5 for k, v in model.state_dict().items()}
+    tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict(), later], [1.0, 0.5]),
+                       loss_fn=F.cross_entropy)
+    idx = tracin.index((ids, y), progress=False, batch_size=4, dtype=store_dtype)
+    gc = tracin.featurizer.grads
+    assert tracin.featurizer.mode == "hooks"
+    # 2 checkpoints x 3 batches (4, 4, 3); before them only the path's 2-example trial
+    trial = [(1, 2, tracin.dim)]
+    assert made in ((trial, []) if store_dtype is None else (trial + [(1, 4, tracin.dim)], [(1, 4, tracin.dim)]))
+    rtol = 1e-9 if store_dtype is None else 1e-6
+    for c in range(2):
+        want = gc.reference(tracin.state(c), ids, y)
+        got = tracin.featurizer.hooks.expand(idx.features(c).double())
+        assert torch.allclose(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+    # on disk too; a run interrupted after its first batch resumes without writing into rows already done
+    from tracin_engine.store.feature_store import FeatureStore
+
+    real_write, real_dest, seen = FeatureStore.write, FeatureStore.destination, []
+
+    def interrupt_second(self, c, start, *args, **kw):
+        if (c, start) != (0, 0):
+            raise KeyboardInterrupt
+        real_write(self, c, start, *args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(FeatureStore, "write", interrupt_second)
+        with pytest.raises(KeyboardInterrupt):
+            tracin.index((ids, y), store=tmp_path / "ix", progress=False, batch_size=4, dtype=store_dtype)
+    m = FeatureStore.open(tmp_path / "ix")
+    before, done = m.features(0)[:4].clone(), m.done_mask.clone()
+    del m
+    assert done[0, :4].all() and not done[0, 4:].any() and not done[1].any()
+    monkeypatch.setattr(FeatureStore, "destination",
+                        lambda self, c, s, e: seen.append((c, s)) or real_dest(self, c, s, e))
+    again = tracin.index((ids, y), store=tmp_path / "ix", progress=False, batch_size=4, dtype=store_dtype)
+    assert torch.equal(again.features(0)[:4], before) and (0, 0) not in seen and len(seen) == 5
+    for c in range(2):
+        want = gc.reference(tracin.state(c), ids, y)
+        got = tracin.featurizer.hooks.expand(again.features(c).double())
+        assert torch.allclose(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+
+
 def test_handler_overriding_only_grad_matrix_is_used():
     torch.manual_seed(0)
     register_handler(SlowLinear, SlowLinearHandler)
@@ -126,6 +189,22 @@ def test_empty_output_large_cpu_tensor_is_usable_and_small_ones_are_plain():
     assert float(row[-1]) == 3.0 and float(row.sum()) == 3.0 * (n // 2)
     small = empty_output((3, 4), torch.float64, torch.device("cpu"))
     assert small.shape == (3, 4) and small.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("large", [True, False])
+def test_zeros_output_is_zero_large_or_small(dtype, large):
+    """zeros_output (an in-memory index): zeros, also where it is a kernel-zeroed mapping (large)."""
+    from tracin_engine.buffers import MIN_BYTES, zeros_output
+    import tracin_engine.buffers as buffers
+
+    n = (MIN_BYTES // 2 + 4096) if large else 12
+    z = zeros_output((2, n), dtype, torch.device("cpu"))
+    assert z.shape == (2, n) and z.dtype == dtype and z.is_contiguous()
+    assert not z.any() and (buffers._mapped((2, n), dtype, torch.device("cpu")) is not None) == (
+        large and hasattr(buffers.mmap, "MADV_HUGEPAGE"))
+    z[1, -1] = 2
+    assert float(z.sum()) == 2.0
 
 
 class Convs(nn.Module):

@@ -258,6 +258,27 @@ def test_layer_handlers_on_cuda(name, record_property):
     assert r["factored_influence_rel_err"] < r["factored_tolerance"]
 
 
+@pytest.mark.parametrize("name", ["resnet_bn", "vit", "mixed"])
+@pytest.mark.parametrize("gain", [0.0, float("inf")], ids=["by_positions", "dense"])
+def test_factored_routes_on_cuda(name, gain, monkeypatch, record_property):
+    """Both ways of projecting a block on CUDA (position by position; from the per-example gradient dW_b,
+    FactoredProjection.dense_route, which the default takes on a GPU only where it halves the
+    multiply-adds) give the explicit projection of the CPU loop's float64 gradients."""
+    from tracin_engine.gradients import factored
+    from tracin_engine.gradients.factored import FactoredProjection
+
+    monkeypatch.setattr(factored, "DENSE_GAIN", {"cpu": gain, "cuda": gain})
+    routes = []
+    real = FactoredProjection.dense_route
+    monkeypatch.setattr(FactoredProjection, "dense_route",
+                        lambda self, *a: routes.append(real(self, *a)) or routes[-1])
+    r = handler_agreement(HANDLER_CASES[name], device="cuda")
+    record_property("factored_rel_err", r["factored_rel_err"])
+    assert r["factored_rel_err"] < 1e-9
+    assert r["factored_influence_rel_err"] < r["factored_tolerance"]
+    assert any(routes) == (gain > 0)
+
+
 def test_pipelined_writes_on_cuda_equal_immediate_and_name_non_finite_rows(cnn_run, data, monkeypatch):
     """CUDA featurization writes one micro-batch behind the GPU (store/writer.py): the same store as
     immediate writes, and a NaN input is still named, with the rows before it kept."""
@@ -268,7 +289,7 @@ def test_pipelined_writes_on_cuda_equal_immediate_and_name_non_finite_rows(cnn_r
 
     model, ckpts = cnn_run
     train, _ = data
-    kw = dict(loss_fn=F.cross_entropy, proj_dim=128, device="cuda")
+    kw = dict(loss_fn=F.cross_entropy, proj_dim=128, device="cuda", tf32=False)   # as on its verified run
     piped = te.TracIn(model, ckpts, **kw).index(train, progress=False, batch_size=32)
     with monkeypatch.context() as m:
         m.setattr(featurize_mod, "RowWriter", functools.partial(RowWriter, pipelined=False))

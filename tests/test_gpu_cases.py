@@ -71,6 +71,6 @@ def test_gpu_check_script_reports_json_without_a_gpu(tmp_path):
     names = {c["name"] for c in report["tests"]["cases"]}
     assert "test_nccl_single_rank" in names and "test_cuda_agrees_with_cpu[vmap-factored-tf32_on]" in names
     assert "test_rerank_on_cuda_returns_the_cpu_exact_scores" in names
-    assert "test_layer_handlers_on_cuda[hf_gpt2_tied]" in names
+    assert "test_layer_handlers_on_cuda[hf_gpt2_tied]" in names and "test_factored_routes_on_cuda[dense-vit]" in names
     if not torch.cuda.is_available():
-        assert report["cuda"] is False and report["tests"]["skipped"] == len(names) == 31
+        assert report["cuda"] is False and report["tests"]["skipped"] == len(names) == 37

@@ -36,6 +36,10 @@ def test_handlers_exact_and_factored_match_the_float64_loop(name):
     Z = fp(state, x, y)
     assert fp.layout.dim <= 512
     assert torch.allclose(fp.expand(Z), G @ fp.matrix(), rtol=1e-8, atol=1e-11)
+    for path, want in ((hf, rows), (fp, Z)):   # into a reused buffer (featurization's): every entry written
+        poisoned = torch.full_like(want, float("nan")).unsqueeze(0)
+        got = path.many_with_outputs([state], x, y, rows_out=poisoned)[0]
+        assert got is poisoned and torch.equal(got[0], want)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

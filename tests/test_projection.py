@@ -159,7 +159,7 @@ def test_factored_on_cuda_equals_cpu(cnn_run, small_digits):
     model, ckpts = cnn_run
     train = (small_digits.train[0][:64], small_digits.train[1][:64])
     feats = [te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=320, projection="factored",
-                       device=d).index(train, progress=False).store for d in ("cpu", "cuda")]
+                       device=d, tf32=False).index(train, progress=False).store for d in ("cpu", "cuda")]
     for c in range(len(ckpts)):
         assert torch.allclose(feats[1].features(c).cpu(), feats[0].features(c), rtol=1e-4, atol=1e-6)
     resident = feats[0].resident("cuda")

@@ -82,3 +82,32 @@ def test_large_rows_are_written_at_once_in_order(monkeypatch):
     w.put(0, 2, rows[2:6], sq[2:6], "c0")     # 4 rows: too large, written at once after the pending ones
     assert order == [0, 2] and store.complete
     assert torch.equal(store.features(0), rows) and torch.equal(store.sq_norms[0], sq)
+
+
+@pytest.mark.parametrize("path", ["exact", "factored"])
+def test_squared_norms_screen_every_column_for_non_finite_entries(path):
+    """The writer's finiteness check reads the layout's squared norms instead of another pass over the
+    rows: a NaN or an inf in ANY column (dense, outer-product and low-rank segments: the ViT case has
+    all three) must make that row's norm non-finite, also next to zeros (inf * 0)."""
+    from models import HANDLER_CASES
+
+    from tracin_engine.gradients.factored import FactoredProjection
+    from tracin_engine.gradients.hooks import HookFeaturizer
+    from tracin_engine.gradients.per_example import GradientComputer
+
+    model, x, y, loss = HANDLER_CASES["vit"]()
+    gc = GradientComputer(model.float(), loss, device="cpu")
+    state = gc.prepare(model.state_dict())
+    f = HookFeaturizer(gc) if path == "exact" else FactoredProjection(gc, 512, seed=3)
+    row = f(state, x.float(), y)[0]
+    kinds = {s.kind for s in f.layout.segments}
+    assert kinds == ({"dense", "outer", "lowrank"} if path == "exact" else {"dense", "outer"})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for base in (row, torch.zeros_like(row)):
+            for lo in range(0, row.numel(), 512):
+                cols = torch.arange(lo, min(lo + 512, row.numel()))
+                rows = base.repeat(len(cols), 1)
+                rows[torch.arange(len(cols)), cols] = bad
+                sq = f.layout.sq_norms(rows)
+                assert not torch.isfinite(sq).any()
+                assert writer_mod.non_finite_rows(rows, sq) == list(range(len(cols)))

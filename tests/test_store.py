@@ -25,7 +25,7 @@ class Counting:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def rows(self, state, x, y, target="loss"):  # what featurize() calls for every micro-batch
+    def rows(self, state, x, y, target="loss", out=None):  # what featurize() calls for every micro-batch
         self.calls += 1
         self.sizes.append(x.shape[0])
         if self.fail_at is not None and self.calls == self.fail_at:
@@ -33,7 +33,7 @@ class Counting:
         if self.max_batch is not None and x.shape[0] > self.max_batch:
             raise torch.OutOfMemoryError("fake: CUDA out of memory")
         self.examples += x.shape[0]
-        return self.inner.rows(state, x, y, target)
+        return self.inner.rows(state, x, y, target, out=out)
 
 
 def _tracin(cnn_run, **kw):
@@ -183,3 +183,22 @@ def test_damaged_output_arrays_are_reported(cnn_run, small_digits, tmp_path):
     np.save(tmp_path / "ix" / "losses.npy", np.zeros((2, 10)))
     with pytest.raises(te.TracInError, match="losses.npy holds .* shape \\(2, 10\\), expected float64 \\(4, 20\\)"):
         te.FeatureStore.load(tmp_path / "ix")
+
+
+def test_destination_is_a_view_of_rows_not_yet_written_only(tmp_path):
+    """FeatureStore.destination: rows a featurizer may fill in place (write() then skips the copy);
+    None where a row of the range is done (a resumed run never touches rows already written) or the
+    store is read-only."""
+    from tracin_engine.store.feature_store import FeatureStore
+
+    fs = FeatureStore(8, 1, 3, torch.float32, path=tmp_path / "s")
+    fs.write(0, 0, torch.ones(4, 3))
+    assert fs.destination(0, 2, 6) is None
+    view = fs.destination(0, 4, 8)
+    view.copy_(torch.full((4, 3), 2.0))
+    fs.write(0, 4, view)
+    assert fs.complete and torch.equal(fs.features(0)[4:], torch.full((4, 3), 2.0))
+    assert torch.equal(fs.sq_norms[0], torch.tensor([3.0] * 4 + [12.0] * 4, dtype=torch.float64))
+    del fs
+    ro = FeatureStore.open(tmp_path / "s")
+    assert ro.destination(0, 0, 2) is None and torch.equal(ro.features(0)[4:], torch.full((4, 3), 2.0))

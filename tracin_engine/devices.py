@@ -3,7 +3,8 @@
 Example:
     >>> dev = resolve_device(None, model)          # the model's device, else CUDA when present, else CPU
     >>> scores = to_output(scores_on_gpu)          # the device contract: results live on the CPU
-    >>> with tf32_mode(False):                     # exact float32 products on CUDA (the default policy)
+    >>> resolve_tf32("auto", projected=False)     # False: exact gradients get IEEE float32 products
+    >>> with tf32_mode(False):                     # exact float32 products on CUDA
     ...     ...
 
 The device contract: the engine computes on `TracIn(device=...)` (CUDA when present), but every
@@ -12,10 +13,13 @@ matrices, test features) lives on the CPU, or on `out_device=` where a method ta
 of a CUDA run and a CPU run can be compared, indexed with CPU tensors and plotted as they are.
 
 The TF32 policy: on Ampere and later GPUs float32 matrix products and convolutions can run in
-TF32 (inputs rounded to 10 mantissa bits, unit roundoff 2^-11 instead of 2^-24). The engine turns
-TF32 OFF for its own work by default (`TracIn(..., tf32=False)`): featurization, test gradients
-and scoring then agree with the CPU to float32 accuracy. `tf32=True` allows it for speed (about
-2-8x faster float32 products on A100/H100) at ~1e-3 relative error in scores; rankings barely move.
+TF32 (inputs rounded to 10 mantissa bits, unit roundoff 2^-11 instead of 2^-24). `TracIn(tf32="auto")`
+(the default) allows it for a projected index and forbids it for exact gradients: a projection of
+proj_dim numbers already moves a score by about |g||g'|/sqrt(proj_dim) (1.6e-2 of the norms' product at
+4096), ten times TF32's ~1e-3, while exact mode promises agreement with the CPU to float32 accuracy.
+PyTorch itself runs cuDNN convolutions in TF32 by default, so a projected index then featurizes with
+the convolutions its training step used (2-3x faster than IEEE float32 ones on an H200; docs/gpu.md).
+`tf32=True` / `False` force either; rerank's exact rescoring (TracIn.exact) resolves "auto" as exact.
 The flags are set only around the engine's own computations and restored afterwards.
 agreement_tolerance() states how close a CUDA result must be to the CPU one under each setting.
 """
@@ -27,6 +31,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
+
+from .errors import TracInError
 
 UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8,
                  torch.float16: 2.0 ** -11}
@@ -81,6 +87,15 @@ def tf32_enabled() -> bool:
     obj, attr = _tf32_flags()[0]
     value = getattr(obj, attr)
     return value == "tf32" if isinstance(value, str) else bool(value)
+
+
+def resolve_tf32(tf32: bool | str, projected: bool) -> bool:
+    """The TF32 policy as a bool: "auto" is True for a projected index, False for exact gradients."""
+    if tf32 == "auto":
+        return projected
+    if isinstance(tf32, bool):
+        return tf32
+    raise TracInError(f"tf32 must be 'auto', True or False, got {tf32!r}.")
 
 
 @contextmanager

@@ -125,10 +125,12 @@ print(f"{EPOCHS} epochs in {train_s:.1f} s; test accuracy {acc:.3f}; "
 
 # %%
 ckpts = te.Checkpoints.from_dir(run_dir)
-# tf32=True on a GPU: TF32 convolutions (about 3x faster there); their ~1e-3 relative error is far below
-# the projection's own (~1/sqrt(proj_dim)). The default (False) keeps CUDA equal to the CPU to float32.
+# On a GPU a projected index uses TF32 convolutions by default (tf32="auto"; about 3x faster there):
+# their ~1e-3 relative error is far below the projection's own (~1/sqrt(proj_dim)). Exact mode keeps
+# TF32 off, so CUDA equals the CPU to float32; pass tf32=False to compare a projected index that way.
 tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=PROJ_DIM, projection="factored",
-                   device=device, tf32=ON_GPU)
+                   device=device)
+print("tracin.tf32 =", tracin.tf32, "(used on a GPU only)")
 store_dir = Path(tempfile.mkdtemp(prefix="tracin-index-")) / "index"
 t0 = time.perf_counter()
 index = tracin.index(train_data, store=store_dir, progress=False)

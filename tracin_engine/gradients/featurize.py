@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -170,18 +170,25 @@ class Featurizer:
         """Tensor (B, dim) in float32 (or float64 for a float64 model)."""
         return self._rows(state, x, y, target, with_outputs=False).features
 
-    def rows(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss") -> "Rows":
-        """Features (B, dim) with each example's output-gradient norm and objective: Rows."""
-        return self._rows(state, x, y, target, with_outputs=True)
+    def rows(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss",
+             out: torch.Tensor | None = None) -> "Rows":
+        """Features (B, dim) with each example's output-gradient norm and objective: Rows.
+
+        out: an optional contiguous (B, dim) buffer the hook paths (exact and factored) write the
+        features into when its dtype and device match theirs (then Rows.features is `out`); the vmap
+        and loop paths allocate their own. For callers that store each batch before the next.
+        """
+        return self._rows(state, x, y, target, with_outputs=True, out=out)
 
     def _rows(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target,
-              with_outputs: bool) -> "Rows":
+              with_outputs: bool, out: torch.Tensor | None = None) -> "Rows":
         self.resolve(state, x, y, target)
         out_sq = losses = None
         while True:
             try:  # out-of-memory errors pass through unchanged: the caller's memory.Backoff halves the batch
                 if self.mode in ("hooks", "factored"):
-                    g, out_sq, losses = (t[0] for t in self._hook_path.many_with_outputs([state], x, y, target))
+                    g, out_sq, losses = (t[0] for t in self._hook_path.many_with_outputs(
+                        [state], x, y, target, None if out is None else out.unsqueeze(0)))
                 else:
                     try:
                         g = (self.grads.per_example if self.mode == "vmap" else self.grads.reference)(state, x, y, target)
@@ -262,31 +269,66 @@ def auto_batch_size(featurizer: Featurizer) -> int:
 
 
 class _Chunk:
-    """The micro-batch size in use, under the engine's one out-of-memory policy (memory.Backoff)."""
+    """The micro-batch size in use, under the engine's one out-of-memory policy (memory.Backoff), and
+    where each micro-batch's rows are written on the CPU: in place in the store when it can take them
+    (FeatureStore.destination: no copy), else into one rows buffer reused by every micro-batch (each is
+    stored before the next is computed). A fresh buffer of exact rows (hundreds of MB) costs page faults
+    on first write, and a copy into the store another pass over them (buffers.py)."""
 
     def __init__(self, size: int, device: torch.device):
         self.backoff = Backoff(size, device, what="featurization micro-batch",
                                advice="select fewer layers (layers=[...]) or set proj_dim / projection='factored'.")
+        self.cpu = torch.device(device).type == "cpu"
+        self.buffer: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
         return self.backoff.size
 
+    def out(self, b: int, dest: torch.Tensor | None) -> torch.Tensor | None:
+        """Where b rows go: the store's rows `dest` unless the rows are known not to fit there (another
+        dtype), else a (b, dim) view of the reused buffer; None on accelerators (their allocator reuses)."""
+        if not self.cpu:
+            return None
+        kept = self.buffer
+        if dest is not None and (kept is None or kept.dtype == dest.dtype):
+            return dest
+        return None if kept is None or kept.shape[0] < b else kept[:b]
+
+    def keep(self, features: torch.Tensor, dest: torch.Tensor | None) -> None:
+        """After `features` (B, dim) are stored: keep them as the buffer when none that large is kept
+        (never the store's own rows)."""
+        if not self.cpu or not features.is_contiguous() or (dest is not None and features.data_ptr() == dest.data_ptr()):
+            return
+        b = self.buffer
+        if b is None or b.shape[0] < features.shape[0] or b.shape[1:] != features.shape[1:] or b.dtype != features.dtype:
+            self.buffer = features
+
     def compute(self, featurizer: Featurizer, state: dict, x: torch.Tensor, y: torch.Tensor | None,
-                target: Target) -> Iterator[tuple[int, Rows, torch.Tensor]]:
+                target: Target, dest: Callable[[int, int], torch.Tensor | None] = lambda start, stop: None
+                ) -> Iterator[tuple[int, Rows, torch.Tensor]]:
         """(offset in the batch, Rows of one micro-batch, their squared norms (B',) float64), micro-batch by
         micro-batch: the caller stores each before the next is computed, so the device never holds more
-        than one micro-batch's rows (an out-of-memory error halves the micro-batch and computes it again)."""
+        than one micro-batch's rows (an out-of-memory error halves the micro-batch and computes it again).
+        dest(start, stop): the store's rows for examples start..stop of this batch, or None."""
         n, start = tree.length(x), 0
         while start < n:
-            def step(size: int) -> tuple[Rows, torch.Tensor]:
-                rows = featurizer.rows(state, tree.take(x, start, start + size),
-                                       None if y is None else y[start:start + size], target)
-                return rows, featurizer.sq_norms(rows.features)
+            def step(size: int) -> tuple[Rows, torch.Tensor, torch.Tensor | None]:
+                xs = tree.take(x, start, start + size)
+                into = dest(start, start + tree.length(xs))
+                rows = featurizer.rows(state, xs, None if y is None else y[start:start + size], target,
+                                       out=self.out(tree.length(xs), into))
+                return rows, featurizer.sq_norms(rows.features), into
 
-            rows, sq_norms = self.backoff.run(step)
-            yield start, rows, sq_norms
+            rows, sq_norms, into = self.backoff.run(step)
+            yield start, rows, sq_norms      # the caller stores them before asking for the next
+            self.keep(rows.features, into)
             start += len(sq_norms)
+
+
+def _destination(store: FeatureStore, c: int, at: int) -> Callable[[int, int], torch.Tensor | None]:
+    """dest(s, e) for _Chunk.compute: the store's rows at + s .. at + e of checkpoint c, or None."""
+    return lambda s, e: store.destination(c, at + s, at + e)
 
 
 def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSource, store: FeatureStore,
@@ -324,7 +366,8 @@ def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSour
             for start, x, y in source.batches(batch_size, skip=skip):
                 a, b = max(start, lo) - start, min(start + tree.length(x), hi) - start
                 for off, rows, sq_norms in chunk.compute(featurizer, state, tree.take(x, a, b),
-                                                         None if y is None else y[a:b], target):
+                                                         None if y is None else y[a:b], target,
+                                                         _destination(store, c, start + a)):
                     writer.put(c, start + a + off, rows.features, sq_norms, name,
                                out_sq_norms=rows.out_sq_norms, losses=rows.losses)
                 computed += 1

@@ -137,11 +137,15 @@ class HookFeaturizer:
         return self.many_with_outputs(states, inputs, targets, target)[0]
 
     def many_with_outputs(self, states: list[dict], inputs: Any, targets: torch.Tensor | None,
-                          target: Target = "loss") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          target: Target = "loss", rows_out: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows (S, B, layout.dim), ||dl_b/df_b||^2 (S, B) and l_b (S, B) (float64), f_b the output.
 
         The objectives of different checkpoints share no weights, so backpropagating their sum
         gives each checkpoint's own output gradients (cheaper than S backward calls for queries).
+        rows_out: a contiguous (S, B, layout.dim) buffer of the rows' dtype and device to write the rows
+        into (a caller that stores each batch before the next reuses one buffer: no fresh memory to
+        fault in per batch); the rows are then `rows_out`. Any other buffer is not used.
         """
         gc = self.grads
         x, y = gc.batch(inputs, targets)
@@ -186,7 +190,7 @@ class HookFeaturizer:
             if not bcast or self.broadcast is not None:
                 raise
             self.broadcast = False                     # the model does not broadcast them: vmap instead
-            return self.many_with_outputs(states, inputs, targets, target)
+            return self.many_with_outputs(states, inputs, targets, target, rows_out)
         finally:
             for h in handles:
                 h.remove()
@@ -217,7 +221,10 @@ class HookFeaturizer:
                 calls[id(u)].append((ctx, torch.zeros_like(o) if g is None else g.detach()))
         self._settle(calls, S)
         dtype = next(iter(calls.values()))[0][1].dtype if calls else gc.dtype
-        rows = empty_output((S, B, self.layout.dim), dtype if dtype.is_floating_point else torch.float32, gc.device)
+        shape, dtype = (S, B, self.layout.dim), dtype if dtype.is_floating_point else torch.float32
+        fits = (rows_out is not None and tuple(rows_out.shape) == shape and rows_out.dtype == dtype
+                and rows_out.device == gc.device and rows_out.is_contiguous())
+        rows = rows_out if fits else empty_output(shape, dtype, gc.device)
         for s in range(S):
             for i, (b, seg) in enumerate(zip(self.blocks, self.segments)):
                 out = rows[s, :, seg.start:seg.start + seg.size]
@@ -242,7 +249,7 @@ class HookFeaturizer:
                 self.broadcast = bool(torch.allclose(plain, losses[-1].detach(), rtol=1e-4, atol=1e-6))
             if not self.broadcast:                     # that pass ran with wrong copies: redo it without
                 self.frozen = False
-                return self.many_with_outputs(states, inputs, targets, target)
+                return self.many_with_outputs(states, inputs, targets, target, rows_out)
         out_sq = torch.stack([output_sq_norms(g) for g in grads[len(outs):len(outs) + len(model_outs)]])
         return rows, out_sq, torch.stack(losses).detach().double()
 

@@ -17,7 +17,7 @@ import torch
 from .. import inputs as tree
 from ..checkpoints import Checkpoints, state_fingerprint
 from ..data import BatchFn, as_source
-from ..devices import output_device, tf32_mode
+from ..devices import output_device, resolve_tf32, tf32_mode
 from ..errors import TracInError
 from ..settings import IndexSettings
 from ..fingerprint import data_fingerprint
@@ -54,15 +54,18 @@ class TracIn:
     per_example: "auto" (layer handlers from one batched pass, exact and about as fast as a
     training step; else torch.func vmap; else the loop, each fallback with one warning), "hooks",
     "vmap", or "loop" (slow reference).
-    tf32: allow TF32 float32 products on CUDA for featurization, test gradients and scoring (faster,
-    ~1e-3 relative error); False (default) forbids it there, so CUDA agrees with the CPU (docs/gpu.md).
+    tf32: whether float32 products on CUDA may use TF32 for featurization, test gradients and scoring
+    (2-3x faster convolutions, ~1e-3 relative error). "auto" (default): on for a projected index
+    (proj_dim set: its projection error, ~1/sqrt(proj_dim), is ten times TF32's), off for exact
+    gradients, so exact mode on CUDA agrees with the CPU to float32 accuracy; True / False force it
+    (devices.resolve_tf32, docs/gpu.md). The resolved bool is `self.tf32`.
     Results are returned on the CPU whatever the device (the device contract, devices.py).
     """
 
     def __init__(self, model: torch.nn.Module, checkpoints: Checkpoints, loss_fn: Callable | None = None,
                  layers: str | Sequence[str] | None = None, proj_dim: int | None = None,
                  device: str | torch.device | None = None, seed: int = 0, projection: str = "auto",
-                 per_example: str = "auto", train_mode: bool = False, tf32: bool = False,
+                 per_example: str = "auto", train_mode: bool = False, tf32: bool | str = "auto",
                  output_fn: Callable | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TracInError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -76,7 +79,8 @@ class TracIn:
         proj = build_projection(projection, grads, proj_dim, seed)
         self.featurizer = Featurizer(grads, proj, per_example, auto_projection=projection == "auto")
         self.device = grads.device
-        self.tf32 = bool(tf32)
+        self._tf32_request = tf32
+        self.tf32 = resolve_tf32(tf32, projected=proj_dim is not None)
         self._prepared: dict[int, dict] = {}
         self._exact: TracIn | None = None           # exact(): this TracIn without projection, made on first use
 
@@ -158,7 +162,7 @@ class TracIn:
             gc = self.featurizer.grads
             self._exact = TracIn(self.model, self.checkpoints, self.loss_fn, self.layers, None, self.device,
                                  self.seed, per_example=self.featurizer.requested, train_mode=gc.train_mode,
-                                 tf32=self.tf32, output_fn=gc.output_fn)
+                                 tf32=self._tf32_request, output_fn=gc.output_fn)
         return self._exact
 
     def state(self, c: int) -> dict:

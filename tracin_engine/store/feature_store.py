@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..buffers import zeros_output
 from ..errors import TracInError
 from ..resources import check_disk, check_memory, format_bytes
 from . import files
@@ -111,7 +112,7 @@ class FeatureStore:
         if self.path is None:
             check_memory(store_bytes(n, n_checkpoints, dim, dtype),
                          f"an in-memory index of {_describe(n, n_checkpoints, dim, dtype)}")
-            self._features = [torch.zeros(n, dim, dtype=dtype) for _ in range(n_checkpoints)]
+            self._features = [zeros_output((n, dim), dtype, torch.device("cpu")) for _ in range(n_checkpoints)]
             self.sq_norms = torch.zeros(n_checkpoints, n, dtype=torch.float64)
             self.out_sq_norms = torch.full((n_checkpoints, n), float("nan"), dtype=torch.float64)
             self.losses = torch.full((n_checkpoints, n), float("nan"), dtype=torch.float64)
@@ -305,6 +306,15 @@ class FeatureStore:
                 self._maps[-1].flush()
         return count
 
+    def destination(self, c: int, start: int, stop: int) -> torch.Tensor | None:
+        """A view (stop - start, dim) of checkpoint c's rows start..stop for a featurizer to fill in place
+        (write() then stores them without a copy), or None: a read-only store, a non-contiguous view, or
+        a range holding rows already written (those are never touched until new rows are complete)."""
+        if not self.writable or bool(self._done_u8[c, start:stop].any()):
+            return None
+        view = self._features[c][start:stop]
+        return view if view.is_contiguous() else None
+
     def write(self, c: int, start: int, feats: torch.Tensor, sq_norms: torch.Tensor | None = None,
               out_sq_norms: torch.Tensor | None = None, losses: torch.Tensor | None = None) -> None:
         """Store rows start..start+B of checkpoint c. feats: (B, dim), float32 or float64.
@@ -318,7 +328,10 @@ class FeatureStore:
         if self.dtype == torch.float16 and feats.abs().max() > torch.finfo(torch.float16).max:
             raise TracInError("gradient features overflow float16 (values above 65504); "
                               "build the index with dtype=torch.bfloat16 or torch.float32.")
-        self._features[c][start:stop] = feats.to(self.dtype)
+        dst = self._features[c][start:stop]
+        if not (feats.data_ptr() == dst.data_ptr() and feats.dtype == dst.dtype and feats.shape == dst.shape
+                and feats.stride() == dst.stride()):             # else filled in place (destination())
+            dst.copy_(feats)
         self.sq_norms[c, start:stop] = (feats.double().pow(2).sum(1) if sq_norms is None
                                         else sq_norms.detach().cpu().double())
         for dst, src in ((self.out_sq_norms, out_sq_norms), (self.losses, losses)):

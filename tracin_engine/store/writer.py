@@ -7,10 +7,14 @@ Example (what gradients/featurize.py does):
 
 Immediate (the CPU, or rows larger than PIPELINE_MAX_BYTES): put() checks and writes at once.
 Pipelined (CUDA): put() starts non-blocking copies of the rows (B, dim), their squared norms, output
-norms, losses and row sums (B,) into pinned host memory, records an event and returns; the rows put
-before it are then checked and written once their event has completed. The copy and the write of
-micro-batch k thus overlap the GPU's work on micro-batch k + 1, and the finiteness check costs a
-(B,) row sum on the GPU instead of a synchronizing `nonzero` per batch.
+norms and losses (B,) into pinned host memory, records an event and returns; the rows put before it
+are then checked and written once their event has completed. The copy and the write of micro-batch k
+thus overlap the GPU's work on micro-batch k + 1.
+
+The finiteness check reads the squared norms (B,) the caller computed from the rows (their layout's
+sq_norms): a NaN or inf entry makes its row's norm non-finite (every column is in a segment's sum, and
+each entry meets itself: NaN * NaN, inf * inf), so only rows with a non-finite norm are read again, entry
+by entry (a norm can also overflow). No extra pass over the rows, no synchronizing `nonzero` per batch.
 
 Nothing computed is lost: flush() (featurize calls it at the end of every checkpoint and on any error)
 writes every pending micro-batch in order; a non-finite row raises TracInError naming its example
@@ -31,8 +35,9 @@ PIPELINE_MAX_BYTES = 2**28  # larger micro-batches (exact rows of big models) ar
 
 
 def non_finite_rows(feats: torch.Tensor, sums: torch.Tensor) -> list[int]:
-    """Rows of feats (B, dim) holding NaN or inf, given their sums (B,): rows whose sum is finite are
-    finite (NaN and inf propagate); the others are checked entry by entry (a sum can overflow)."""
+    """Rows of feats (B, dim) holding NaN or inf, given their sums or squared norms (B,): rows whose sum
+    is finite are finite (NaN and inf propagate); the others are checked entry by entry (a sum can
+    overflow)."""
     suspect = (~torch.isfinite(sums)).nonzero().flatten()
     if not len(suspect):
         return []
@@ -61,7 +66,6 @@ class _Pending:
     sq_norms: torch.Tensor
     out_sq_norms: torch.Tensor | None
     losses: torch.Tensor | None
-    sums: torch.Tensor
     event: "torch.cuda.Event | None"
 
 
@@ -79,11 +83,12 @@ class RowWriter:
     def put(self, c: int, start: int, feats: torch.Tensor, sq_norms: torch.Tensor,
             checkpoint_name: str, out_sq_norms: torch.Tensor | None = None,
             losses: torch.Tensor | None = None) -> None:
-        """Rows start..start+B of checkpoint c: feats (B, dim), sq_norms (B,) float64, out_sq_norms and
-        losses (B,) or None; on the rows' device."""
+        """Rows start..start+B of checkpoint c: feats (B, dim), sq_norms (B,) float64 (the layout's
+        squared norms of these rows: also the finiteness screen), out_sq_norms and losses (B,) or None;
+        on the rows' device."""
         if not self.pipelined or feats.numel() * feats.element_size() > PIPELINE_MAX_BYTES:
             self.flush()                # keep the order of writes
-            bad = non_finite_rows(feats, row_sums(feats))
+            bad = non_finite_rows(feats, sq_norms)
             if bad:
                 raise_non_finite(bad, start, checkpoint_name)
             self.store.write(c, start, feats, sq_norms, out_sq_norms=out_sq_norms, losses=losses)
@@ -97,7 +102,7 @@ class RowWriter:
             return out.copy_(t.detach(), non_blocking=cuda)
 
         pending = _Pending(c, start, checkpoint_name, host(feats), host(sq_norms), host(out_sq_norms),
-                           host(losses), host(row_sums(feats)), None)
+                           host(losses), None)
         if cuda:
             pending.event = torch.cuda.Event()
             pending.event.record()
@@ -117,7 +122,7 @@ class RowWriter:
     def _complete(self, p: _Pending) -> None:
         if p.event is not None:
             p.event.synchronize()
-        bad = non_finite_rows(p.feats, p.sums)
+        bad = non_finite_rows(p.feats, p.sq_norms)
         if bad:
             self._queue.clear()         # rows after a bad one are not written: the user fixes the data first
             raise_non_finite(bad, p.start, p.name)

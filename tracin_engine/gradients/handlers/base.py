@@ -98,7 +98,8 @@ class KronHandler(LayerHandler):
 
     def grad_into(self, ctx: Any, g: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
         """Write (or, with accumulate, add) the exact per-example weight gradients into `out` (B, numel),
-        in the parameter's flat order (to_params); `out` is a view of the feature rows.
+        in the parameter's flat order (to_params); `out` is a view of the feature rows, holding arbitrary
+        numbers (a reused buffer) unless accumulating: every entry must be written.
 
         Default: to_params(grad_matrix) copied in; when neither is overridden, one bmm straight into
         `out` viewed as (B, R, C) (no (B, R, C) temporary and no copy). Subclasses overriding
