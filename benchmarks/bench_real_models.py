@@ -1,13 +1,15 @@
 """Real-model benchmark (issue 11): layer handlers against the same model's training step, CPU or GPU.
 
 Prints one JSON object. Run from the repository root:
-    PYTHONPATH=.:tests .venv/bin/python benchmarks/bench_real_models.py [--models resnet,bert,gpt2,vit] [--small]
+    PYTHONPATH=.:tests .venv/bin/python benchmarks/bench_real_models.py [--models resnet,bert,gpt2,vit,lstm,gru] [--small]
 Models (tests/models.py; "bert" and "gpt2" are transformers models from configs when transformers is
 installed, else the tests' own BERT/GPT-2-style modules):
     resnet  ResNet-18-shaped CNN with BatchNorm (eval mode), 3x32x32 inputs, 10 classes
     bert    BERT-style encoder, 4 layers, hidden 256, sequence 128, attention masks from padding
     gpt2    GPT-2-style causal LM, 4 layers, hidden 256, sequence 128, lm_head tied to the embedding
     vit     small ViT (patch 4 on 3x32x32, dim 192, 4 blocks, 3 heads, cls_token and pos_embed)
+    lstm    LSTM text classifier (embedding 128, 2 bidirectional layers of 256, sequence 128, packed)
+    gru     GRU text classifier (embedding 128, 2 layers of 256, sequence 128, padded tensors)
 Per model, on the same batch (after a few SGD steps, so the checkpoint is not the initialization):
     train_examples_per_s        forward + backward + optimizer step (SGD, momentum 0.9), median of repeats
     backward_s                  loss.backward() of the summed loss alone, timed after a grad-mode forward
@@ -43,7 +45,7 @@ import tracin_engine as te
 from tracin_engine.devices import tf32_mode
 from tracin_engine.store.writer import non_finite_rows
 
-from models import CausalLM, Encoder, ResNet, ViT, hf_bert, hf_gpt2, lm_loss, token_batch
+from models import CausalLM, Encoder, Recurrent, ResNet, ViT, hf_bert, hf_gpt2, lm_loss, token_batch
 
 
 def _has_transformers() -> bool:
@@ -105,6 +107,15 @@ def build(name: str, small: bool, data: str = "random"):
     seq, dim, vocab = 128 // s, 256 // s, 5000
     ids, topic = tokens(n, seq, vocab, data)
     hf = _has_transformers()
+    if name == "lstm":
+        model = Recurrent("LSTM", vocab, dim // 2, dim, layers=2, bidirectional=True, packed=True, classes=4)
+        return model, (ids, topic), F.cross_entropy, \
+            f"LSTM text classifier: embedding {dim // 2}, 2 bidirectional layers of {dim}, seq {seq}, " \
+            f"vocab {vocab}, packed sequences"
+    if name == "gru":
+        model = Recurrent("GRU", vocab, dim // 2, dim, layers=2, classes=4)
+        return model, (ids, topic), F.cross_entropy, \
+            f"GRU text classifier: embedding {dim // 2}, 2 layers of {dim}, seq {seq}, vocab {vocab}, padded"
     if name == "bert":
         model = hf_bert(vocab, dim, 4, 4, seq, 4) if hf else Encoder(vocab, dim, 4, 4, seq, 4)
         y = topic
@@ -300,7 +311,7 @@ def dense_ceiling(ex_idx, exact, test, top_exact: torch.Tensor, k: int, seeds: i
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="resnet,bert,gpt2,vit")
+    ap.add_argument("--models", default="resnet,bert,gpt2,vit,lstm,gru")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--proj-dim", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)

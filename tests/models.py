@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
 class BasicBlock(nn.Module):
@@ -171,6 +172,39 @@ class Mixed(nn.Module):
         return self.out(x.mean(1))
 
 
+class Recurrent(nn.Module):
+    """Token ids (B, T) through Embedding (padding_idx 0), a recurrent layer (nn.LSTM / nn.GRU / nn.RNN, any
+    num_layers, bidirectional, batch_first), optionally an initial state computed from the input, and a
+    Linear head on the mean of the outputs."""
+
+    def __init__(self, kind: str = "LSTM", vocab: int = 20, dim: int = 5, hidden: int = 6, layers: int = 1,
+                 bidirectional: bool = False, batch_first: bool = True, init_state: bool = False,
+                 packed: bool = False, classes: int = 3):
+        super().__init__()
+        self.kind, self.batch_first, self.init_state, self.packed = kind, batch_first, init_state, packed
+        D = 2 if bidirectional else 1
+        self.shape = (layers * D, hidden)
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.rnn = getattr(nn, kind)(dim, hidden, num_layers=layers, bidirectional=bidirectional,
+                                     batch_first=batch_first)
+        self.init = nn.Linear(dim, layers * D * hidden) if init_state else None
+        self.head = nn.Linear(D * hidden, classes)
+
+    def forward(self, ids):
+        e = self.emb(ids)
+        hx = None
+        if self.init is not None:
+            h = torch.tanh(self.init(e.mean(1))).reshape(len(ids), *self.shape).transpose(0, 1).contiguous()
+            hx = (h, torch.zeros_like(h)) if self.kind == "LSTM" else h
+        if self.packed:                          # padding (id 0) at the end: lengths; the mean of valid outputs
+            lengths = (ids != 0).sum(1).clamp(min=1)
+            seq = pack_padded_sequence(e, lengths, batch_first=True, enforce_sorted=False)
+            out, _ = pad_packed_sequence(self.rnn(seq, hx)[0], batch_first=True, total_length=ids.shape[1])
+            return self.head(out.sum(1) / lengths.unsqueeze(1))
+        out, _ = self.rnn(e if self.batch_first else e.transpose(0, 1), hx)
+        return self.head((out if self.batch_first else out.transpose(0, 1)).mean(1))
+
+
 class HFWrapper(nn.Module):
     """A transformers model as tensor -> logits (attention mask: ids != 0)."""
 
@@ -294,6 +328,20 @@ def _case_mixed():
     return Mixed().double(), token_batch(4, 7, 12, pad=1), torch.randint(0, 3, (4,)), F.cross_entropy
 
 
+def _case_rnn(kind, **kw):
+    def build():
+        torch.manual_seed(0)
+        return Recurrent(kind, **kw).double(), token_batch(4, 7, 20), torch.randint(0, 3, (4,)), F.cross_entropy
+    return build
+
+
 HANDLER_CASES = {"resnet_bn": _case_resnet, "vit": _case_vit, "encoder_mask": _case_encoder,
                  "causal_lm_tied": _case_lm, "mixed": _case_mixed,
+                 "lstm": _case_rnn("LSTM"),
+                 "lstm_2layer_bidir_state": _case_rnn("LSTM", layers=2, bidirectional=True, batch_first=False,
+                                                      init_state=True),
+                 "gru_2layer_bidir_state": _case_rnn("GRU", layers=2, bidirectional=True, init_state=True),
+                 "rnn_tanh_seq_first": _case_rnn("RNN", layers=2, batch_first=False),
+                 "lstm_packed_bidir_state": _case_rnn("LSTM", layers=2, bidirectional=True, init_state=True,
+                                                      packed=True),
                  "hf_bert": lambda: _case_encoder(True), "hf_gpt2_tied": lambda: _case_lm(True)}

@@ -245,3 +245,69 @@ def test_sequence_model_index_saves_and_reloads(tmp_path):
         path = index.save(tmp_path / f"ix{len(kw)}")
         again = te.GradientIndex.load(path, te.TracIn(model, ck, loss_fn=loss, **kw))
         assert torch.allclose(again.influence((x[:2], y[:2])), index.influence((x[:2], y[:2])), rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["lstm_2layer_bidir_state", "gru_2layer_bidir_state", "lstm_packed_bidir_state"])
+def test_recurrent_layers_are_kron_blocks_per_layer_direction_and_side(name):
+    """nn.LSTM / nn.GRU (any depth, both directions, an initial state from the input, packed sequences):
+    every weight is its own Kronecker block (weight_ih / weight_hh of each layer and direction with its
+    bias), none left to the generic per-example path; rows equal the float64 loop (also checked above)."""
+    model, x, y, loss = MODELS[name]()
+    gc = GradientComputer(model, loss, device="cpu")
+    hf = HookFeaturizer(gc)
+    state = gc.prepare(model.state_dict())
+    rows = hf(state, x, y)
+    rnn = [b for b in hf.blocks if b.uses and b.uses[0].name == "rnn"]
+    assert all(b.kind == "kron" and b.has_bias and len(b.params) == 2 for b in rnn)
+    names = sorted(b.params[0] for b in rnn)
+    want = sorted(f"rnn.weight_{side}_l{l}{sfx}" for l in (0, 1) for sfx in ("", "_reverse") for side in ("ih", "hh"))
+    assert names == want and not any(b.kind == "generic" for b in hf.blocks)
+    assert torch.allclose(hf.expand(rows), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
+
+
+def test_recurrent_layers_the_unroll_cannot_take_go_to_the_generic_path():
+    """LSTM proj_size and dropout between layers in train mode: those parameters take the generic
+    per-example path (exact), the rest of the model keeps its handlers."""
+    from models import Recurrent, token_batch
+
+    x, y = token_batch(4, 7, 20), torch.randint(0, 3, (4,))
+    for kw, train in (({"proj_size": 3}, False), ({"num_layers": 2, "dropout": 0.5}, True)):
+        torch.manual_seed(0)
+        model = Recurrent("LSTM").double()
+        model.rnn = nn.LSTM(5, 6, batch_first=True, **kw).double()
+        model.head = nn.Linear(kw.get("proj_size", 6), 3).double()
+        gc = GradientComputer(model, F.cross_entropy, device="cpu", train_mode=train)
+        hf = HookFeaturizer(gc)
+        generic = [b for b in hf.blocks if b.kind == "generic"]
+        assert len(generic) == 1 and all(p.startswith("rnn.") for p in generic[0].params)
+        assert len(generic[0].params) == len(list(model.rnn.parameters()))
+        if not train:                              # (train mode: dropout draws differ between the two paths)
+            state = gc.prepare(model.state_dict())
+            assert torch.allclose(hf.expand(hf(state, x, y)), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
+
+
+def test_recurrent_state_passed_by_keyword_is_refused_and_auto_falls_back_exactly():
+    """Forward hooks see positional arguments only: an LSTM called with hx=... would be unrolled from a
+    zero state. The unroll checks that it reproduces the layer's own output, so the hook path stops
+    (Unsupported) and per_example="auto" falls back, with one warning, to a path that is exact."""
+    from tracin_engine.gradients.hooks import Unsupported
+    from models import Recurrent, token_batch
+
+    class Keyword(Recurrent):
+        def forward(self, ids):
+            e = self.emb(ids)
+            h = torch.tanh(self.init(e.mean(1))).reshape(len(ids), *self.shape).transpose(0, 1).contiguous()
+            out, _ = self.rnn(e, hx=(h, torch.zeros_like(h)))
+            return self.head(out.mean(1))
+
+    torch.manual_seed(0)
+    model = Keyword("LSTM", init_state=True).double()
+    x, y = token_batch(4, 7, 20), torch.randint(0, 3, (4,))
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    with pytest.raises(Unsupported, match="does not reproduce the layer's output"):
+        HookFeaturizer(gc)(gc.prepare(model.state_dict()), x, y)
+    tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0]), loss_fn=F.cross_entropy)
+    with pytest.warns(UserWarning, match="per_example"):
+        got = tracin.features((x, y))[0]
+    assert tracin.featurizer.mode in ("vmap", "loop")
+    assert torch.allclose(got.double(), gc.reference(tracin.state(0), x, y), rtol=1e-9, atol=1e-12)

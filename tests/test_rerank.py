@@ -187,6 +187,7 @@ def test_auto_rerank_warns_when_it_stops_before_certainty(lm_run, monkeypatch):
     model, ck, train, test = lm_run
     proj = te.TracIn(model, ck, loss_fn=lm_loss, proj_dim=20).index(train, progress=False)
     monkeypatch.setattr(rerank, "AUTO_LIMIT", 0.0)    # stop after the first round: 2 k each way and a 2 k probe
+    monkeypatch.setattr(rerank, "AUTO_EXTRA", 0)
     with pytest.warns(UserWarning, match="rerank=.auto. stopped after rescoring 12 of 40"):
         proj.top_k((test[0][:1], test[1][:1]), k=2, rerank="auto", train_data=train)
     assert proj.last_rerank["rounds"] == 1
@@ -207,6 +208,12 @@ def test_rerank_from_a_reloaded_disk_index(lm_run, tmp_path):
 
 
 def test_rerank_on_a_gru_text_model():
+    """A GRU (layer handlers: rnn.py) with a coarse projection (proj_dim 64). n = 40, k = 4, 3 test examples:
+    the first candidates and the probe alone are 37 rows, past half the set; "auto" still takes one more
+    round (AUTO_EXTRA) and returns the exact lists without a warning (it used to stop at 37 of 40, with
+    3 candidates left, one of them a true proponent)."""
+    import warnings
+
     class GRUText(nn.Module):
         def __init__(self):
             super().__init__()
@@ -222,6 +229,9 @@ def test_rerank_on_a_gru_text_model():
     ck = te.Checkpoints.from_state_dicts([model.state_dict()], [1.0])
     truth = te.TracIn(model, ck).index((X, y), progress=False).top_k((X[:3], y[:3]), k=4)
     proj = te.TracIn(model, ck, proj_dim=64).index((X, y), progress=False)
-    best = proj.top_k((X[:3], y[:3]), k=4, rerank="auto", train_data=(X, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        best = proj.top_k((X[:3], y[:3]), k=4, rerank="auto", train_data=(X, y))
+    assert proj.last_rerank["rounds"] == 2 and proj.last_rerank["rescored"] > 20
     _same_ranking(best.proponents, truth.proponents)
     _same_ranking(best.opponents, truth.opponents)

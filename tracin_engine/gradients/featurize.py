@@ -106,6 +106,8 @@ class Featurizer:
                 elif self.requested == "hooks":
                     raise TracInError(f"per_example='hooks' cannot run on this model: {exc}; use 'vmap'.") from exc
                 else:
+                    warnings.warn(f"per_example='auto': the layer-handler path cannot run on this model ({exc}); "
+                                  "using torch.func vmap (slower).", stacklevel=3)
                     self.hooks, self.mode = None, "vmap"
         if self.mode == "vmap" and self.requested == "auto":
             try:

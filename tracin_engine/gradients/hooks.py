@@ -158,7 +158,10 @@ class HookFeaturizer:
 
         def hook(u):
             def record(m, i, o):
-                ctx = u.handler.capture(i, o)
+                ctx, o, replacement = u.handler.record(i, o)
+                if replacement is not None:               # the handler computes the module's output itself
+                    seen[id(u)].append((ctx, o))
+                    return replacement
                 if B > 1 and isinstance(o, torch.Tensor) and o.shape[0] == 1 and isinstance(ctx, torch.Tensor) \
                         and ctx.shape[0] == 1:
                     # an output shared by the batch (position embeddings of ids (1, T)): a per-example copy

@@ -78,34 +78,35 @@ def plan_blocks(model: nn.Module, param_names: Sequence[str], train_mode: bool,
         if not sel:
             continue
         H = handler_for(mod)
-        if H is None or H.unsupported(mod, train_mode) is not None or set(own) - set(H.covers) \
+        if H is None or H.unsupported(mod, train_mode) is not None or set(own) - H.covered(mod) \
                 or set(sel) != set(own):
             continue                                   # its parameters go to the generic block
-        h = H(mod)
-        if isinstance(h, KronHandler):
-            if "weight" not in sel:
-                continue
-            w = sel["weight"]
-            R, C = h.shape()
-            if w in by_weight:
-                blk = by_weight[w]
-                if blk.has_bias or h.has_bias or (blk.R, blk.C) != (R, C):
-                    raise Unsupported(f"weight {w!r} is shared by layers with biases or different shapes "
-                                      f"({blk.describe()}, {mod_name} ({type(mod).__name__}))")
-                blk.uses.append(Use(mod_name, h))
-                blk.outer = False
-                continue
-            params = [w] + ([sel["bias"]] if h.has_bias else [])
-            blk = Block("kron", params, [Use(mod_name, h)], R=R, C=C, has_bias=h.has_bias,
-                        outer=getattr(h, "rank_one_hint", False))
-            by_weight[w] = blk
-        else:
-            names = [sel[n] for n in h.present()]
-            if any(n in covered for n in names):
-                raise Unsupported(f"parameters {names} are shared between normalization layers")
-            blk = Block("vector", names, [Use(mod_name, h)], n=h.size())
-        blocks.append(blk)
-        covered.update(blk.params)
+        for h in H.parts(mod):
+            if isinstance(h, KronHandler):
+                wl, bl = h.param_locals()
+                if wl not in sel:
+                    continue
+                w = sel[wl]
+                R, C = h.shape()
+                if w in by_weight:
+                    blk = by_weight[w]
+                    if blk.has_bias or h.has_bias or (blk.R, blk.C) != (R, C):
+                        raise Unsupported(f"weight {w!r} is shared by layers with biases or different shapes "
+                                          f"({blk.describe()}, {mod_name} ({type(mod).__name__}))")
+                    blk.uses.append(Use(mod_name, h))
+                    blk.outer = False
+                    continue
+                params = [w] + ([sel[bl]] if bl is not None else [])
+                blk = Block("kron", params, [Use(mod_name, h)], R=R, C=C, has_bias=h.has_bias,
+                            outer=getattr(h, "rank_one_hint", False))
+                by_weight[w] = blk
+            else:
+                names = [sel[n] for n in h.present()]
+                if any(n in covered for n in names):
+                    raise Unsupported(f"parameters {names} are shared between normalization layers")
+                blk = Block("vector", names, [Use(mod_name, h)], n=h.size())
+            blocks.append(blk)
+            covered.update(blk.params)
     rest = [n for n in param_names if n not in covered]
     if rest:
         params = dict(model.named_parameters())

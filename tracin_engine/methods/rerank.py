@@ -24,7 +24,8 @@ a pair errs by about alpha * u, with u^2 = sum_c eta_c^2 ||t_c||^2 ||f_c||^2 + s
 probe (unbiased, unlike the selected candidates, whose projected scores are extreme because of their
 errors), raised by two standard errors. Every training example with s^ + 3 alpha u >= the k-th best
 exact score so far (or s^ - 3 alpha u <= the k-th lowest) is rescored, until none is left (or half the
-training set is rescored: a warning says the projection is too coarse).
+training set is rescored, and at least one more round of 2k each way after the first candidates: then a
+warning says the projection is too coarse).
 Cost: |U| + m exact per-example gradients per checkpoint; memory: the test examples' exact rows
 (C, m, P) plus one chunk of candidates' (measured in benchmarks/bench_rerank.py).
 """
@@ -52,7 +53,9 @@ WORK_ROWS = 3     # a candidate's exact rows plus the working memory of computin
 AUTO_START = 2    # rerank="auto": first 2 k candidates each way and a random probe of 2 k examples
 AUTO_PROBE = 2    #   (the probe's residuals fit the error scale alpha without selection bias),
 AUTO_Z = 3.0      # then every example whose projected score is within 3 error scales of the k-th exact one,
-AUTO_LIMIT = 0.5  # until none is left or half the training set is rescored (then a warning)
+AUTO_LIMIT = 0.5  # until none is left or half the training set is rescored (then a warning), but always
+AUTO_EXTRA = 4    #   allowing 4 k more rows after the first candidates and the probe (a round of 2 k each
+#                   way: on a small training set those alone can pass half of it)
 PROGRESS_STEP = 64  # candidates featurized per step; more than one step shows a progress bar
 
 
@@ -197,6 +200,7 @@ def rerank_top_k(index: Any, test_data: Any, train_data: Any, k: int, candidates
         probe = free[torch.randperm(len(free), generator=torch.Generator().manual_seed(0))[:AUTO_PROBE * k]]
         done[probe] = True
         rows = torch.cat([rows, probe])
+    budget = max(AUTO_LIMIT * n, len(rows) + AUTO_EXTRA * k)
     S = scorer.terms(rows).sum(0)                                                # (m, |rows|) exact
     if auto:
         if len(probe):
@@ -211,7 +215,7 @@ def rerank_top_k(index: Any, test_data: Any, train_data: Any, k: int, candidates
             lo = S.topk(kk, dim=1, largest=False).values[:, -1:]
             reach = AUTO_Z * alpha * u
             could = ((est + reach >= hi) | (est - reach <= lo)).any(0) & ~done
-            if not could.any() or int(done.sum()) >= max(AUTO_LIMIT * n, first):
+            if not could.any() or int(done.sum()) >= budget:
                 break
             new = could.nonzero().flatten()
             done[new] = True

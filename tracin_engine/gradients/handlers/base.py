@@ -46,9 +46,25 @@ class LayerHandler:
         """Why this module cannot be handled (then its parameters take the generic path), or None."""
         return None
 
+    @classmethod
+    def covered(cls, module: nn.Module) -> set[str]:
+        """The module's local parameter names this handler class covers (default: `covers`)."""
+        return set(cls.covers)
+
+    @classmethod
+    def parts(cls, module: nn.Module) -> list["LayerHandler"]:
+        """The handler instances of one module: one, or one per weight (an RNN's per layer and side)."""
+        return [cls(module)]
+
     def capture(self, inputs: tuple, output: torch.Tensor) -> Any:
         """What the forward hook keeps (detached): by default the first input."""
         return inputs[0].detach()
+
+    def record(self, inputs: tuple, output: Any) -> tuple[Any, torch.Tensor, Any]:
+        """What the hook path's forward hook takes from one call: (ctx, probe, replacement), the probe
+        being the tensor whose gradient the handler's formulas read (by default the module's output)
+        and replacement the module output to use instead of `output` (None: keep it)."""
+        return self.capture(inputs, output), output, None
 
     @staticmethod
     def batch_of(ctx: Any) -> int:
@@ -66,6 +82,10 @@ class KronHandler(LayerHandler):
     def shape(self) -> tuple[int, int]:
         """(R, C) of the weight viewed as a matrix (bias excluded)."""
         raise NotImplementedError
+
+    def param_locals(self) -> tuple[str, str | None]:
+        """The module's local names of this block's weight and bias (None without one)."""
+        return "weight", ("bias" if self.has_bias else None)
 
     @property
     def has_bias(self) -> bool:
