@@ -311,3 +311,21 @@ def test_recurrent_state_passed_by_keyword_is_refused_and_auto_falls_back_exactl
         got = tracin.features((x, y))[0]
     assert tracin.featurizer.mode in ("vmap", "loop")
     assert torch.allclose(got.double(), gc.reference(tracin.state(0), x, y), rtol=1e-9, atol=1e-12)
+
+
+def test_recurrence_check_tolerance_follows_the_dtype():
+    """rnn._check_same: equal outputs pass; a 1e-3 relative difference (far above float32 rounding) is
+    refused in float32 and float64; half precision allows 16 of its unit roundoffs."""
+    from tracin_engine.gradients.handlers.rnn import _check_same
+    from tracin_engine.gradients.hooks import Unsupported
+
+    lstm = nn.LSTM(2, 3)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        out = torch.linspace(-2, 2, 12, dtype=dtype).reshape(2, 2, 3)
+        _check_same(lstm, out.clone(), out)
+        off = out * (1 + 1e-3)
+        if dtype == torch.bfloat16:
+            _check_same(lstm, off, out)
+        else:
+            with pytest.raises(Unsupported, match="does not reproduce"):
+                _check_same(lstm, off, out)
