@@ -138,9 +138,9 @@ ckpts
 # training step) when the selected layers are `Linear` layers fed one vector per example: the pooler
 # and the classifier. Their gradients are exact and cheap, and they are what decides the topic
 # from the sentence representation. Layers that act on every token (attention, feed-forward,
-# embeddings) can be added with `layers=None`; then TracIn falls back to a per-example loop
-# (the Hugging Face attention masks use Python control flow that `torch.func.vmap` cannot trace),
-# slower but exact.
+# embeddings, layer norms) can be added with `layers=None`: their per-example gradients come from the
+# same batched pass (one layer handler per layer kind, docs/handlers.md), still exact, but each row then
+# holds every parameter of the model; for a large model add `proj_dim=` (a projection of every layer).
 #
 # The data are the tokenizer's dict plus the labels: exactly what the model was trained on.
 
