@@ -286,10 +286,12 @@ def test_recurrent_layers_the_unroll_cannot_take_go_to_the_generic_path():
             assert torch.allclose(hf.expand(hf(state, x, y)), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
 
 
-def test_recurrent_state_passed_by_keyword_is_refused_and_auto_falls_back_exactly():
-    """Forward hooks see positional arguments only: an LSTM called with hx=... would be unrolled from a
-    zero state. The unroll checks that it reproduces the layer's own output, so the hook path stops
-    (Unsupported) and per_example="auto" falls back, with one warning, to a path that is exact."""
+def test_recurrent_state_by_keyword_subclass_forward_and_a_wrong_kernel():
+    """The hook path replaces the layer's forward for its pass, so an initial state passed by keyword
+    (hx=...) is used (rows exact); a subclass with its own forward is left to the generic path; and a
+    layer whose kernel computes something else than the documented cells is refused on its first call
+    (the unroll is checked against the fused kernel once), after which per_example="auto" falls back
+    with a warning to a path that is exact."""
     from tracin_engine.gradients.hooks import Unsupported
     from models import Recurrent, token_batch
 
@@ -300,15 +302,39 @@ def test_recurrent_state_passed_by_keyword_is_refused_and_auto_falls_back_exactl
             out, _ = self.rnn(e, hx=(h, torch.zeros_like(h)))
             return self.head(out.mean(1))
 
+    class OwnForward(nn.LSTM):
+        def forward(self, x, hx=None):
+            out, state = super().forward(x, hx)
+            return out * 2, state
+
+    x, y = token_batch(4, 7, 20), torch.randint(0, 3, (4,))
     torch.manual_seed(0)
     model = Keyword("LSTM", init_state=True).double()
-    x, y = token_batch(4, 7, 20), torch.randint(0, 3, (4,))
     gc = GradientComputer(model, F.cross_entropy, device="cpu")
-    with pytest.raises(Unsupported, match="does not reproduce the layer's output"):
-        HookFeaturizer(gc)(gc.prepare(model.state_dict()), x, y)
-    tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0]), loss_fn=F.cross_entropy)
-    with pytest.warns(UserWarning, match="per_example"):
-        got = tracin.features((x, y))[0]
+    state = gc.prepare(model.state_dict())
+    hf = HookFeaturizer(gc)
+    assert torch.allclose(hf.expand(hf(state, x, y)), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
+
+    model.rnn = OwnForward(5, 6, batch_first=True).double()
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    assert [b.params[0] for b in HookFeaturizer(gc).blocks if b.kind == "generic"] == ["rnn.weight_ih_l0"]
+
+    from tracin_engine.gradients.handlers import rnn as rnn_mod
+
+    real = rnn_mod._cell
+    torch.manual_seed(0)
+    model = Recurrent("GRU").double()
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    try:
+        rnn_mod._cell = lambda mode, gi, gh, h, c: (real(mode, gi, gh, h, c)[0] * 1.01, None)   # a wrong cell
+        with pytest.raises(Unsupported, match="does not reproduce the layer's output"):
+            HookFeaturizer(gc)(gc.prepare(model.state_dict()), x, y)
+        tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0]),
+                           loss_fn=F.cross_entropy)
+        with pytest.warns(UserWarning, match="per_example"):
+            got = tracin.features((x, y))[0]
+    finally:
+        rnn_mod._cell = real
     assert tracin.featurizer.mode in ("vmap", "loop")
     assert torch.allclose(got.double(), gc.reference(tracin.state(0), x, y), rtol=1e-9, atol=1e-12)
 

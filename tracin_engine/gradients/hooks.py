@@ -158,10 +158,7 @@ class HookFeaturizer:
 
         def hook(u):
             def record(m, i, o):
-                ctx, o, replacement = u.handler.record(i, o)
-                if replacement is not None:               # the handler computes the module's output itself
-                    seen[id(u)].append((ctx, o))
-                    return replacement
+                ctx, o = u.handler.record(i, o)
                 if B > 1 and isinstance(o, torch.Tensor) and o.shape[0] == 1 and isinstance(ctx, torch.Tensor) \
                         and ctx.shape[0] == 1:
                     # an output shared by the batch (position embeddings of ids (1, T)): a per-example copy
@@ -174,7 +171,7 @@ class HookFeaturizer:
                 return None
             return record
 
-        handles = [u.handler.module.register_forward_hook(hook(u)) for u in uses]
+        handles = [u.handler.attach(hook(u)) for u in uses]
         model_outs, losses, plist, batched = [], [], [], []
         bcast = set(self.generic.params) if self.broadcast is not False and self.generic is not None else set()
         trying = self.broadcast is None

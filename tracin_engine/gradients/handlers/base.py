@@ -20,7 +20,7 @@ Shapes: B examples, T positions, R rows, C cols (without the bias column).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -60,11 +60,15 @@ class LayerHandler:
         """What the forward hook keeps (detached): by default the first input."""
         return inputs[0].detach()
 
-    def record(self, inputs: tuple, output: Any) -> tuple[Any, torch.Tensor, Any]:
-        """What the hook path's forward hook takes from one call: (ctx, probe, replacement), the probe
-        being the tensor whose gradient the handler's formulas read (by default the module's output)
-        and replacement the module output to use instead of `output` (None: keep it)."""
-        return self.capture(inputs, output), output, None
+    def record(self, inputs: tuple, output: Any) -> tuple[Any, torch.Tensor]:
+        """What the hook path's forward hook takes from one call: (ctx, probe), the probe being the
+        tensor whose gradient the handler's formulas read (by default the module's output)."""
+        return self.capture(inputs, output), output
+
+    def attach(self, hook: Callable) -> Any:
+        """Install the hook path's forward hook(module, inputs, output) on the module for one pass; returns
+        a handle whose remove() undoes it (a handler may also change how the module computes, rnn.py)."""
+        return self.module.register_forward_hook(hook)
 
     @staticmethod
     def batch_of(ctx: Any) -> int:

@@ -8,17 +8,18 @@ For layer l and direction d, the input-side and hidden-side pre-activations of e
 with dgi_t, dgh_t the gradients of the objective with respect to gi_t and gh_t: two Kronecker blocks
 per layer and direction, each like a Linear on a sequence (T = the sequence length).
 
-PyTorch's fused kernels keep gi_t and gh_t inside, so the forward hook replaces the module's output by
-the same recurrence computed step by step in Python (RNNUnroll, the documented equations of each
-cell), which exposes them: gi as one (B, T, G H) tensor, gh through a zero probe Z (B, T, G H) added to
-every step (gh_t + Z_t = gh_t exactly; dL/dZ_t = dgh_t). One handler instance per (layer, direction,
-side) shares one RNNUnroll per module; the first part's hook runs it, the others read its results.
+PyTorch's fused kernels keep gi_t and gh_t inside, so during the hook path's pass the module's forward
+is replaced by the same recurrence computed step by step in Python (RNNUnroll, the documented
+equations of each cell; its first call is checked against the fused kernel), which exposes them: gi
+as one (B, T, G H) tensor, gh through a zero probe Z (B, T, G H) added to every step (gh_t + Z_t = gh_t
+exactly; dL/dZ_t = dgh_t). One handler instance per (layer, direction, side) shares one RNNUnroll per
+module; the first part installs the replacement (attach), every part's hook reads its results.
 
 A PackedSequence input is run padded, each example's state frozen past its length (outputs there are
 zero and not packed; gradients there are zero), and the output packed back in PyTorch's own layout.
 Not handled: unbatched (2-D) inputs (at run time: the hook path then stops and featurization falls back
-to vmap / the loop), LSTM proj_size and dropout between layers in train mode (their parameters take
-the generic path).
+to vmap / the loop), LSTM proj_size, dropout between layers in train mode and subclasses with their
+own forward (their parameters take the generic path).
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ class RNNUnroll:
         self.module = module
         self.last: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.active: torch.Tensor | None = None   # (T, B, 1) bool: steps within each packed sequence
+        self.verified = False                     # forward() has matched the fused kernel once
+
+    def forward(self, input: Any, hx: Any = None) -> Any:
+        """The module's forward(input, hx) computed by run(); the first call also runs the fused kernel
+        and checks that both agree (_check_same), so a layer whose function differs is refused."""
+        out = self.run((input, hx))
+        if not self.verified:
+            with torch.no_grad():
+                fused = type(self.module).forward(self.module, input, hx)
+            _check_same(self.module, out[0], fused[0])
+            self.verified = True
+        return out
 
     def run(self, inputs: tuple) -> Any:
         """The module's output for forward(*inputs) (input (B, T, in) / (T, B, in) or a PackedSequence,
@@ -101,10 +114,12 @@ class RNNUnroll:
         steps = range(T - 1, -1, -1) if d else range(T)
         outs: list[torch.Tensor | None] = [None] * T
         prev: list[torch.Tensor | None] = [None] * T
-        gi_t, Z_t = gi.unbind(1), Z.unbind(1)   # one backward node each (a stack), not T slice-backwards
+        gi_t = gi.unbind(1)                     # one backward node each (a stack), not T slice-backwards
+        Zb_t = (Z if b_hh is None else Z + b_hh).unbind(1)
+        W_t = W_hh.t()
         for t in steps:
             prev[t] = h.detach()
-            gh = torch.nn.functional.linear(h, W_hh, b_hh) + Z_t[t]
+            gh = torch.addmm(Zb_t[t], h, W_t)                                           # W_hh h + b_hh + Z_t
             h_new, c_new = _cell(m.mode, gi_t[t], gh, h, c)
             if self.active is None:
                 h, c = h_new, c_new
@@ -137,8 +152,7 @@ def _cell(mode: str, gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: tor
 
 def _check_same(module: nn.Module, ours: Any, theirs: Any) -> None:
     """Refuse (Unsupported: the hook path then falls back) when the unrolled recurrence does not give the
-    module's own output: a state passed by keyword (hooks see positional arguments only), a subclass
-    with its own forward. Tolerance, relative to the largest output (at least 1): 256 unit roundoffs in
+    module's own output (a kernel computing another function than the documented cells). Tolerance, relative to the largest output (at least 1): 256 unit roundoffs in
     float32 / float64, 16 in half precision, 64 TF32 roundoffs (2^-11) for float32 on CUDA with TF32 on
     (cuDNN's fused kernel and these matmuls may round differently); a wrong state or function differs by
     far more."""
@@ -151,7 +165,24 @@ def _check_same(module: nn.Module, ours: Any, theirs: Any) -> None:
     tol = unit * max(1.0, float(b.detach().abs().max()) if b.numel() else 1.0)
     if a.shape != b.shape or not bool(((a - b.detach()).abs() <= tol).all()):
         raise Unsupported(f"{type(module).__name__}: the step-by-step recurrence does not reproduce the layer's "
-                          "output (an initial state passed by keyword, or a subclass with its own forward)")
+                          "output")
+
+
+class _Override:
+    """A handle: module.forward replaced by `forward` (an instance attribute) until remove(), with the
+    forward hook's handle removed too."""
+
+    def __init__(self, module: nn.Module, forward: Any, handle: Any):
+        self.module, self.handle = module, handle
+        self.saved = module.__dict__.get("forward")
+        module.forward = forward
+
+    def remove(self) -> None:
+        self.handle.remove()
+        if self.saved is None:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.forward = self.saved
 
 
 class RNNHandler(KronHandler):
@@ -170,6 +201,9 @@ class RNNHandler(KronHandler):
     def unsupported(cls, module, train_mode):
         if module.mode not in GATES:
             return f"mode {module.mode!r}"
+        base = next(b for b in (nn.LSTM, nn.GRU, nn.RNN, nn.RNNBase) if isinstance(module, b))
+        if type(module).forward is not base.forward:
+            return f"a subclass of {base.__name__} with its own forward"
         if getattr(module, "proj_size", 0):
             return "proj_size (projected LSTM hidden states)"
         if train_mode and module.dropout and module.num_layers > 1:
@@ -202,16 +236,17 @@ class RNNHandler(KronHandler):
         w = getattr(self.module, self.param_locals()[0])
         return w.shape[0], w.shape[1]
 
+    def attach(self, hook):
+        """The forward hook, and (first part) the module's forward replaced for the pass by the
+        step-by-step recurrence (RNNUnroll.forward): the fused kernel does not run at all."""
+        handle = self.module.register_forward_hook(hook)
+        if not self.first:
+            return handle
+        return _Override(self.module, self.unroll.forward, handle)
+
     def record(self, inputs, output):
-        """(ctx, probe, replacement output): the first part computes the unrolled forward (returned in
-        place of the fused kernel's output, after checking that it reproduces it); every part takes its
-        (ctx, probe) from it."""
-        replacement = None
-        if self.first:
-            replacement = self.unroll.run(inputs)
-            _check_same(self.module, replacement[0], output[0])
-        ctx, probe = self.unroll.last[(self.layer, self.direction, self.side)]
-        return ctx, probe, replacement
+        """(ctx, probe) of this part from the recurrence the module just ran (RNNUnroll.last)."""
+        return self.unroll.last[(self.layer, self.direction, self.side)]
 
     def rows(self, ctx, g):
         return g
