@@ -355,3 +355,24 @@ def test_recurrence_check_tolerance_follows_the_dtype():
         else:
             with pytest.raises(Unsupported, match="does not reproduce"):
                 _check_same(lstm, off, out)
+
+
+@pytest.mark.parametrize("kind, kw", [("LSTM", {"bias": False}), ("GRU", {"bias": False, "batch_first": False}),
+                                      ("RNN", {"nonlinearity": "relu", "bias": False, "num_layers": 2,
+                                               "bidirectional": True})],
+                         ids=["lstm_nobias", "gru_nobias_seq_first", "rnn_relu_nobias_bidir"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_recurrent_layers_without_bias_relu_and_one_example(kind, kw, B):
+    from models import Recurrent, token_batch
+
+    torch.manual_seed(0)
+    model = Recurrent(kind).double()
+    model.rnn = getattr(nn, kind)(5, 6, **({"batch_first": True} | kw)).double()
+    model.head = nn.Linear(6 * (2 if kw.get("bidirectional") else 1), 3).double()
+    model.batch_first = kw.get("batch_first", True)
+    x, y = token_batch(B, 7, 20), torch.randint(0, 3, (B,))
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    state = gc.prepare(model.state_dict())
+    hf = HookFeaturizer(gc)
+    assert all(b.kind == "kron" and not b.has_bias for b in hf.blocks if b.uses[0].name == "rnn")
+    assert torch.allclose(hf.expand(hf(state, x, y)), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
