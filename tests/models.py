@@ -205,6 +205,33 @@ class Recurrent(nn.Module):
         return self.head((out if self.batch_first else out.transpose(0, 1)).mean(1))
 
 
+class Stepped(nn.Module):
+    """Token ids (B, T) through Embedding and a recurrent cell (nn.LSTMCell / nn.GRUCell / nn.RNNCell)
+    stepped by a Python loop (a decoder's pattern), the state kept past each sequence's padding; a
+    Linear head on the last state."""
+
+    def __init__(self, kind: str = "LSTMCell", vocab: int = 20, dim: int = 5, hidden: int = 6, classes: int = 3,
+                 **cell_kw):
+        super().__init__()
+        self.kind = kind
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.cell = getattr(nn, kind)(dim, hidden, **cell_kw)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, ids):
+        e = self.emb(ids)
+        h = c = None
+        for t in range(ids.shape[1]):
+            on = (ids[:, t] != 0).unsqueeze(1)
+            if self.kind == "LSTMCell":
+                h2, c2 = self.cell(e[:, t], None if h is None else (h, c))
+                h, c = (h2, c2) if h is None else (torch.where(on, h2, h), torch.where(on, c2, c))
+            else:
+                h2 = self.cell(e[:, t], h)
+                h = h2 if h is None else torch.where(on, h2, h)
+        return self.head(h)
+
+
 class HFWrapper(nn.Module):
     """A transformers model as tensor -> logits (attention mask: ids != 0)."""
 
@@ -335,6 +362,13 @@ def _case_rnn(kind, **kw):
     return build
 
 
+def _case_cell(kind, **kw):
+    def build():
+        torch.manual_seed(0)
+        return Stepped(kind, **kw).double(), token_batch(4, 7, 20), torch.randint(0, 3, (4,)), F.cross_entropy
+    return build
+
+
 HANDLER_CASES = {"resnet_bn": _case_resnet, "vit": _case_vit, "encoder_mask": _case_encoder,
                  "causal_lm_tied": _case_lm, "mixed": _case_mixed,
                  "lstm": _case_rnn("LSTM"),
@@ -344,4 +378,6 @@ HANDLER_CASES = {"resnet_bn": _case_resnet, "vit": _case_vit, "encoder_mask": _c
                  "rnn_tanh_seq_first": _case_rnn("RNN", layers=2, batch_first=False),
                  "lstm_packed_bidir_state": _case_rnn("LSTM", layers=2, bidirectional=True, init_state=True,
                                                       packed=True),
+                 "lstm_cell_loop": _case_cell("LSTMCell"), "gru_cell_loop": _case_cell("GRUCell"),
+                 "rnn_cell_relu_nobias": _case_cell("RNNCell", nonlinearity="relu", bias=False),
                  "hf_bert": lambda: _case_encoder(True), "hf_gpt2_tied": lambda: _case_lm(True)}

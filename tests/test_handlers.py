@@ -64,7 +64,8 @@ def test_factored_rows_by_positions_and_from_dense_gradients_agree(name, gain, m
                         lambda self, *a: routes.append(real(self, *a)) or routes[-1])
     Z = fp(state, x, y)
     assert torch.allclose(fp.expand(Z), G @ fp.matrix(), rtol=1e-8, atol=1e-11)
-    assert any(routes) == (gain > 0)       # every case has a block the dense way can take
+    # every case has a block the dense way can take, but the stepped cells' (one call per step, not per example)
+    assert any(routes) == (gain > 0 and name not in ("lstm_cell_loop", "gru_cell_loop", "rnn_cell_relu_nobias"))
 
 
 def test_tied_weights_sum_over_uses_and_last_layer_is_the_head():
@@ -376,3 +377,17 @@ def test_recurrent_layers_without_bias_relu_and_one_example(kind, kw, B):
     hf = HookFeaturizer(gc)
     assert all(b.kind == "kron" and not b.has_bias for b in hf.blocks if b.uses[0].name == "rnn")
     assert torch.allclose(hf.expand(hf(state, x, y)), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["lstm_cell_loop", "gru_cell_loop", "rnn_cell_relu_nobias"])
+def test_recurrent_cells_stepped_in_a_loop_are_kron_blocks(name):
+    """nn.LSTMCell / nn.GRUCell / nn.RNNCell called once per step of the model's own loop: weight_ih and
+    weight_hh are two Kronecker blocks whose positions are the calls (rows equal the float64 loop)."""
+    model, x, y, loss = MODELS[name]()
+    gc = GradientComputer(model, loss, device="cpu")
+    hf = HookFeaturizer(gc)
+    state = gc.prepare(model.state_dict())
+    rows = hf(state, x, y)
+    cell = sorted(b.params[0] for b in hf.blocks if b.uses and b.uses[0].name == "cell")
+    assert cell == ["cell.weight_hh", "cell.weight_ih"] and not any(b.kind == "generic" for b in hf.blocks)
+    assert torch.allclose(hf.expand(rows), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)

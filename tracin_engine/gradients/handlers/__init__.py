@@ -9,7 +9,7 @@ Lookup walks the module's class hierarchy (a subclass of nn.Linear gets the Line
 it has its own). A handler can also be registered under a dotted class name
 ("transformers.pytorch_utils.Conv1D"), so a library need not be imported to support its layers.
 Built-in kinds: Linear (inputs of any leading shape), transformers' Conv1D, Conv1d, Conv2d,
-Embedding, LayerNorm, GroupNorm, BatchNorm1d/2d/3d (eval mode), RMSNorm, LSTM / GRU / RNN.
+Embedding, LayerNorm, GroupNorm, BatchNorm1d/2d/3d (eval mode), RMSNorm, LSTM / GRU / RNN and their cells.
 """
 
 from __future__ import annotations
