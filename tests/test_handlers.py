@@ -322,12 +322,12 @@ def test_recurrent_state_by_keyword_subclass_forward_and_a_wrong_kernel():
 
     from tracin_engine.gradients.handlers import rnn as rnn_mod
 
-    real = rnn_mod._cell
+    real = rnn_mod.cell_step
     torch.manual_seed(0)
     model = Recurrent("GRU").double()
     gc = GradientComputer(model, F.cross_entropy, device="cpu")
     try:
-        rnn_mod._cell = lambda mode, gi, gh, h, c: (real(mode, gi, gh, h, c)[0] * 1.01, None)   # a wrong cell
+        rnn_mod.cell_step = lambda mode, gi, gh, h, c: (real(mode, gi, gh, h, c)[0] * 1.01, None)   # a wrong cell
         with pytest.raises(Unsupported, match="does not reproduce the layer's output"):
             HookFeaturizer(gc)(gc.prepare(model.state_dict()), x, y)
         tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0]),
@@ -335,27 +335,27 @@ def test_recurrent_state_by_keyword_subclass_forward_and_a_wrong_kernel():
         with pytest.warns(UserWarning, match="per_example"):
             got = tracin.features((x, y))[0]
     finally:
-        rnn_mod._cell = real
+        rnn_mod.cell_step = real
     assert tracin.featurizer.mode in ("vmap", "loop")
     assert torch.allclose(got.double(), gc.reference(tracin.state(0), x, y), rtol=1e-9, atol=1e-12)
 
 
 def test_recurrence_check_tolerance_follows_the_dtype():
-    """rnn._check_same: equal outputs pass; a 1e-3 relative difference (far above float32 rounding) is
+    """rnn.check_same_output: equal outputs pass; a 1e-3 relative difference (far above float32 rounding) is
     refused in float32 and float64; half precision allows 16 of its unit roundoffs."""
-    from tracin_engine.gradients.handlers.rnn import _check_same
+    from tracin_engine.gradients.handlers.rnn import check_same_output
     from tracin_engine.gradients.hooks import Unsupported
 
     lstm = nn.LSTM(2, 3)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         out = torch.linspace(-2, 2, 12, dtype=dtype).reshape(2, 2, 3)
-        _check_same(lstm, out.clone(), out)
+        check_same_output(lstm, out.clone(), out)
         off = out * (1 + 1e-3)
         if dtype == torch.bfloat16:
-            _check_same(lstm, off, out)
+            check_same_output(lstm, off, out)
         else:
             with pytest.raises(Unsupported, match="does not reproduce"):
-                _check_same(lstm, off, out)
+                check_same_output(lstm, off, out)
 
 
 @pytest.mark.parametrize("kind, kw", [("LSTM", {"bias": False}), ("GRU", {"bias": False, "batch_first": False}),

@@ -14,9 +14,9 @@ Embedding, LayerNorm, GroupNorm, BatchNorm1d/2d/3d (eval mode), RMSNorm, LSTM / 
 
 from __future__ import annotations
 
-from . import conv, embedding, linear, norm, rnn  # noqa: F401  (built-in registrations)
+from . import conv, embedding, linear, norm, rnn, rnn_cell  # noqa: F401  (built-in registrations)
 from .base import KronHandler, LayerHandler, Unsupported, VectorHandler
 from .registry import handler_for, register_handler
 
 __all__ = ["KronHandler", "LayerHandler", "Unsupported", "VectorHandler", "handler_for", "register_handler",
-           "conv", "embedding", "linear", "norm", "rnn"]
+           "conv", "embedding", "linear", "norm", "rnn", "rnn_cell"]

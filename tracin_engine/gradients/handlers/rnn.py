@@ -1,5 +1,4 @@
-"""Recurrent layers (nn.LSTM, nn.GRU, nn.RNN and their cells): each weight's per-example gradient is a sum
-over time steps.
+"""Recurrent layers (nn.LSTM, nn.GRU, nn.RNN): each weight's per-example gradient is a sum over time steps.
 
 For layer l and direction d, the input-side and hidden-side pre-activations of every step are
     gi_t = W_ih x_t + b_ih        (G H,)   x_t the layer's input at step t
@@ -18,8 +17,7 @@ module; the first part installs the replacement (attach), every part's hook read
 
 A PackedSequence input is run padded, each example's state frozen past its length (outputs there are
 zero and not packed; gradients there are zero), and the output packed back in PyTorch's own layout.
-The cells (nn.LSTMCell, nn.GRUCell, nn.RNNCell), stepped by the user's own loop, are handled the same way
-one call at a time (CellStep): each call is one position of the two blocks.
+The cells (nn.LSTMCell, nn.GRUCell, nn.RNNCell) are handled the same way one call at a time (rnn_cell.py).
 Not handled: unbatched (2-D) inputs (at run time: the hook path then stops and featurization falls back
 to vmap / the loop), LSTM proj_size, dropout between layers in train mode and subclasses with their
 own forward (their parameters take the generic path).
@@ -52,12 +50,12 @@ class RNNUnroll:
 
     def forward(self, input: Any, hx: Any = None) -> Any:
         """The module's forward(input, hx) computed by run(); the first call also runs the fused kernel
-        and checks that both agree (_check_same), so a layer whose function differs is refused."""
+        and checks that both agree (check_same_output), so a layer whose function differs is refused."""
         out = self.run((input, hx))
         if not self.verified:
             with torch.no_grad():
                 fused = type(self.module).forward(self.module, input, hx)
-            _check_same(self.module, out[0], fused[0])
+            check_same_output(self.module, out[0], fused[0])
             self.verified = True
         return out
 
@@ -123,7 +121,7 @@ class RNNUnroll:
         for t in steps:
             prev[t] = h.detach()
             gh = torch.addmm(Zb_t[t], h, W_t)                                           # W_hh h + b_hh + Z_t
-            h_new, c_new = _cell(m.mode, gi_t[t], gh, h, c)
+            h_new, c_new = cell_step(m.mode, gi_t[t], gh, h, c)
             if self.active is None:
                 h, c = h_new, c_new
                 outs[t] = h
@@ -137,7 +135,7 @@ class RNNUnroll:
         return torch.stack(outs, 1), h, c
 
 
-def _cell(mode: str, gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None):
+def cell_step(mode: str, gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None):
     """One step of PyTorch's cells (docs of nn.LSTM / nn.GRU / nn.RNN): (h', c')."""
     if mode == "LSTM":
         i, f, g, o = (gi + gh).chunk(4, 1)
@@ -153,7 +151,7 @@ def _cell(mode: str, gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: tor
     return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
 
 
-def _check_same(module: nn.Module, ours: Any, theirs: Any) -> None:
+def check_same_output(module: nn.Module, ours: Any, theirs: Any) -> None:
     """Refuse (Unsupported: the hook path then falls back) when the unrolled recurrence does not give the
     module's own output (a kernel computing another function than the documented cells). Tolerance, relative to the largest output (at least 1): 256 unit roundoffs in
     float32 / float64, 16 in half precision, 64 TF32 roundoffs (2^-11) for float32 on CUDA with TF32 on
@@ -171,7 +169,7 @@ def _check_same(module: nn.Module, ours: Any, theirs: Any) -> None:
                           "output")
 
 
-class _Override:
+class ForwardOverride:
     """A handle: module.forward replaced by `forward` (an instance attribute) until remove(), with the
     forward hook's handle removed too."""
 
@@ -245,7 +243,7 @@ class RNNHandler(KronHandler):
         handle = self.module.register_forward_hook(hook)
         if not self.first:
             return handle
-        return _Override(self.module, self.unroll.forward, handle)
+        return ForwardOverride(self.module, self.unroll.forward, handle)
 
     def record(self, inputs, output):
         """(ctx, probe) of this part from the recurrence the module just ran (RNNUnroll.last)."""
@@ -258,100 +256,5 @@ class RNNHandler(KronHandler):
         return ctx
 
 
-class CellStep:
-    """One call of nn.LSTMCell / nn.GRUCell / nn.RNNCell computed with the cell equations (_cell), keeping
-    for each side its (ctx (B, 1, C), probe (B, G H)): x and gi = W_ih x + b_ih, h and a zero probe Z with
-    gh = W_hh h + b_hh + Z. Called once per step of the user's own loop; every call is its own position."""
-
-    def __init__(self, module: nn.RNNCellBase):
-        self.module = module
-        self.mode = cell_mode(module)
-        self.last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.verified = False
-
-    def forward(self, input: torch.Tensor, hx: Any = None) -> Any:
-        m = self.module
-        if input.dim() != 2:
-            raise Unsupported(f"{type(m).__name__} given an unbatched {input.dim()}-D input: not handled")
-        lstm = self.mode == "LSTM"
-        zeros = input.new_zeros(input.shape[0], m.hidden_size)
-        h, c = (hx if hx is not None else (zeros, zeros)) if lstm else (zeros if hx is None else hx, None)
-        gi = torch.nn.functional.linear(input, m.weight_ih, m.bias_ih)
-        Z = torch.zeros_like(gi).requires_grad_(True)
-        gh = torch.addmm(Z if m.bias_hh is None else Z + m.bias_hh, h, m.weight_hh.t())
-        h_new, c_new = _cell(self.mode, gi, gh, h, c)
-        self.last = {"ih": (input.detach().unsqueeze(1), gi), "hh": (h.detach().unsqueeze(1), Z)}
-        out = (h_new, c_new) if lstm else h_new
-        if not self.verified:
-            with torch.no_grad():
-                fused = type(m).forward(m, input, hx)
-            _check_same(m, h_new, fused[0] if lstm else fused)
-            self.verified = True
-        return out
-
-
-def cell_mode(module: nn.RNNCellBase) -> str:
-    if isinstance(module, nn.LSTMCell):
-        return "LSTM"
-    if isinstance(module, nn.GRUCell):
-        return "GRU"
-    return "RNN_RELU" if getattr(module, "nonlinearity", "tanh") == "relu" else "RNN_TANH"
-
-
-class CellHandler(KronHandler):
-    """One side of nn.LSTMCell / nn.GRUCell / nn.RNNCell: r = dgi or dgh (G H), c = x or h, one position per
-    call (a cell called in a loop over T steps sums T outer products, like a Linear called T times)."""
-
-    rank_one_hint = True   # one call per example: stored as its two factors
-    kronecker = False
-
-    def __init__(self, module: nn.RNNCellBase, step: CellStep | None = None, side: str = "ih"):
-        super().__init__(module)
-        self.step = step or CellStep(module)
-        self.side = side
-
-    @classmethod
-    def unsupported(cls, module, train_mode):
-        base = next(b for b in (nn.LSTMCell, nn.GRUCell, nn.RNNCell, nn.RNNCellBase) if isinstance(module, b))
-        if type(module).forward is not base.forward:
-            return f"a subclass of {base.__name__} with its own forward"
-        return None
-
-    @classmethod
-    def covered(cls, module) -> set[str]:
-        return {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}
-
-    @classmethod
-    def parts(cls, module) -> list["CellHandler"]:
-        step = CellStep(module)
-        return [cls(module, step, side) for side in ("ih", "hh")]
-
-    def param_locals(self) -> tuple[str, str | None]:
-        return f"weight_{self.side}", (f"bias_{self.side}" if self.has_bias else None)
-
-    @property
-    def has_bias(self) -> bool:
-        return bool(self.module.bias)
-
-    def shape(self) -> tuple[int, int]:
-        w = getattr(self.module, f"weight_{self.side}")
-        return w.shape[0], w.shape[1]
-
-    def attach(self, hook):
-        handle = self.module.register_forward_hook(hook)
-        return handle if self.side != "ih" else _Override(self.module, self.step.forward, handle)
-
-    def record(self, inputs, output):
-        return self.step.last[self.side]
-
-    def rows(self, ctx, g):
-        return g.unsqueeze(1)
-
-    def cols(self, ctx, g):
-        return ctx
-
-
 for _cls in (nn.LSTM, nn.GRU, nn.RNN):
     register_handler(_cls, RNNHandler)
-for _cls in (nn.LSTMCell, nn.GRUCell, nn.RNNCell):
-    register_handler(_cls, CellHandler)
