@@ -74,9 +74,9 @@ def _worker(rank: int, world: int, port: int, run_dir: str, data_file: str, stor
         inner = tracin.featurizer.__class__.rows
 
         class Spy(tracin.featurizer.__class__):
-            def rows(self, state, x, yy, target="loss", out=None):  # what featurize() calls per micro-batch
+            def rows(self, state, x, yy, target="loss", rows_out=None):  # what featurize() calls per micro-batch
                 seen.append(int(x.shape[0]))
-                return inner(self, state, x, yy, target, out=out)
+                return inner(self, state, x, yy, target, rows_out=rows_out)
 
         tracin.featurizer.__class__ = Spy
         index = index_distributed(tracin, (X, y), store=store, batch_size=10, progress=False, dtype=torch.float32)

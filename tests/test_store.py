@@ -25,7 +25,7 @@ class Counting:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def rows(self, state, x, y, target="loss", out=None):  # what featurize() calls for every micro-batch
+    def rows(self, state, x, y, target="loss", rows_out=None):  # what featurize() calls for every micro-batch
         self.calls += 1
         self.sizes.append(x.shape[0])
         if self.fail_at is not None and self.calls == self.fail_at:
@@ -33,7 +33,7 @@ class Counting:
         if self.max_batch is not None and x.shape[0] > self.max_batch:
             raise torch.OutOfMemoryError("fake: CUDA out of memory")
         self.examples += x.shape[0]
-        return self.inner.rows(state, x, y, target, out=out)
+        return self.inner.rows(state, x, y, target, rows_out=rows_out)
 
 
 def _tracin(cnn_run, **kw):

@@ -173,24 +173,24 @@ class Featurizer:
         return self._rows(state, x, y, target, with_outputs=False).features
 
     def rows(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss",
-             out: torch.Tensor | None = None) -> "Rows":
+             rows_out: torch.Tensor | None = None) -> "Rows":
         """Features (B, dim) with each example's output-gradient norm and objective: Rows.
 
-        out: an optional contiguous (B, dim) buffer the hook paths (exact and factored) write the
-        features into when its dtype and device match theirs (then Rows.features is `out`); the vmap
+        rows_out: an optional contiguous (B, dim) buffer the hook paths (exact and factored) write the
+        features into when its dtype and device match theirs (then Rows.features is `rows_out`); the vmap
         and loop paths allocate their own. For callers that store each batch before the next.
         """
-        return self._rows(state, x, y, target, with_outputs=True, out=out)
+        return self._rows(state, x, y, target, with_outputs=True, rows_out=rows_out)
 
     def _rows(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target,
-              with_outputs: bool, out: torch.Tensor | None = None) -> "Rows":
+              with_outputs: bool, rows_out: torch.Tensor | None = None) -> "Rows":
         self.resolve(state, x, y, target)
         out_sq = losses = None
         while True:
             try:  # out-of-memory errors pass through unchanged: the caller's memory.Backoff halves the batch
                 if self.mode in ("hooks", "factored"):
                     g, out_sq, losses = (t[0] for t in self._hook_path.many_with_outputs(
-                        [state], x, y, target, None if out is None else out.unsqueeze(0)))
+                        [state], x, y, target, None if rows_out is None else rows_out.unsqueeze(0)))
                 else:
                     try:
                         g = (self.grads.per_example if self.mode == "vmap" else self.grads.reference)(state, x, y, target)
@@ -319,7 +319,7 @@ class _Chunk:
                 xs = tree.take(x, start, start + size)
                 into = dest(start, start + tree.length(xs))
                 rows = featurizer.rows(state, xs, None if y is None else y[start:start + size], target,
-                                       out=self.out(tree.length(xs), into))
+                                       rows_out=self.out(tree.length(xs), into))
                 return rows, featurizer.sq_norms(rows.features), into
 
             rows, sq_norms, into = self.backoff.run(step)

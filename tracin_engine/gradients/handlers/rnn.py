@@ -38,32 +38,48 @@ from .registry import register_handler
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
-class RNNUnroll:
-    """The module's forward step by step, keeping for every (layer, direction): the layer input x
-    (B, T, in), the step-start hidden states h_prev (B, T, H), gi (B, T, G H) and the probe Z."""
+class Stepper:
+    """Computes a recurrent module's forward(input, hx) with the documented cell equations (`run`, in the
+    subclasses), keeping each part's (ctx, probe) in `last`; the first call also runs the fused kernel
+    and checks that both agree (check_same_output), so a layer whose function differs is refused."""
 
-    def __init__(self, module: nn.RNNBase):
+    def __init__(self, module: nn.Module):
         self.module = module
-        self.last: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.active: torch.Tensor | None = None   # (T, B, 1) bool: steps within each packed sequence
-        self.verified = False                     # forward() has matched the fused kernel once
+        self.last: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.verified = False
+
+    def run(self, input: Any, hx: Any) -> Any:
+        raise NotImplementedError
 
     def forward(self, input: Any, hx: Any = None) -> Any:
-        """The module's forward(input, hx) computed by run(); the first call also runs the fused kernel
-        and checks that both agree (check_same_output), so a layer whose function differs is refused."""
-        out = self.run((input, hx))
+        out = self.run(input, hx)
         if not self.verified:
             with torch.no_grad():
                 fused = type(self.module).forward(self.module, input, hx)
-            check_same_output(self.module, out[0], fused[0])
+            check_same_output(self.module, _main(out), _main(fused))
             self.verified = True
         return out
 
-    def run(self, inputs: tuple) -> Any:
-        """The module's output for forward(*inputs) (input (B, T, in) / (T, B, in) or a PackedSequence,
+
+def _main(out: Any) -> Any:
+    """The tensor a recurrent module's output is compared by: the output sequence (nn.LSTM / nn.GRU:
+    (output, h_n)), the new hidden state (a cell: h', or (h', c') for nn.LSTMCell)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+class RNNUnroll(Stepper):
+    """nn.LSTM / nn.GRU / nn.RNN step by step, keeping for every (layer, direction): the layer input x
+    (B, T, in), the step-start hidden states h_prev (B, T, H), gi (B, T, G H) and the probe Z."""
+
+    def __init__(self, module: nn.RNNBase):
+        super().__init__(module)
+        self.active: torch.Tensor | None = None   # (T, B, 1) bool: steps within each packed sequence
+
+    def run(self, input: Any, hx: Any) -> Any:
+        """The module's output for forward(input, hx) (input (B, T, in) / (T, B, in) or a PackedSequence,
         optional initial state as PyTorch takes it), computed step by step; fills `last`."""
         m = self.module
-        x, packed, lengths = inputs[0], None, None
+        x, packed, lengths = input, None, None
         if isinstance(x, PackedSequence):         # as padded (B, T, in) in the caller's order, masked by length
             packed = x
             x, lengths = pad_packed_sequence(x, batch_first=True)
@@ -77,7 +93,6 @@ class RNNUnroll:
         self.active = None if lengths is None else (
             torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)).to(x.device).unsqueeze(2)   # (T, B, 1)
         D, H, L = 2 if m.bidirectional else 1, m.hidden_size, m.num_layers
-        hx = inputs[1] if len(inputs) > 1 else None
         lstm = m.mode == "LSTM"
         h0, c0 = (hx if hx is not None else (None, None)) if lstm else (hx, None)
         zeros = x.new_zeros(L * D, B, H)
@@ -153,10 +168,10 @@ def cell_step(mode: str, gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c:
 
 def check_same_output(module: nn.Module, ours: Any, theirs: Any) -> None:
     """Refuse (Unsupported: the hook path then falls back) when the unrolled recurrence does not give the
-    module's own output (a kernel computing another function than the documented cells). Tolerance, relative to the largest output (at least 1): 256 unit roundoffs in
-    float32 / float64, 16 in half precision, 64 TF32 roundoffs (2^-11) for float32 on CUDA with TF32 on
-    (cuDNN's fused kernel and these matmuls may round differently); a wrong state or function differs by
-    far more."""
+    module's own output (a kernel computing another function than the documented cells). Tolerance,
+    relative to the largest output (at least 1): 256 unit roundoffs in float32 / float64, 16 in half
+    precision, 64 TF32 roundoffs (2^-11) for float32 on CUDA with TF32 on (cuDNN's fused kernel and these
+    matmuls may round differently); a wrong state or function differs by far more."""
     a, b = (t.data if isinstance(t, PackedSequence) else t for t in (ours, theirs))
     a = a.detach()
     eps = torch.finfo(a.dtype).eps
@@ -186,48 +201,27 @@ class ForwardOverride:
             self.module.forward = self.saved
 
 
-class RNNHandler(KronHandler):
-    """One (layer, direction, side) of an RNN module: r_t = dgi_t or dgh_t (G H), c_t = x_t or h_prev_t."""
+def own_forward(module: nn.Module, bases: tuple[type, ...]) -> str | None:
+    """Why a subclass cannot be unrolled: it defines its own forward (its function is not the cells')."""
+    base = next(b for b in bases if isinstance(module, b))
+    return f"a subclass of {base.__name__} with its own forward" if type(module).forward is not base.forward else None
 
-    rank_one_hint = False
+
+class RecurrentPart(KronHandler):
+    """One weight (with its bias) of a recurrent module, r = the gradient of its pre-activation (`probe`),
+    c = what it multiplies. The parts of a module share one Stepper: the first part's attach replaces the
+    module's forward by Stepper.forward for the pass (the fused kernel does not run), every part's hook
+    reads its (ctx, probe) from Stepper.last[key]. Subclasses give param_locals and rows."""
+
     kronecker = False   # Kronecker factors of recurrent weights are not what SOURCE's EK-FAC assumes
 
-    def __init__(self, module: nn.RNNBase, unroll: RNNUnroll | None = None, layer: int = 0, direction: int = 0,
-                 side: str = "ih"):
+    def __init__(self, module: nn.Module, stepper: Stepper, key: Any, first: bool):
         super().__init__(module)
-        self.unroll = unroll or RNNUnroll(module)
-        self.layer, self.direction, self.side = layer, direction, side
-
-    @classmethod
-    def unsupported(cls, module, train_mode):
-        if module.mode not in GATES:
-            return f"mode {module.mode!r}"
-        base = next(b for b in (nn.LSTM, nn.GRU, nn.RNN, nn.RNNBase) if isinstance(module, b))
-        if type(module).forward is not base.forward:
-            return f"a subclass of {base.__name__} with its own forward"
-        if getattr(module, "proj_size", 0):
-            return "proj_size (projected LSTM hidden states)"
-        if train_mode and module.dropout and module.num_layers > 1:
-            return "dropout between layers in train mode"
-        return None
+        self.stepper, self.key, self.first = stepper, key, first
 
     @classmethod
     def covered(cls, module) -> set[str]:
         return {n for n, _ in module.named_parameters(recurse=False)}
-
-    @classmethod
-    def parts(cls, module) -> list["RNNHandler"]:
-        unroll = RNNUnroll(module)
-        return [cls(module, unroll, l, d, side) for l in range(module.num_layers)
-                for d in range(2 if module.bidirectional else 1) for side in ("ih", "hh")]
-
-    @property
-    def first(self) -> bool:
-        return (self.layer, self.direction, self.side) == (0, 0, "ih")
-
-    def param_locals(self) -> tuple[str, str | None]:
-        sfx = f"_{self.side}_l{self.layer}" + ("_reverse" if self.direction else "")
-        return "weight" + sfx, ("bias" + sfx) if self.has_bias else None
 
     @property
     def has_bias(self) -> bool:
@@ -238,22 +232,48 @@ class RNNHandler(KronHandler):
         return w.shape[0], w.shape[1]
 
     def attach(self, hook):
-        """The forward hook, and (first part) the module's forward replaced for the pass by the
-        step-by-step recurrence (RNNUnroll.forward): the fused kernel does not run at all."""
         handle = self.module.register_forward_hook(hook)
-        if not self.first:
-            return handle
-        return ForwardOverride(self.module, self.unroll.forward, handle)
+        return ForwardOverride(self.module, self.stepper.forward, handle) if self.first else handle
 
     def record(self, inputs, output):
-        """(ctx, probe) of this part from the recurrence the module just ran (RNNUnroll.last)."""
-        return self.unroll.last[(self.layer, self.direction, self.side)]
-
-    def rows(self, ctx, g):
-        return g
+        return self.stepper.last[self.key]
 
     def cols(self, ctx, g):
         return ctx
+
+
+class RNNHandler(RecurrentPart):
+    """One (layer, direction, side) of an RNN module: r_t = dgi_t or dgh_t (G H), c_t = x_t or h_prev_t."""
+
+    rank_one_hint = False
+
+    @classmethod
+    def unsupported(cls, module, train_mode):
+        if module.mode not in GATES:
+            return f"mode {module.mode!r}"
+        why = own_forward(module, (nn.LSTM, nn.GRU, nn.RNN, nn.RNNBase))
+        if why:
+            return why
+        if getattr(module, "proj_size", 0):
+            return "proj_size (projected LSTM hidden states)"
+        if train_mode and module.dropout and module.num_layers > 1:
+            return "dropout between layers in train mode"
+        return None
+
+    @classmethod
+    def parts(cls, module) -> list["RNNHandler"]:
+        unroll = RNNUnroll(module)
+        keys = [(l, d, side) for l in range(module.num_layers) for d in range(2 if module.bidirectional else 1)
+                for side in ("ih", "hh")]
+        return [cls(module, unroll, key, i == 0) for i, key in enumerate(keys)]
+
+    def param_locals(self) -> tuple[str, str | None]:
+        layer, direction, side = self.key
+        sfx = f"_{side}_l{layer}" + ("_reverse" if direction else "")
+        return "weight" + sfx, ("bias" + sfx) if self.has_bias else None
+
+    def rows(self, ctx, g):
+        return g
 
 
 for _cls in (nn.LSTM, nn.GRU, nn.RNN):

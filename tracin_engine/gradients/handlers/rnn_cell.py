@@ -15,23 +15,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import KronHandler, Unsupported
+from .base import Unsupported
 from .registry import register_handler
-from .rnn import ForwardOverride, cell_step, check_same_output
+from .rnn import RecurrentPart, Stepper, cell_step, own_forward
 
 
-class CellStep:
+class CellStep(Stepper):
     """One call of nn.LSTMCell / nn.GRUCell / nn.RNNCell computed with the cell equations (cell_step), keeping
     for each side its (ctx (B, 1, C), probe (B, G H)): x and gi = W_ih x + b_ih, h and a zero probe Z with
     gh = W_hh h + b_hh + Z. Called once per step of the user's own loop; every call is its own position."""
 
     def __init__(self, module: nn.RNNCellBase):
-        self.module = module
+        super().__init__(module)
         self.mode = cell_mode(module)
-        self.last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.verified = False
 
-    def forward(self, input: torch.Tensor, hx: Any = None) -> Any:
+    def run(self, input: torch.Tensor, hx: Any) -> Any:
         m = self.module
         if input.dim() != 2:
             raise Unsupported(f"{type(m).__name__} given an unbatched {input.dim()}-D input: not handled")
@@ -43,13 +41,7 @@ class CellStep:
         gh = torch.addmm(Z if m.bias_hh is None else Z + m.bias_hh, h, m.weight_hh.t())
         h_new, c_new = cell_step(self.mode, gi, gh, h, c)
         self.last = {"ih": (input.detach().unsqueeze(1), gi), "hh": (h.detach().unsqueeze(1), Z)}
-        out = (h_new, c_new) if lstm else h_new
-        if not self.verified:
-            with torch.no_grad():
-                fused = type(m).forward(m, input, hx)
-            check_same_output(m, h_new, fused[0] if lstm else fused)
-            self.verified = True
-        return out
+        return (h_new, c_new) if lstm else h_new
 
 
 def cell_mode(module: nn.RNNCellBase) -> str:
@@ -60,57 +52,26 @@ def cell_mode(module: nn.RNNCellBase) -> str:
     return "RNN_RELU" if getattr(module, "nonlinearity", "tanh") == "relu" else "RNN_TANH"
 
 
-class CellHandler(KronHandler):
+class CellHandler(RecurrentPart):
     """One side of nn.LSTMCell / nn.GRUCell / nn.RNNCell: r = dgi or dgh (G H), c = x or h, one position per
     call (a cell called in a loop over T steps sums T outer products, like a Linear called T times)."""
 
     rank_one_hint = True   # one call per example: stored as its two factors
-    kronecker = False
-
-    def __init__(self, module: nn.RNNCellBase, step: CellStep | None = None, side: str = "ih"):
-        super().__init__(module)
-        self.step = step or CellStep(module)
-        self.side = side
 
     @classmethod
     def unsupported(cls, module, train_mode):
-        base = next(b for b in (nn.LSTMCell, nn.GRUCell, nn.RNNCell, nn.RNNCellBase) if isinstance(module, b))
-        if type(module).forward is not base.forward:
-            return f"a subclass of {base.__name__} with its own forward"
-        return None
-
-    @classmethod
-    def covered(cls, module) -> set[str]:
-        return {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}
+        return own_forward(module, (nn.LSTMCell, nn.GRUCell, nn.RNNCell, nn.RNNCellBase))
 
     @classmethod
     def parts(cls, module) -> list["CellHandler"]:
         step = CellStep(module)
-        return [cls(module, step, side) for side in ("ih", "hh")]
+        return [cls(module, step, "ih", True), cls(module, step, "hh", False)]
 
     def param_locals(self) -> tuple[str, str | None]:
-        return f"weight_{self.side}", (f"bias_{self.side}" if self.has_bias else None)
-
-    @property
-    def has_bias(self) -> bool:
-        return bool(self.module.bias)
-
-    def shape(self) -> tuple[int, int]:
-        w = getattr(self.module, f"weight_{self.side}")
-        return w.shape[0], w.shape[1]
-
-    def attach(self, hook):
-        handle = self.module.register_forward_hook(hook)
-        return handle if self.side != "ih" else ForwardOverride(self.module, self.step.forward, handle)
-
-    def record(self, inputs, output):
-        return self.step.last[self.side]
+        return f"weight_{self.key}", (f"bias_{self.key}" if self.has_bias else None)
 
     def rows(self, ctx, g):
         return g.unsqueeze(1)
-
-    def cols(self, ctx, g):
-        return ctx
 
 
 for _cls in (nn.LSTMCell, nn.GRUCell, nn.RNNCell):
