@@ -10,6 +10,8 @@ installed, else the tests' own BERT/GPT-2-style modules):
     vit     small ViT (patch 4 on 3x32x32, dim 192, 4 blocks, 3 heads, cls_token and pos_embed)
     lstm    LSTM text classifier (embedding 128, 2 bidirectional layers of 256, sequence 128, packed)
     gru     GRU text classifier (embedding 128, 2 layers of 256, sequence 128, padded tensors)
+    torch_encoder  PyTorch's own nn.TransformerEncoder (4 layers, hidden 256, 4 heads, feed-forward
+            1024, sequence 128, a padding mask; nn.MultiheadAttention inside)
 Per model, on the same batch (after a few SGD steps, so the checkpoint is not the initialization):
     train_examples_per_s        forward + backward + optimizer step (SGD, momentum 0.9), median of repeats
     backward_s                  loss.backward() of the summed loss alone, timed after a grad-mode forward
@@ -45,7 +47,7 @@ import tracin_engine as te
 from tracin_engine.devices import tf32_mode
 from tracin_engine.store.writer import non_finite_rows
 
-from models import CausalLM, Encoder, Recurrent, ResNet, ViT, hf_bert, hf_gpt2, lm_loss, token_batch
+from models import Attending, CausalLM, Encoder, Recurrent, ResNet, ViT, hf_bert, hf_gpt2, lm_loss, token_batch
 
 
 def _has_transformers() -> bool:
@@ -116,6 +118,10 @@ def build(name: str, small: bool, data: str = "random"):
         model = Recurrent("GRU", vocab, dim // 2, dim, layers=2, classes=4)
         return model, (ids, topic), F.cross_entropy, \
             f"GRU text classifier: embedding {dim // 2}, 2 layers of {dim}, seq {seq}, vocab {vocab}, padded"
+    if name == "torch_encoder":
+        model = Attending("encoder", vocab, dim, 4, classes=4, layers=4, ff=4 * dim)
+        return model, (ids, topic), F.cross_entropy, \
+            f"nn.TransformerEncoder: 4 layers, hidden {dim}, 4 heads, seq {seq}, vocab {vocab}, padding mask"
     if name == "bert":
         model = hf_bert(vocab, dim, 4, 4, seq, 4) if hf else Encoder(vocab, dim, 4, 4, seq, 4)
         y = topic

@@ -232,6 +232,59 @@ class Stepped(nn.Module):
         return self.head(h)
 
 
+class Attending(nn.Module):
+    """Token ids (B, T) through PyTorch's own attention, a Linear head on the mean of the outputs. kind:
+    "encoder"   nn.TransformerEncoder (`layers` post-norm layers, batch_first) with a boolean padding mask;
+    "seq_first" nn.MultiheadAttention (batch_first=False) called directly with a float causal mask,
+                asking for the attention weights (the explicit softmax path), which scale the output;
+    "decoder"   nn.TransformerDecoderLayer (pre-norm, batch_first): causal self-attention, then
+                cross-attention to a memory of the first 5 tokens' own embeddings with a padding mask
+                (key and value the same tensor);
+    "cross"     nn.MultiheadAttention with query, key and value three different tensors, a boolean
+                (B heads, L, S) mask that hides one key per example;
+    "encoder_seq_first"  nn.TransformerEncoder with PyTorch's default batch_first=False: every Linear,
+                LayerNorm (and the embedding of ids (T, B)) runs sequence-first, (T, B, E)."""
+
+    def __init__(self, kind: str = "encoder", vocab: int = 20, dim: int = 8, heads: int = 2, classes: int = 3,
+                 layers: int = 2, ff: int | None = None):
+        super().__init__()
+        self.kind, self.heads = kind, heads
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        if kind.startswith("encoder"):
+            self.body = nn.TransformerEncoder(nn.TransformerEncoderLayer(dim, heads, ff or 2 * dim, dropout=0.1,
+                                                                         batch_first=kind == "encoder"), layers,
+                                              enable_nested_tensor=False)
+        elif kind == "decoder":
+            self.mem = nn.Embedding(vocab, dim)
+            self.body = nn.TransformerDecoderLayer(dim, heads, 2 * dim, dropout=0.1, batch_first=True, norm_first=True)
+        else:
+            self.body = nn.MultiheadAttention(dim, heads, batch_first=False if kind == "seq_first" else True)
+            self.key = nn.Linear(dim, dim) if kind == "cross" else None
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        T = ids.shape[1]
+        if self.kind == "encoder_seq_first":
+            h = self.body(self.emb(ids.t()), src_key_padding_mask=ids == 0)        # (T, B, E)
+            return self.head(h.mean(0))
+        e, pad = self.emb(ids), ids == 0
+        causal = nn.Transformer.generate_square_subsequent_mask(T, dtype=e.dtype)
+        if self.kind == "encoder":
+            h = self.body(e, src_key_padding_mask=pad)
+        elif self.kind == "decoder":
+            h = self.body(e, self.mem(ids[:, :5]), tgt_mask=causal, tgt_is_causal=True,
+                          memory_key_padding_mask=pad[:, :5])
+        elif self.kind == "seq_first":
+            s = e.transpose(0, 1)
+            h, w = self.body(s, s, s, attn_mask=causal)
+            h = h.transpose(0, 1) * (1 + w.max(-1).values.unsqueeze(-1))
+        else:
+            hide = torch.zeros(len(ids) * self.heads, T, T - 1, dtype=torch.bool)
+            hide[:, :, 0] = True
+            h, _ = self.body(e, self.key(e[:, 1:]), e[:, 1:] * 0.5, attn_mask=hide, need_weights=False)
+        return self.head(h.mean(1))
+
+
 class HFWrapper(nn.Module):
     """A transformers model as tensor -> logits (attention mask: ids != 0)."""
 
@@ -362,6 +415,13 @@ def _case_rnn(kind, **kw):
     return build
 
 
+def _case_attention(kind):
+    def build():
+        torch.manual_seed(0)
+        return Attending(kind).double(), token_batch(4, 7, 20), torch.randint(0, 3, (4,)), F.cross_entropy
+    return build
+
+
 def _case_cell(kind, **kw):
     def build():
         torch.manual_seed(0)
@@ -380,4 +440,8 @@ HANDLER_CASES = {"resnet_bn": _case_resnet, "vit": _case_vit, "encoder_mask": _c
                                                       packed=True),
                  "lstm_cell_loop": _case_cell("LSTMCell"), "gru_cell_loop": _case_cell("GRUCell"),
                  "rnn_cell_relu_nobias": _case_cell("RNNCell", nonlinearity="relu", bias=False),
+                 "torch_encoder_padmask": _case_attention("encoder"),
+                 "torch_encoder_seq_first": _case_attention("encoder_seq_first"),
+                 "mha_seq_first_weights": _case_attention("seq_first"),
+                 "torch_decoder_cross": _case_attention("decoder"), "mha_cross_qkv": _case_attention("cross"),
                  "hf_bert": lambda: _case_encoder(True), "hf_gpt2_tied": lambda: _case_lm(True)}

@@ -112,3 +112,66 @@ def test_bad_curvature_name():
     X, y = torch.randn(3, 5, dtype=torch.float64), torch.tensor([0, 1, 2])
     with pytest.raises(TracInError, match="curvature must be one of"):
         _fit(model, X, y, "fisherish")
+
+
+class _Attn(nn.Module):
+    """Self-attention (batch first, a padding mask) then cross-attention to another sequence (seq first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.cross = nn.MultiheadAttention(4, 2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        pad = torch.zeros(x.shape[:2], dtype=torch.bool)
+        pad[:, -1] = True
+        h, _ = self.self_attn(x, x, x, key_padding_mask=pad)
+        m = x[:, :3].transpose(0, 1)
+        h, _ = self.cross(h.transpose(0, 1), m, m, need_weights=False)
+        return self.fc(h.transpose(0, 1).mean(1))
+
+
+def test_captured_factors_rebuild_exact_per_example_gradients_attention():
+    """nn.MultiheadAttention: the input projection's factors (a = the inputs at every query / key /
+    value position, g = the projections' gradients, zero outside their third for cross-attention)
+    and out_proj's rebuild the exact per-example gradients."""
+    torch.manual_seed(0)
+    model = _Attn().double()
+    X = torch.randn(5, 6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    layers = KronLayers(gc)
+    assert [p.name for p in layers.plans] == ["self_attn", "self_attn.out_proj", "cross", "cross.out_proj", "fc"]
+    state = gc.prepare(model.state_dict())
+    captured = layers.capture(state, X, y, "empirical")
+    mats = [torch.einsum("bkto,bti->boi", g, a) for a, g in captured]
+    for m, r in zip(mats, layers.to_mats(gc.reference(state, X, y))):
+        assert torch.allclose(m, r, atol=1e-10)
+
+
+class _SeqFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):                       # x (B, T, 4) run sequence-first through fc1: (T, B, 5)
+        return self.fc(torch.tanh(self.fc1(x.transpose(0, 1))).mean(0))
+
+
+def test_captured_factors_of_a_sequence_first_layer_are_per_example():
+    """A Linear run on (T, B, in) (T != B): its factors are regrouped by example, so they rebuild the
+    exact per-example gradients (read batch-first they would mix the examples)."""
+    torch.manual_seed(0)
+    model = _SeqFirst().double()
+    X = torch.randn(5, 6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    layers = KronLayers(gc)
+    state = gc.prepare(model.state_dict())
+    captured = layers.capture(state, X, y, "empirical")
+    assert captured[0][0].shape[:2] == (5, 6)                     # (B, T, in + 1)
+    mats = [torch.einsum("bkto,bti->boi", g, a) for a, g in captured]
+    for m, r in zip(mats, layers.to_mats(gc.reference(state, X, y))):
+        assert torch.allclose(m, r, atol=1e-10)

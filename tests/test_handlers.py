@@ -341,9 +341,9 @@ def test_recurrent_state_by_keyword_subclass_forward_and_a_wrong_kernel():
 
 
 def test_recurrence_check_tolerance_follows_the_dtype():
-    """rnn.check_same_output: equal outputs pass; a 1e-3 relative difference (far above float32 rounding) is
+    """replaced.check_same_output: equal outputs pass; a 1e-3 relative difference (far above float32 rounding) is
     refused in float32 and float64; half precision allows 16 of its unit roundoffs."""
-    from tracin_engine.gradients.handlers.rnn import check_same_output
+    from tracin_engine.gradients.handlers.replaced import check_same_output
     from tracin_engine.gradients.hooks import Unsupported
 
     lstm = nn.LSTM(2, 3)
@@ -391,3 +391,134 @@ def test_recurrent_cells_stepped_in_a_loop_are_kron_blocks(name):
     cell = sorted(b.params[0] for b in hf.blocks if b.uses and b.uses[0].name == "cell")
     assert cell == ["cell.weight_hh", "cell.weight_ih"] and not any(b.kind == "generic" for b in hf.blocks)
     assert torch.allclose(hf.expand(rows), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["torch_encoder_padmask", "torch_encoder_seq_first", "mha_seq_first_weights",
+                                  "torch_decoder_cross",
+                                  "mha_cross_qkv"])
+def test_attention_input_projection_is_a_kron_block_and_out_proj_a_linear(name):
+    """nn.MultiheadAttention (inside nn.TransformerEncoder / DecoderLayer or called directly, batch first
+    or not, weights asked for or not, self- or cross-attention): in_proj_weight with its bias is one
+    Kronecker block, out_proj its own Linear block, nothing left to the generic path; the replaced forward
+    was checked against PyTorch's once per layer; rows equal the float64 loop."""
+    from tracin_engine.gradients.handlers.attention import AttentionHandler
+
+    model, x, y, loss = MODELS[name]()
+    gc = GradientComputer(model, loss, device="cpu")
+    hf = HookFeaturizer(gc)
+    state = gc.prepare(model.state_dict())
+    rows = hf(state, x, y)
+    attn = [u.handler for b in hf.blocks for u in b.uses if isinstance(u.handler, AttentionHandler)]
+    mha = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert len(attn) == len(mha) >= 1 and all(h.replacement.verified for h in attn)
+    names = {b.params[0]: b for b in hf.blocks}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            assert names[f"{n}.in_proj_weight"].kind == "kron" and names[f"{n}.in_proj_weight"].has_bias
+            assert names[f"{n}.out_proj.weight"].kind == "kron"
+    assert not any(b.kind == "generic" for b in hf.blocks)
+    assert torch.allclose(hf.expand(rows), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
+
+
+def test_attention_the_handler_cannot_take_goes_generic_with_its_out_proj():
+    """add_bias_kv, key / value dimensions other than E, attention dropout in train mode: the layer's
+    parameters, out_proj's included (PyTorch reads out_proj.weight itself), take the generic path; the
+    rest of the model keeps its handlers and the rows stay exact."""
+    from models import Attending, token_batch
+
+    x, y = token_batch(4, 7, 20), torch.randint(0, 3, (4,))
+    for kw, train in (({"add_bias_kv": True}, False), ({"kdim": 6, "bias": False}, False),
+                      ({"dropout": 0.5}, True)):
+        torch.manual_seed(0)
+        model = Attending("cross").double()
+        model.body = nn.MultiheadAttention(8, 2, batch_first=True, **kw).double()
+        model.key = nn.Linear(8, kw.get("kdim", 8)).double()
+        gc = GradientComputer(model, F.cross_entropy, device="cpu", train_mode=train)
+        hf = HookFeaturizer(gc)
+        generic = [b for b in hf.blocks if b.kind == "generic"]
+        assert len(generic) == 1 and sorted(generic[0].params) == sorted(f"body.{n}" for n, _ in
+                                                                         model.body.named_parameters())
+        assert {b.params[0] for b in hf.blocks if b.kind == "kron"} == {"emb.weight", "key.weight", "head.weight"}
+        if not train:                              # (train mode: dropout draws differ between the two paths)
+            state = gc.prepare(model.state_dict())
+            assert torch.allclose(hf.expand(hf(state, x, y)), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
+
+
+def test_attention_replacement_that_differs_is_refused_then_auto_falls_back():
+    """The replaced forward is checked against PyTorch's on its first call: an attention computing
+    something else (scores scaled wrongly) stops the hook path, and per_example="auto" falls back with a
+    warning to a path that is exact."""
+    from tracin_engine.gradients.handlers import attention
+    from tracin_engine.gradients.hooks import Unsupported
+
+    model, x, y, loss = MODELS["torch_encoder_padmask"]()
+    gc = GradientComputer(model, loss, device="cpu")
+    real = attention.attend
+    try:
+        attention.attend = lambda q, k, v, *a: real(q * 1.5, k, v, *a)
+        with pytest.raises(Unsupported, match="unfused attention does not reproduce the layer's output"):
+            HookFeaturizer(gc)(gc.prepare(model.state_dict()), x, y)
+        tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0]), loss_fn=loss)
+        with pytest.warns(UserWarning, match="per_example"):
+            got = tracin.features((x, y))[0]
+    finally:
+        attention.attend = real
+    assert tracin.featurizer.mode in ("vmap", "loop")
+    assert torch.allclose(got.double(), gc.reference(tracin.state(0), x, y), rtol=1e-9, atol=1e-12)
+
+
+class _SeqFirst(nn.Module):
+    """Token ids (B, T) embedded, then sequence-first (T, B, E) through a Linear: its leading dimension
+    is the positions, not the examples."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 5)
+        self.fc = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, ids):
+        h = torch.tanh(self.fc(self.emb(ids).transpose(0, 1)))     # (T, B, 5)
+        return self.head(h.mean(0))
+
+
+def test_a_sequence_first_layer_whose_length_equals_the_batch_is_caught_or_known():
+    """A sequence-first Linear ((T, B, E)) is handled as (B, T, E). With T == B the shapes cannot tell:
+    a layer already seen sequence-first (an earlier batch of another size) stays so; on a first batch it
+    is taken as batch-first, its per-example sums still add up to the batch gradient, and the check of
+    example 0 against its own gradient refuses the hook path (per_example="auto" then falls back)."""
+    from tracin_engine.gradients.hooks import Unsupported
+    from models import token_batch
+
+    torch.manual_seed(0)
+    model = _SeqFirst().double()
+    x, y = token_batch(4, 4, 20), torch.randint(0, 3, (4,))
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    state = gc.prepare(model.state_dict())
+    with pytest.raises(Unsupported, match="gradient of example 0 alone differs .* fc .*not batch-first"):
+        HookFeaturizer(gc)(state, x, y)
+    hf = HookFeaturizer(gc)
+    assert torch.allclose(hf.expand(hf(state, x[:2], y[:2])), gc.reference(state, x[:2], y[:2]), rtol=1e-9)
+    assert sorted(hf.seq_dims.values()) == [0, 0, 1]                  # emb and head batch-first, fc not
+    assert torch.allclose(hf.expand(hf(state, x, y)), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
+    tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0]), loss_fn=F.cross_entropy)
+    got = tracin.features((x, y))[0]             # resolved on a smaller batch first: fc known sequence-first
+    assert tracin.featurizer.mode == "hooks"
+    assert torch.allclose(tracin.featurizer.hooks.expand(got.double()), gc.reference(state, x, y), rtol=1e-9,
+                          atol=1e-12)
+
+
+def test_sequence_first_is_told_from_shapes_only_where_they_can_tell():
+    """hooks.sequence_first: (T, B, ...) with T != B is sequence-first; (B, T, ...) is not; T == B cannot be
+    told (None); a leading size 1 is an output shared by the batch (position embeddings), not T = 1; layers
+    whose handler does not allow it (convolutions) never are."""
+    from tracin_engine.gradients.handlers import handler_for
+    from tracin_engine.gradients.hooks import sequence_first
+
+    lin = handler_for(nn.Linear(4, 2))(nn.Linear(4, 2))
+    conv = handler_for(nn.Conv1d(4, 2, 1))(nn.Conv1d(4, 2, 1))
+    B = 3
+    for T, want in ((5, True), (3, None), (1, False)):
+        assert sequence_first(lin, (torch.zeros(T, B, 4),), torch.zeros(T, B, 2), B) is want
+    assert sequence_first(lin, (torch.zeros(B, 5, 4),), torch.zeros(B, 5, 2), B) is False
+    assert sequence_first(conv, (torch.zeros(5, B, 4),), torch.zeros(5, B, 2), B) is False

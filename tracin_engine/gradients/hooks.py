@@ -29,7 +29,7 @@ import torch
 from .. import inputs as tree
 from ..buffers import empty_output
 from .handlers import KronHandler, Unsupported
-from .layers import GENERIC_LIMIT, Block, generic_sizes, plan_blocks
+from .layers import GENERIC_LIMIT, Block, Use, generic_sizes, plan_blocks
 from .per_example import GradientComputer, Target, model_mode, output_sq_norms
 from ..store.layout import Layout, Segment
 
@@ -56,6 +56,7 @@ class HookFeaturizer:
             self.offsets[n] = pos
             pos += params[n].numel()
         self.frozen = False
+        self.seq_dims: dict[int, int] = {}   # id(use) -> 1 if it runs sequence-first (_batch_dim), 0 if not
         # generic parameters of leading size 1 (cls_token (1, 1, D), pos_embed (1, N, D)) are usually
         # broadcast over the batch: substituted by a per-example copy (B, ...) in the batched pass, their
         # gradients are per example. Checked against vmap on the first batch (None: not yet known).
@@ -158,6 +159,10 @@ class HookFeaturizer:
 
         def hook(u):
             def record(m, i, o):
+                if self._batch_dim(u, i, o, B):              # (T, B, ...): the handler sees (B, T, ...)
+                    ctx, _ = u.handler.record((i[0].transpose(0, 1), *i[1:]), o.transpose(0, 1))
+                    seen[id(u)].append((ctx, o, 1))         # the gradient of o is transposed when read
+                    return None
                 ctx, o = u.handler.record(i, o)
                 if B > 1 and isinstance(o, torch.Tensor) and o.shape[0] == 1 and isinstance(ctx, torch.Tensor) \
                         and ctx.shape[0] == 1:
@@ -165,9 +170,9 @@ class HookFeaturizer:
                     # whose gradient is each example's own; it broadcasts downstream as before
                     o = o.expand(B, *o.shape[1:]).clone()
                     ctx = ctx.expand(B, *ctx.shape[1:])
-                    seen[id(u)].append((ctx, o))
+                    seen[id(u)].append((ctx, o, 0))
                     return o
-                seen[id(u)].append((ctx, o))
+                seen[id(u)].append((ctx, o, 0))
                 return None
             return record
 
@@ -201,11 +206,11 @@ class HookFeaturizer:
                 if k % S:  # k == 0: not called (an unused head has zero gradients; a direct use fails the check)
                     raise Unsupported(f"layer {u.name!r} ({type(u.handler.module).__name__}) ran {k} times for "
                                       f"{S} checkpoints")
-                for ctx, o in seen[id(u)]:
-                    if u.handler.batch_of(ctx) != B or o.shape[0] != B:
+                for ctx, o, dim in seen[id(u)]:
+                    if u.handler.batch_of(ctx) != B or o.shape[dim] != B:
                         raise Unsupported(f"layer {u.name!r} saw a leading dimension of {o.shape[0]}, not the "
                                           f"batch size {B} (inputs reshaped across examples)")
-        outs = [o for u in uses for _, o in seen[id(u)]]
+        outs = [o for u in uses for _, o, _ in seen[id(u)]]
         check = not self.frozen
         handled = [n for b in self.blocks if b.kind != "generic" for n in b.params]
         copies = [c[n] for c in batched for n in sorted(bcast)]
@@ -216,9 +221,10 @@ class HookFeaturizer:
         calls: dict[int, list] = {}
         for u in uses:
             calls[id(u)] = []
-            for ctx, o in seen[id(u)]:
+            for ctx, o, dim in seen[id(u)]:
                 g = next(g_iter)
-                calls[id(u)].append((ctx, torch.zeros_like(o) if g is None else g.detach()))
+                g = torch.zeros_like(o) if g is None else g.detach()
+                calls[id(u)].append((ctx, g.transpose(0, 1) if dim else g))
         self._settle(calls, S)
         dtype = next(iter(calls.values()))[0][1].dtype if calls else gc.dtype
         shape, dtype = (S, B, self.layout.dim), dtype if dtype.is_floating_point else torch.float32
@@ -250,8 +256,23 @@ class HookFeaturizer:
             if not self.broadcast:                     # that pass ran with wrong copies: redo it without
                 self.frozen = False
                 return self.many_with_outputs(states, inputs, targets, target, rows_out)
+        if check:                                      # (after the copies' check: a wrong pass is redone above)
+            self._check_example(rows, states[0], inputs, targets, target, handled)
         out_sq = torch.stack([output_sq_norms(g) for g in grads[len(outs):len(outs) + len(model_outs)]])
         return rows, out_sq, torch.stack(losses).detach().double()
+
+    def _batch_dim(self, u: Use, inputs: tuple, output: Any, B: int) -> int:
+        """1 when this call of use u ran sequence-first (hooks.sequence_first), else 0. Where the shapes
+        cannot tell (T == B) the layer's earlier calls decide (first batch: batch-first, which the check of
+        example 0 against its own gradient refuses if wrong); a layer that changes is refused."""
+        seq = sequence_first(u.handler, inputs, output, B)
+        known = self.seq_dims.get(id(u))
+        if seq is None:
+            return known or 0
+        if known is not None and known != int(seq):
+            raise Unsupported(f"layer {u.name!r} ran sequence-first on one batch and batch-first on another")
+        self.seq_dims[id(u)] = int(seq)
+        return int(seq)
 
     # -- per block ----------------------------------------------------------------------------------
     def block_rows(self, i: int, b: Block, contrib: list[Contribution], out: torch.Tensor) -> None:
@@ -328,6 +349,32 @@ class HookFeaturizer:
                         f"(relative error {float(err / (want.norm() + 1e-30)):.2g}): a parameter is used outside "
                         "its layer's forward, or a layer mixes the examples of a batch")
 
+    def _check_example(self, rows: torch.Tensor, state: dict, inputs: Any, targets: torch.Tensor | None,
+                       target: Target, handled: list[str]) -> None:
+        """Example 0's rows (first checkpoint) must equal its own gradient, from a pass over it alone (the
+        loop's: one example's forward and backward), block by block. Sums over the batch can agree while
+        each example's share is wrong: a layer whose input is sequence-first (T, B, ...) with T equal to
+        the batch size looks batch-first, a layer that mixes examples. Not in train mode (dropout draws
+        differ between the passes) nor for one example (the sum check covered it)."""
+        gc = self.grads
+        if rows.shape[1] < 2 or gc.train_mode or not handled:
+            return
+        flat = gc.reference(state, tree.take(inputs, 0, 1), None if targets is None else targets[:1], target,
+                            handled)[0]
+        own = dict(zip(handled, flat.split([self._numel(n) for n in handled])))
+        tol = 1e-8 if rows.dtype == torch.float64 else 2e-3
+        for b, got in zip(self.blocks, self.block_sums(rows[0, :1])):
+            if b.kind == "generic":
+                continue
+            want = self.block_reference(b, [own[n].detach().reshape(-1).to(got.dtype) for n in b.params])
+            err = (got - want).norm()
+            if not err <= tol * want.norm() + 1e-30:
+                raise Unsupported(
+                    f"the gradient of example 0 alone differs from its per-example gradient of {b.describe()} in "
+                    f"the batch (relative error {float(err / (want.norm() + 1e-30)):.2g}): the layer's input is "
+                    "not batch-first (a sequence-first model; batch_first=True avoids this), or the layer mixes "
+                    "the examples of a batch")
+
     def block_sums(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Per block, the sum over examples of what its rows represent (flat, parameter order)."""
         flat = self.expand(rows).sum(0, keepdim=True)
@@ -377,6 +424,19 @@ class HookFeaturizer:
 def _pairs(b: Block, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A lowrank block's (c (B, T, C [+1]), r (B, T, R)) views of its segment's rows (B, size)."""
     return Segment("lowrank", 0, b.a_dim, b.R, b.rank).parts(rows)
+
+
+def sequence_first(handler: Any, inputs: tuple, output: Any, B: int) -> bool | None:
+    """Whether one call of a layer ran sequence-first: input and output (T, B, ...) with T != B (PyTorch's
+    default for nn.TransformerEncoderLayer, batch_first=False), for handlers that allow it (Linear,
+    Embedding, LayerNorm, RMSNorm: `sequence_first = True`); None when T == B (the shapes cannot tell).
+    T = 1 is not told from an output shared by the batch (position embeddings of (1, T)): batch-first."""
+    x = inputs[0] if inputs else None
+    if not (getattr(handler, "sequence_first", False) and B > 1 and isinstance(x, torch.Tensor)
+            and isinstance(output, torch.Tensor) and x.dim() >= 2 and output.dim() >= 2
+            and x.shape[:2] == output.shape[:2] and output.shape[1] == B and output.shape[0] > 1):
+        return False                  # (leading size 1: shared by the batch, position embeddings of (1, T))
+    return None if output.shape[0] == B else True
 
 
 def build(grads: GradientComputer) -> HookFeaturizer | None:

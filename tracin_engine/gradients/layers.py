@@ -66,21 +66,28 @@ def canonical_names(model: nn.Module) -> dict[int, str]:
 
 def plan_blocks(model: nn.Module, param_names: Sequence[str], train_mode: bool,
                 shapes: dict[str, tuple] | None = None) -> list[Block]:
-    """Blocks covering exactly `param_names`; raises Unsupported for tied weights with biases."""
+    """Blocks covering exactly `param_names`; raises Unsupported for tied weights with biases. A layer
+    whose handler cannot take it (unsupported(), or only some of its parameters selected) goes to the
+    generic block with its sublayers' parameters (its own forward may read them directly)."""
     selected = set(param_names)
     canon = canonical_names(model)
     by_weight: dict[str, Block] = {}
     blocks: list[Block] = []
     covered: set[str] = set()
+    left: list[str] = []      # modules with a handler that cannot take them: their sublayers go generic too
     for mod_name, mod in model.named_modules():
+        if any(mod_name.startswith(p + ".") for p in left):
+            continue                                   # (nn.MultiheadAttention reads out_proj.weight itself)
         own = {local: canon[id(p)] for local, p in mod.named_parameters(recurse=False) if id(p) in canon}
         sel = {local: name for local, name in own.items() if name in selected}
         if not sel:
             continue
         H = handler_for(mod)
-        if H is None or H.unsupported(mod, train_mode) is not None or set(own) - H.covered(mod) \
-                or set(sel) != set(own):
+        if H is None:
             continue                                   # its parameters go to the generic block
+        if H.unsupported(mod, train_mode) is not None or set(own) - H.covered(mod) or set(sel) != set(own):
+            left.append(mod_name)
+            continue
         for h in H.parts(mod):
             if isinstance(h, KronHandler):
                 wl, bl = h.param_locals()

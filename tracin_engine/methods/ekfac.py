@@ -36,6 +36,7 @@ from ..data import DataSource
 from ..errors import TracInError
 from ..gradients.per_example import GradientComputer, model_mode
 from ..gradients.handlers import KronHandler
+from ..gradients.hooks import sequence_first
 from ..gradients.layers import plan_blocks
 
 CURVATURES = ("gn", "mc", "empirical")
@@ -101,7 +102,8 @@ class KronLayers:
         if bad:
             raise TracInError(
                 f"SOURCE's EK-FAC curvature supports layers with Kronecker factors (Linear, Conv1d, Conv2d with "
-                f"groups=1 and numeric zero padding, each used once) whose weight is trainable; unsupported "
+                f"groups=1 and numeric zero padding, MultiheadAttention's input projection, each used once) "
+                f"whose weight is trainable; unsupported "
                 f"layer(s) or parameters selected: {bad}. Select supported layers with TracIn(..., layers=[...]) "
                 "or use method='tracin'.")
         self.num_params = grads.num_params
@@ -135,8 +137,15 @@ class KronLayers:
         gc.check_args(y, "loss")
         params = {k: (v.detach().requires_grad_(True) if k in gc.shapes else v) for k, v in state.items()}
         seen: dict[str, list] = {p.name: [] for p in self.plans}
-        handles = [p.module.register_forward_hook(
-            lambda m, i, o, p=p: seen[p.name].append((p.handler.capture(i, o), o))) for p in self.plans]
+        B = tree.length(x)
+
+        def record(p, i, o):                           # the hook path's (ctx, probe) of each call, and
+            if sequence_first(p.handler, i, o, B):     # whether it ran sequence-first (T, B, ...), T != B
+                seen[p.name].append((p.handler.record((i[0].transpose(0, 1), *i[1:]), o.transpose(0, 1))[0], o, 1))
+            else:
+                seen[p.name].append((*p.handler.record(i, o), 0))
+
+        handles = [p.handler.attach(lambda m, i, o, p=p: record(p, i, o)) for p in self.plans]
         try:
             with model_mode(gc.model, gc.train_mode), torch.enable_grad():
                 out = gc.forward(params, x, y)
@@ -156,8 +165,8 @@ class KronLayers:
             per_k.append(g)
         result = []
         for j, p in enumerate(self.plans):
-            ctx, o = seen[p.name][0]
-            gs = torch.stack([p.handler.rows(ctx, torch.zeros_like(o) if g[j] is None else g[j]) for g in per_k], 1)
+            ctx, o, dim = seen[p.name][0]
+            gs = torch.stack([p.handler.rows(ctx, _read(o, g[j], dim)) for g in per_k], 1)
             a = p.handler.cols(ctx, o)
             if p.has_bias:
                 a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device)], 2)
@@ -225,3 +234,10 @@ def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, cu
                 else:                                                     # sum over positions first
                     lam[j] += torch.einsum("bkto,bti->bkoi", ga, aa).pow(2).sum((0, 1))
     return [LayerCurvature(QA, QS, lam[j] / n_total, eA, eS) for j, (eA, QA, eS, QS) in enumerate(eigs)]
+
+
+def _read(o: torch.Tensor, g: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """The gradient of a layer's output o as its handler reads it: zeros if unused, (B, T, ...) if the
+    layer ran sequence-first (dim 1)."""
+    g = torch.zeros_like(o) if g is None else g
+    return g.transpose(0, 1) if dim else g

@@ -9,14 +9,15 @@ Lookup walks the module's class hierarchy (a subclass of nn.Linear gets the Line
 it has its own). A handler can also be registered under a dotted class name
 ("transformers.pytorch_utils.Conv1D"), so a library need not be imported to support its layers.
 Built-in kinds: Linear (inputs of any leading shape), transformers' Conv1D, Conv1d, Conv2d,
-Embedding, LayerNorm, GroupNorm, BatchNorm1d/2d/3d (eval mode), RMSNorm, LSTM / GRU / RNN and their cells.
+Embedding, LayerNorm, GroupNorm, BatchNorm1d/2d/3d (eval mode), RMSNorm, LSTM / GRU / RNN and their cells,
+MultiheadAttention (so nn.TransformerEncoder / Decoder layers).
 """
 
 from __future__ import annotations
 
-from . import conv, embedding, linear, norm, rnn, rnn_cell  # noqa: F401  (built-in registrations)
+from . import attention, conv, embedding, linear, norm, rnn, rnn_cell  # noqa: F401  (built-in registrations)
 from .base import KronHandler, LayerHandler, Unsupported, VectorHandler
 from .registry import handler_for, register_handler
 
 __all__ = ["KronHandler", "LayerHandler", "Unsupported", "VectorHandler", "handler_for", "register_handler",
-           "conv", "embedding", "linear", "norm", "rnn", "rnn_cell"]
+           "attention", "conv", "embedding", "linear", "norm", "rnn", "rnn_cell"]

@@ -17,6 +17,7 @@ from .base import KronHandler
 
 class EmbeddingHandler(KronHandler):
     rank_one_hint = False
+    sequence_first = True   # ids (T, B) are handled as (B, T) (hooks.sequence_first)
     sparse_grad = True  # grad_into touches only the rows of the tokens used: added after dense uses
     kronecker = False   # A = E[one-hot one-hot^T] is a V x V diagonal: not worth an eigendecomposition
 

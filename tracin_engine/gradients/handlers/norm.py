@@ -40,6 +40,8 @@ class _Norm(VectorHandler):
 
 
 class LayerNormHandler(_Norm):
+    sequence_first = True   # (T, B, ...) inputs are handled as (B, T, ...) (hooks.sequence_first)
+
     def x_hat(self, x):   # the layer's own fused kernel without its scale and shift (a var_mean is ~4x slower)
         return F.layer_norm(x, self.module.normalized_shape, None, None, self.module.eps)
 

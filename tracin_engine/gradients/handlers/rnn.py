@@ -31,51 +31,24 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from ...devices import TF32_UNIT_ROUNDOFF, tf32_enabled
-from .base import KronHandler, Unsupported
+from .base import Unsupported
+from .replaced import Replacement, ReplacedPart, own_forward
 from .registry import register_handler
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
-class Stepper:
-    """Computes a recurrent module's forward(input, hx) with the documented cell equations (`run`, in the
-    subclasses), keeping each part's (ctx, probe) in `last`; the first call also runs the fused kernel
-    and checks that both agree (check_same_output), so a layer whose function differs is refused."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.last: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.verified = False
-
-    def run(self, input: Any, hx: Any) -> Any:
-        raise NotImplementedError
-
-    def forward(self, input: Any, hx: Any = None) -> Any:
-        out = self.run(input, hx)
-        if not self.verified:
-            with torch.no_grad():
-                fused = type(self.module).forward(self.module, input, hx)
-            check_same_output(self.module, _main(out), _main(fused))
-            self.verified = True
-        return out
-
-
-def _main(out: Any) -> Any:
-    """The tensor a recurrent module's output is compared by: the output sequence (nn.LSTM / nn.GRU:
-    (output, h_n)), the new hidden state (a cell: h', or (h', c') for nn.LSTMCell)."""
-    return out[0] if isinstance(out, tuple) else out
-
-
-class RNNUnroll(Stepper):
+class RNNUnroll(Replacement):
     """nn.LSTM / nn.GRU / nn.RNN step by step, keeping for every (layer, direction): the layer input x
     (B, T, in), the step-start hidden states h_prev (B, T, H), gi (B, T, G H) and the probe Z."""
+
+    what = "the step-by-step recurrence"
 
     def __init__(self, module: nn.RNNBase):
         super().__init__(module)
         self.active: torch.Tensor | None = None   # (T, B, 1) bool: steps within each packed sequence
 
-    def run(self, input: Any, hx: Any) -> Any:
+    def run(self, input: Any, hx: Any = None) -> Any:
         """The module's output for forward(input, hx) (input (B, T, in) / (T, B, in) or a PackedSequence,
         optional initial state as PyTorch takes it), computed step by step; fills `last`."""
         m = self.module
@@ -166,80 +139,14 @@ def cell_step(mode: str, gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c:
     return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
 
 
-def check_same_output(module: nn.Module, ours: Any, theirs: Any) -> None:
-    """Refuse (Unsupported: the hook path then falls back) when the unrolled recurrence does not give the
-    module's own output (a kernel computing another function than the documented cells). Tolerance,
-    relative to the largest output (at least 1): 256 unit roundoffs in float32 / float64, 16 in half
-    precision, 64 TF32 roundoffs (2^-11) for float32 on CUDA with TF32 on (cuDNN's fused kernel and these
-    matmuls may round differently); a wrong state or function differs by far more."""
-    a, b = (t.data if isinstance(t, PackedSequence) else t for t in (ours, theirs))
-    a = a.detach()
-    eps = torch.finfo(a.dtype).eps
-    unit = 256 * eps if a.dtype in (torch.float32, torch.float64) else 16 * eps
-    if a.is_cuda and a.dtype == torch.float32 and tf32_enabled():
-        unit = 64 * TF32_UNIT_ROUNDOFF
-    tol = unit * max(1.0, float(b.detach().abs().max()) if b.numel() else 1.0)
-    if a.shape != b.shape or not bool(((a - b.detach()).abs() <= tol).all()):
-        raise Unsupported(f"{type(module).__name__}: the step-by-step recurrence does not reproduce the layer's "
-                          "output")
-
-
-class ForwardOverride:
-    """A handle: module.forward replaced by `forward` (an instance attribute) until remove(), with the
-    forward hook's handle removed too."""
-
-    def __init__(self, module: nn.Module, forward: Any, handle: Any):
-        self.module, self.handle = module, handle
-        self.saved = module.__dict__.get("forward")
-        module.forward = forward
-
-    def remove(self) -> None:
-        self.handle.remove()
-        if self.saved is None:
-            self.module.__dict__.pop("forward", None)
-        else:
-            self.module.forward = self.saved
-
-
-def own_forward(module: nn.Module, bases: tuple[type, ...]) -> str | None:
-    """Why a subclass cannot be unrolled: it defines its own forward (its function is not the cells')."""
-    base = next(b for b in bases if isinstance(module, b))
-    return f"a subclass of {base.__name__} with its own forward" if type(module).forward is not base.forward else None
-
-
-class RecurrentPart(KronHandler):
-    """One weight (with its bias) of a recurrent module, r = the gradient of its pre-activation (`probe`),
-    c = what it multiplies. The parts of a module share one Stepper: the first part's attach replaces the
-    module's forward by Stepper.forward for the pass (the fused kernel does not run), every part's hook
-    reads its (ctx, probe) from Stepper.last[key]. Subclasses give param_locals and rows."""
+class RecurrentPart(ReplacedPart):
+    """One weight of a recurrent module (rnn.py, rnn_cell.py): r = the gradient of its pre-activation."""
 
     kronecker = False   # Kronecker factors of recurrent weights are not what SOURCE's EK-FAC assumes
-
-    def __init__(self, module: nn.Module, stepper: Stepper, key: Any, first: bool):
-        super().__init__(module)
-        self.stepper, self.key, self.first = stepper, key, first
-
-    @classmethod
-    def covered(cls, module) -> set[str]:
-        return {n for n, _ in module.named_parameters(recurse=False)}
 
     @property
     def has_bias(self) -> bool:
         return bool(self.module.bias)
-
-    def shape(self) -> tuple[int, int]:
-        w = getattr(self.module, self.param_locals()[0])
-        return w.shape[0], w.shape[1]
-
-    def attach(self, hook):
-        handle = self.module.register_forward_hook(hook)
-        return ForwardOverride(self.module, self.stepper.forward, handle) if self.first else handle
-
-    def record(self, inputs, output):
-        return self.stepper.last[self.key]
-
-    def cols(self, ctx, g):
-        return ctx
 
 
 class RNNHandler(RecurrentPart):
@@ -271,9 +178,6 @@ class RNNHandler(RecurrentPart):
         layer, direction, side = self.key
         sfx = f"_{side}_l{layer}" + ("_reverse" if direction else "")
         return "weight" + sfx, ("bias" + sfx) if self.has_bias else None
-
-    def rows(self, ctx, g):
-        return g
 
 
 for _cls in (nn.LSTM, nn.GRU, nn.RNN):

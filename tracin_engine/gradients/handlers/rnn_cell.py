@@ -17,19 +17,22 @@ from torch import nn
 
 from .base import Unsupported
 from .registry import register_handler
-from .rnn import RecurrentPart, Stepper, cell_step, own_forward
+from .replaced import Replacement, own_forward
+from .rnn import RecurrentPart, cell_step
 
 
-class CellStep(Stepper):
+class CellStep(Replacement):
     """One call of nn.LSTMCell / nn.GRUCell / nn.RNNCell computed with the cell equations (cell_step), keeping
     for each side its (ctx (B, 1, C), probe (B, G H)): x and gi = W_ih x + b_ih, h and a zero probe Z with
     gh = W_hh h + b_hh + Z. Called once per step of the user's own loop; every call is its own position."""
+
+    what = "the cell equations"
 
     def __init__(self, module: nn.RNNCellBase):
         super().__init__(module)
         self.mode = cell_mode(module)
 
-    def run(self, input: torch.Tensor, hx: Any) -> Any:
+    def run(self, input: torch.Tensor, hx: Any = None) -> Any:
         m = self.module
         if input.dim() != 2:
             raise Unsupported(f"{type(m).__name__} given an unbatched {input.dim()}-D input: not handled")
