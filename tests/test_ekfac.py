@@ -88,16 +88,23 @@ def test_captured_factors_rebuild_exact_per_example_gradients_conv_and_linear():
     model = _Conv().double()
     X = torch.randn(5, 2, 6, 6, dtype=torch.float64)
     y = torch.randint(0, 4, (5,))
+    layers, _ = _factors_rebuild_gradients(model, X, y)
+    gc = layers.grads
+    flat = gc.reference(gc.prepare(model.state_dict()), X, y)
+    assert torch.equal(layers.from_mats(layers.to_mats(flat)), flat)
+
+
+def _factors_rebuild_gradients(model, X, y):
+    """Asserts that the captured factors (a, g) of every layer rebuild the exact per-example gradients
+    (sum_t g_t a_t^T against the float64 loop); returns (KronLayers, captured)."""
     gc = GradientComputer(model, F.cross_entropy, device="cpu")
     layers = KronLayers(gc)
     state = gc.prepare(model.state_dict())
     captured = layers.capture(state, X, y, "empirical")
     mats = [torch.einsum("bkto,bti->boi", g, a) for a, g in captured]
-    ref = layers.to_mats(gc.reference(state, X, y))
-    for m, r in zip(mats, ref):
+    for m, r in zip(mats, layers.to_mats(gc.reference(state, X, y))):
         assert torch.allclose(m, r, atol=1e-10)
-    flat = gc.reference(state, X, y)
-    assert torch.equal(layers.from_mats(layers.to_mats(flat)), flat)
+    return layers, captured
 
 
 def test_unsupported_layers_are_named():
@@ -138,16 +145,8 @@ def test_captured_factors_rebuild_exact_per_example_gradients_attention():
     and out_proj's rebuild the exact per-example gradients."""
     torch.manual_seed(0)
     model = _Attn().double()
-    X = torch.randn(5, 6, 4, dtype=torch.float64)
-    y = torch.randint(0, 3, (5,))
-    gc = GradientComputer(model, F.cross_entropy, device="cpu")
-    layers = KronLayers(gc)
+    layers, _ = _factors_rebuild_gradients(model, torch.randn(5, 6, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
     assert [p.name for p in layers.plans] == ["self_attn", "self_attn.out_proj", "cross", "cross.out_proj", "fc"]
-    state = gc.prepare(model.state_dict())
-    captured = layers.capture(state, X, y, "empirical")
-    mats = [torch.einsum("bkto,bti->boi", g, a) for a, g in captured]
-    for m, r in zip(mats, layers.to_mats(gc.reference(state, X, y))):
-        assert torch.allclose(m, r, atol=1e-10)
 
 
 class _SeqFirst(nn.Module):
@@ -165,13 +164,6 @@ def test_captured_factors_of_a_sequence_first_layer_are_per_example():
     exact per-example gradients (read batch-first they would mix the examples)."""
     torch.manual_seed(0)
     model = _SeqFirst().double()
-    X = torch.randn(5, 6, 4, dtype=torch.float64)
-    y = torch.randint(0, 3, (5,))
-    gc = GradientComputer(model, F.cross_entropy, device="cpu")
-    layers = KronLayers(gc)
-    state = gc.prepare(model.state_dict())
-    captured = layers.capture(state, X, y, "empirical")
+    _, captured = _factors_rebuild_gradients(model, torch.randn(5, 6, 4, dtype=torch.float64),
+                                             torch.randint(0, 3, (5,)))
     assert captured[0][0].shape[:2] == (5, 6)                     # (B, T, in + 1)
-    mats = [torch.einsum("bkto,bti->boi", g, a) for a, g in captured]
-    for m, r in zip(mats, layers.to_mats(gc.reference(state, X, y))):
-        assert torch.allclose(m, r, atol=1e-10)

@@ -293,7 +293,6 @@ def test_recurrent_state_by_keyword_subclass_forward_and_a_wrong_kernel():
     layer whose kernel computes something else than the documented cells is refused on its first call
     (the unroll is checked against the fused kernel once), after which per_example="auto" falls back
     with a warning to a path that is exact."""
-    from tracin_engine.gradients.hooks import Unsupported
     from models import Recurrent, token_batch
 
     class Keyword(Recurrent):
@@ -324,18 +323,25 @@ def test_recurrent_state_by_keyword_subclass_forward_and_a_wrong_kernel():
 
     real = rnn_mod.cell_step
     torch.manual_seed(0)
-    model = Recurrent("GRU").double()
-    gc = GradientComputer(model, F.cross_entropy, device="cpu")
     try:
         rnn_mod.cell_step = lambda mode, gi, gh, h, c: (real(mode, gi, gh, h, c)[0] * 1.01, None)   # a wrong cell
-        with pytest.raises(Unsupported, match="does not reproduce the layer's output"):
-            HookFeaturizer(gc)(gc.prepare(model.state_dict()), x, y)
-        tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0]),
-                           loss_fn=F.cross_entropy)
-        with pytest.warns(UserWarning, match="per_example"):
-            got = tracin.features((x, y))[0]
+        _refused_then_auto_is_exact(Recurrent("GRU").double(), x, y, F.cross_entropy,
+                                    "step-by-step recurrence does not reproduce the layer's output")
     finally:
         rnn_mod.cell_step = real
+
+
+def _refused_then_auto_is_exact(model, x, y, loss, match):
+    """The hook path refuses the model (Unsupported matching `match`); per_example="auto" then warns once
+    and falls back to vmap / the loop, whose rows equal the float64 loop's."""
+    from tracin_engine.gradients.hooks import Unsupported
+
+    gc = GradientComputer(model, loss, device="cpu")
+    with pytest.raises(Unsupported, match=match):
+        HookFeaturizer(gc)(gc.prepare(model.state_dict()), x, y)
+    tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0]), loss_fn=loss)
+    with pytest.warns(UserWarning, match="per_example"):
+        got = tracin.features((x, y))[0]
     assert tracin.featurizer.mode in ("vmap", "loop")
     assert torch.allclose(got.double(), gc.reference(tracin.state(0), x, y), rtol=1e-9, atol=1e-12)
 
@@ -449,22 +455,14 @@ def test_attention_replacement_that_differs_is_refused_then_auto_falls_back():
     something else (scores scaled wrongly) stops the hook path, and per_example="auto" falls back with a
     warning to a path that is exact."""
     from tracin_engine.gradients.handlers import attention
-    from tracin_engine.gradients.hooks import Unsupported
 
-    model, x, y, loss = MODELS["torch_encoder_padmask"]()
-    gc = GradientComputer(model, loss, device="cpu")
     real = attention.attend
     try:
         attention.attend = lambda q, k, v, *a: real(q * 1.5, k, v, *a)
-        with pytest.raises(Unsupported, match="unfused attention does not reproduce the layer's output"):
-            HookFeaturizer(gc)(gc.prepare(model.state_dict()), x, y)
-        tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0]), loss_fn=loss)
-        with pytest.warns(UserWarning, match="per_example"):
-            got = tracin.features((x, y))[0]
+        _refused_then_auto_is_exact(*MODELS["torch_encoder_padmask"](),
+                                    "unfused attention does not reproduce the layer's output")
     finally:
         attention.attend = real
-    assert tracin.featurizer.mode in ("vmap", "loop")
-    assert torch.allclose(got.double(), gc.reference(tracin.state(0), x, y), rtol=1e-9, atol=1e-12)
 
 
 class _SeqFirst(nn.Module):

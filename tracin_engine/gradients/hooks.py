@@ -28,7 +28,7 @@ import torch
 
 from .. import inputs as tree
 from ..buffers import empty_output
-from .handlers import KronHandler, Unsupported
+from .handlers import Unsupported
 from .layers import GENERIC_LIMIT, Block, Use, generic_sizes, plan_blocks
 from .per_example import GradientComputer, Target, model_mode, output_sq_norms
 from ..store.layout import Layout, Segment
