@@ -520,3 +520,17 @@ def test_sequence_first_is_told_from_shapes_only_where_they_can_tell():
         assert sequence_first(lin, (torch.zeros(T, B, 4),), torch.zeros(T, B, 2), B) is want
     assert sequence_first(lin, (torch.zeros(B, 5, 4),), torch.zeros(B, 5, 2), B) is False
     assert sequence_first(conv, (torch.zeros(5, B, 4),), torch.zeros(5, B, 2), B) is False
+
+
+def test_first_batch_check_tolerance_follows_dtype_and_tf32(monkeypatch):
+    """The sum and example-0 checks allow rounding, not misattribution: 1e-8 in float64, 2e-3 in float32,
+    3% for float32 on CUDA with TF32 on (a projected index's default there)."""
+    from tracin_engine.gradients import hooks
+
+    assert hooks.check_tolerance(torch.zeros(2, dtype=torch.float64)) == 1e-8
+    assert hooks.check_tolerance(torch.zeros(2)) == 2e-3
+    cuda_like = type("T", (), {"dtype": torch.float32, "is_cuda": True})()
+    monkeypatch.setattr(hooks, "tf32_enabled", lambda: True)
+    assert hooks.check_tolerance(cuda_like) == 64 * 2.0 ** -11
+    monkeypatch.setattr(hooks, "tf32_enabled", lambda: False)
+    assert hooks.check_tolerance(cuda_like) == 2e-3
