@@ -161,8 +161,7 @@ class HookFeaturizer:
         def hook(u):
             def record(m, i, o):
                 if self._batch_dim(u, i, o, B):              # (T, B, ...): the handler sees (B, T, ...)
-                    ctx, _ = u.handler.record((i[0].transpose(0, 1), *i[1:]), o.transpose(0, 1))
-                    seen[id(u)].append((ctx, o, 1))         # the gradient of o is transposed when read
+                    seen[id(u)].append(record_call(u.handler, i, o, True))
                     return None
                 ctx, o = u.handler.record(i, o)
                 if B > 1 and isinstance(o, torch.Tensor) and o.shape[0] == 1 and isinstance(ctx, torch.Tensor) \
@@ -223,9 +222,7 @@ class HookFeaturizer:
         for u in uses:
             calls[id(u)] = []
             for ctx, o, dim in seen[id(u)]:
-                g = next(g_iter)
-                g = torch.zeros_like(o) if g is None else g.detach()
-                calls[id(u)].append((ctx, g.transpose(0, 1) if dim else g))
+                calls[id(u)].append((ctx, read_grad(o, next(g_iter), dim).detach()))
         self._settle(calls, S)
         dtype = next(iter(calls.values()))[0][1].dtype if calls else gc.dtype
         shape, dtype = (S, B, self.layout.dim), dtype if dtype.is_floating_point else torch.float32
@@ -449,6 +446,20 @@ def sequence_first(handler: Any, inputs: tuple, output: Any, B: int) -> bool | N
             and x.shape[:2] == output.shape[:2] and output.shape[1] == B and output.shape[0] > 1):
         return False                  # (leading size 1: shared by the batch, position embeddings of (1, T))
     return None if output.shape[0] == B else True
+
+
+def record_call(handler: Any, inputs: tuple, output: Any, seq: bool) -> tuple[Any, Any, int]:
+    """(ctx, probe, dim) of one call for the handler: dim 1 when it ran sequence-first (seq; the handler
+    is handed (B, T, ...) views, the probe stays the output itself), else 0."""
+    if seq:
+        return handler.record((inputs[0].transpose(0, 1), *inputs[1:]), output.transpose(0, 1))[0], output, 1
+    return (*handler.record(inputs, output), 0)
+
+
+def read_grad(probe: torch.Tensor, g: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """The gradient of a probe as its handler reads it: zeros if unused, (B, T, ...) if dim is 1."""
+    g = torch.zeros_like(probe) if g is None else g
+    return g.transpose(0, 1) if dim else g
 
 
 def build(grads: GradientComputer) -> HookFeaturizer | None:

@@ -36,7 +36,7 @@ from ..data import DataSource
 from ..errors import TracInError
 from ..gradients.per_example import GradientComputer, model_mode
 from ..gradients.handlers import KronHandler
-from ..gradients.hooks import sequence_first
+from ..gradients.hooks import read_grad, record_call, sequence_first
 from ..gradients.layers import plan_blocks
 
 CURVATURES = ("gn", "mc", "empirical")
@@ -139,11 +139,8 @@ class KronLayers:
         seen: dict[str, list] = {p.name: [] for p in self.plans}
         B = tree.length(x)
 
-        def record(p, i, o):                           # the hook path's (ctx, probe) of each call, and
-            if sequence_first(p.handler, i, o, B):     # whether it ran sequence-first (T, B, ...), T != B
-                seen[p.name].append((p.handler.record((i[0].transpose(0, 1), *i[1:]), o.transpose(0, 1))[0], o, 1))
-            else:
-                seen[p.name].append((*p.handler.record(i, o), 0))
+        def record(p, i, o):                           # the hook path's (ctx, probe, sequence-first) per call
+            seen[p.name].append(record_call(p.handler, i, o, bool(sequence_first(p.handler, i, o, B))))
 
         handles = [p.handler.attach(lambda m, i, o, p=p: record(p, i, o)) for p in self.plans]
         try:
@@ -166,7 +163,7 @@ class KronLayers:
         result = []
         for j, p in enumerate(self.plans):
             ctx, o, dim = seen[p.name][0]
-            gs = torch.stack([p.handler.rows(ctx, _read(o, g[j], dim)) for g in per_k], 1)
+            gs = torch.stack([p.handler.rows(ctx, read_grad(o, g[j], dim)) for g in per_k], 1)
             a = p.handler.cols(ctx, o)
             if p.has_bias:
                 a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device)], 2)
@@ -235,9 +232,3 @@ def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, cu
                     lam[j] += torch.einsum("bkto,bti->bkoi", ga, aa).pow(2).sum((0, 1))
     return [LayerCurvature(QA, QS, lam[j] / n_total, eA, eS) for j, (eA, QA, eS, QS) in enumerate(eigs)]
 
-
-def _read(o: torch.Tensor, g: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """The gradient of a layer's output o as its handler reads it: zeros if unused, (B, T, ...) if the
-    layer ran sequence-first (dim 1)."""
-    g = torch.zeros_like(o) if g is None else g
-    return g.transpose(0, 1) if dim else g
