@@ -12,6 +12,10 @@ installed, else the tests' own BERT/GPT-2-style modules):
     gru     GRU text classifier (embedding 128, 2 layers of 256, sequence 128, padded tensors)
     torch_encoder  PyTorch's own nn.TransformerEncoder (4 layers, hidden 256, 4 heads, feed-forward
             1024, sequence 128, a padding mask; nn.MultiheadAttention inside)
+    llama   transformers LlamaForCausalLM (4 layers, hidden 256, 4 heads / 2 key-value heads, SwiGLU 688,
+            sequence 128, untied head; its RMSNorm class is known by structure: handlers/affine_norm.py)
+    opt     transformers OPTForCausalLM (4 layers, hidden 256, feed-forward 1024, sequence 128, tied head;
+            positions counted from the mask, MLP on the batch folded into its positions)
 Per model, on the same batch (after a few SGD steps, so the checkpoint is not the initialization):
     train_examples_per_s        forward + backward + optimizer step (SGD, momentum 0.9), median of repeats
     backward_s                  loss.backward() of the summed loss alone, timed after a grad-mode forward
@@ -47,7 +51,7 @@ import tracin_engine as te
 from tracin_engine.devices import tf32_mode
 from tracin_engine.store.writer import non_finite_rows
 
-from models import Attending, CausalLM, Encoder, Recurrent, ResNet, ViT, hf_bert, hf_gpt2, lm_loss, token_batch
+from models import Attending, CausalLM, Encoder, Recurrent, ResNet, ViT, hf_bert, hf_gpt2, hf_llama, hf_opt, lm_loss, token_batch
 
 
 def _has_transformers() -> bool:
@@ -122,6 +126,14 @@ def build(name: str, small: bool, data: str = "random"):
         model = Attending("encoder", vocab, dim, 4, classes=4, layers=4, ff=4 * dim)
         return model, (ids, topic), F.cross_entropy, \
             f"nn.TransformerEncoder: 4 layers, hidden {dim}, 4 heads, seq {seq}, vocab {vocab}, padding mask"
+    if name in ("llama", "opt"):
+        if not hf:
+            raise SystemExit(f"--models {name} needs transformers")
+        model = (hf_llama if name == "llama" else hf_opt)(vocab, dim, 4, 4, seq)
+        y = torch.cat([ids[:, 1:], torch.zeros(n, 1, dtype=torch.long)], 1)
+        y[y == 0] = -100
+        return model, (ids, y), lm_loss, f"transformers {type(model.model).__name__}: 4 layers, hidden {dim}, " \
+            f"seq {seq}, vocab {vocab}"
     if name == "bert":
         model = hf_bert(vocab, dim, 4, 4, seq, 4) if hf else Encoder(vocab, dim, 4, 4, seq, 4)
         y = topic

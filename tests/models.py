@@ -315,6 +315,29 @@ def hf_gpt2(vocab: int = 30, dim: int = 16, depth: int = 1, heads: int = 2, seq:
     return HFWrapper(GPT2LMHeadModel(cfg))
 
 
+def hf_llama(vocab: int = 30, dim: int = 16, depth: int = 1, heads: int = 2, seq: int = 8):
+    """transformers LlamaForCausalLM: RMSNorm (its own class), grouped-query attention (heads // 2 key-value
+    heads), SwiGLU MLP of 8/3 dim, rotary positions, untied head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=(8 * dim // 3 + 7) // 8 * 8,
+                      num_hidden_layers=depth, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                      max_position_embeddings=seq, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                      tie_word_embeddings=False, attn_implementation="eager")
+    return HFWrapper(LlamaForCausalLM(cfg))
+
+
+def hf_opt(vocab: int = 30, dim: int = 16, depth: int = 1, heads: int = 2, seq: int = 8):
+    """transformers OPTForCausalLM: positions counted from the attention mask, its MLP on the batch folded
+    into positions (reshape(-1, D)), tied head."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=vocab, hidden_size=dim, ffn_dim=4 * dim, num_hidden_layers=depth,
+                    num_attention_heads=heads, max_position_embeddings=seq, word_embed_proj_dim=dim, dropout=0.0,
+                    attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=1, attn_implementation="eager")
+    return HFWrapper(OPTForCausalLM(cfg))
+
+
 def token_batch(n: int, seq: int, vocab: int, pad: int = 0, seed: int = 0) -> torch.Tensor:
     """(n, seq) ids in 2..vocab-1 with repeated tokens and trailing padding (`pad`) of random length."""
     gen = torch.Generator().manual_seed(seed)
@@ -415,6 +438,108 @@ def _case_rnn(kind, **kw):
     return build
 
 
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's pattern: the looked-up rows times a constant (sqrt(D))."""
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embedding_dim ** 0.5
+
+
+class MaskPositions(nn.Embedding):
+    """OPT's pattern: positions counted from the attention mask (keyword), offset by 2, then looked up."""
+
+    def forward(self, mask, offset=0):
+        pos = (torch.cumsum(mask, 1) * mask).long() - 1
+        return super().forward(pos + 2 + offset)
+
+
+class OwnRMSNorm(nn.Module):
+    """Gemma's pattern of a norm no handler is registered for: x / rms(x) * (1 + w)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(0.1 * torch.randn(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+class ChannelLayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d: a LayerNorm subclass with its own forward, over the channels of (B, C, H, W)."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class LibraryPatterns(nn.Module):
+    """Token ids (B, T) through what other libraries' models do: a scaled embedding plus positions counted
+    from the mask (keyword call), norms known only by their structure (an own RMSNorm, a channels-first
+    LayerNorm subclass on a (B, C, T, 1) view), a Linear on the batch folded into its positions
+    (OPT's reshape(-1, D)) and one on windows of positions folded into the batch (Swin's (B k, S, D))."""
+
+    def __init__(self, vocab=20, dim=6, classes=3, window=2):
+        super().__init__()
+        self.window = window
+        self.emb = ScaledEmbedding(vocab, dim, padding_idx=0)
+        self.pos = MaskPositions(12, dim)
+        self.norm = OwnRMSNorm(dim)
+        self.cnorm = ChannelLayerNorm2d(dim)
+        self.fc = nn.Linear(dim, 2 * dim)
+        self.win = nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        mask = (ids != 0).long()
+        h = self.norm(self.emb(ids) + self.pos(mask, offset=0))                      # (B, T, D)
+        h = self.cnorm(h.transpose(1, 2).unsqueeze(3)).squeeze(3).transpose(1, 2)     # channels first
+        B, T, D = h.shape
+        f = torch.tanh(self.fc(h.reshape(-1, D))).reshape(B, T, -1)                  # folded (B T, 2D)
+        w = f.reshape(B * T // self.window, self.window, -1)                          # windows (B k, S, 2D)
+        h = torch.tanh(self.win(w)).reshape(B, T, D)
+        return self.head((h * mask.unsqueeze(2)).sum(1))
+
+
+def _case_library(window=2):
+    """window 4 with 4 examples of 8 tokens: windows (8, 4, 2D), sequence-first or folded by their shapes."""
+    def build():
+        torch.manual_seed(0)
+        return (LibraryPatterns(window=window).double(), token_batch(4, 8, 20), torch.randint(0, 3, (4,)),
+                F.cross_entropy)
+    return build
+
+
+def _case_hf(kind):
+    """Hugging Face models from small configs, float64: Llama (RMSNorm by structure, grouped-query
+    attention), OPT (positions from the mask, its MLP on the batch folded into positions), Swin (windows
+    folded into the batch; 4 windows of 4 patches with 4 examples: (16, 4, C), told by a smaller pass)."""
+    def build():
+        import transformers as tr
+        torch.manual_seed(0)
+        if kind == "swin":
+            cfg = tr.SwinConfig(image_size=8, patch_size=2, num_channels=3, embed_dim=8, depths=[1], num_heads=[2],
+                                window_size=2, num_labels=3, attn_implementation="eager")
+            return (HFImages(tr.SwinForImageClassification(cfg)).double(), torch.randn(4, 3, 8, 8, dtype=torch.float64),
+                    torch.randint(0, 3, (4,)), F.cross_entropy)
+        m = (hf_llama if kind == "llama" else hf_opt)(seq=16)
+        ids = token_batch(3, 8, 30, pad=0)
+        y = torch.cat([ids[:, 1:], torch.zeros(3, 1, dtype=torch.long)], 1)
+        y[y == 0] = -100
+        return m.double(), ids, y, lm_loss
+    return build
+
+
+class HFImages(nn.Module):
+    """A transformers image classifier called as model(pixel_values) -> logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
 def _case_attention(kind):
     def build():
         torch.manual_seed(0)
@@ -444,4 +569,6 @@ HANDLER_CASES = {"resnet_bn": _case_resnet, "vit": _case_vit, "encoder_mask": _c
                  "torch_encoder_seq_first": _case_attention("encoder_seq_first"),
                  "mha_seq_first_weights": _case_attention("seq_first"),
                  "torch_decoder_cross": _case_attention("decoder"), "mha_cross_qkv": _case_attention("cross"),
-                 "hf_bert": lambda: _case_encoder(True), "hf_gpt2_tied": lambda: _case_lm(True)}
+                 "library_patterns": _case_library(), "library_patterns_ambiguous": _case_library(window=4),
+                 "hf_bert": lambda: _case_encoder(True), "hf_gpt2_tied": lambda: _case_lm(True),
+                 "hf_llama": _case_hf("llama"), "hf_opt": _case_hf("opt"), "hf_swin": _case_hf("swin")}

@@ -480,11 +480,12 @@ class _SeqFirst(nn.Module):
         return self.head(h.mean(0))
 
 
-def test_a_sequence_first_layer_whose_length_equals_the_batch_is_caught_or_known():
-    """A sequence-first Linear ((T, B, E)) is handled as (B, T, E). With T == B the shapes cannot tell:
-    a layer already seen sequence-first (an earlier batch of another size) stays so; on a first batch it
-    is taken as batch-first, its per-example sums still add up to the batch gradient, and the check of
-    example 0 against its own gradient refuses the hook path (per_example="auto" then falls back)."""
+def test_a_sequence_first_layer_whose_length_equals_the_batch_is_told_caught_or_known():
+    """A sequence-first Linear ((T, B, E)) is handled as (B, T, E). With T == B the shapes cannot tell: a
+    first batch is taken as batch-first, then a forward pass over its first B - 1 examples tells (the guess
+    was wrong: the batch is redone); with B = 2 there is no such pass, and the check of example 0 against
+    its own gradient refuses the hook path (per_example="auto" then falls back); a layer already seen
+    sequence-first (an earlier batch of another size) stays so."""
     from tracin_engine.gradients.hooks import Unsupported
     from models import token_batch
 
@@ -493,33 +494,110 @@ def test_a_sequence_first_layer_whose_length_equals_the_batch_is_caught_or_known
     x, y = token_batch(4, 4, 20), torch.randint(0, 3, (4,))
     gc = GradientComputer(model, F.cross_entropy, device="cpu")
     state = gc.prepare(model.state_dict())
-    with pytest.raises(Unsupported, match="gradient of example 0 alone differs .* fc .*not batch-first"):
-        HookFeaturizer(gc)(state, x, y)
     hf = HookFeaturizer(gc)
-    assert torch.allclose(hf.expand(hf(state, x[:2], y[:2])), gc.reference(state, x[:2], y[:2]), rtol=1e-9)
-    assert sorted(hf.seq_dims.values()) == [0, 0, 1]                  # emb and head batch-first, fc not
     assert torch.allclose(hf.expand(hf(state, x, y)), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
+    assert sorted(hf.layouts.values()) == [0, 0, 1]                   # emb and head batch-first, fc not
+    x2, y2 = token_batch(2, 2, 20), y[:2]
+    with pytest.raises(Unsupported, match="gradient of example 0 alone differs .* fc .*not batch-first"):
+        HookFeaturizer(gc)(state, x2, y2)
+    hf = HookFeaturizer(gc)
+    assert torch.allclose(hf.expand(hf(state, x, y)), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
+    assert torch.allclose(hf.expand(hf(state, x2, y2)), gc.reference(state, x2, y2), rtol=1e-9, atol=1e-12)
     tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0]), loss_fn=F.cross_entropy)
-    got = tracin.features((x, y))[0]             # resolved on a smaller batch first: fc known sequence-first
-    assert tracin.featurizer.mode == "hooks"
-    assert torch.allclose(tracin.featurizer.hooks.expand(got.double()), gc.reference(state, x, y), rtol=1e-9,
-                          atol=1e-12)
+    got = tracin.features((x2, y2))[0]           # the first batch refuses the hook path: auto falls back, exact
+    assert tracin.featurizer.mode != "hooks"
+    assert torch.allclose(got.double(), gc.reference(state, x2, y2), rtol=1e-5, atol=1e-7)
 
 
-def test_sequence_first_is_told_from_shapes_only_where_they_can_tell():
-    """hooks.sequence_first: (T, B, ...) with T != B is sequence-first; (B, T, ...) is not; T == B cannot be
-    told (None); a leading size 1 is an output shared by the batch (position embeddings), not T = 1; layers
-    whose handler does not allow it (convolutions) never are."""
+def test_library_patterns_take_their_handlers_and_layouts(monkeypatch):
+    """Other libraries' layers by structure: the own RMSNorm and the channels-first LayerNorm subclass get
+    the probed affine-norm handler, the scaled embedding its scale, the mask-counted positions their ids;
+    nothing is left generic; the folded Linears are read as folded. Windows whose shapes read both ways
+    ((8, 4, 2D), 4 examples) are told by the pass over 3 examples; without it the check of example 0 refuses."""
+    from tracin_engine.gradients.handlers.affine_norm import AffineNormHandler
+    from tracin_engine.gradients.hooks import FOLDED, Unsupported
+
+    for name in ("library_patterns", "library_patterns_ambiguous"):
+        model, x, y, loss = MODELS[name]()
+        gc = GradientComputer(model, loss, device="cpu")
+        hf = HookFeaturizer(gc)
+        kinds = {u.name: type(u.handler).__name__ for b in hf.blocks for u in b.uses}
+        assert hf.generic is None
+        assert kinds["norm"] == kinds["cnorm"] == AffineNormHandler.__name__
+        state = gc.prepare(model.state_dict())
+        assert torch.allclose(hf.expand(hf(state, x, y)), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
+        assert float(hf.blocks[0].uses[0].handler.scale[0]) == pytest.approx(6 ** 0.5)
+        folded = {u.name for b in hf.blocks for u in b.uses if hf.layouts.get(id(u)) == FOLDED}
+        assert folded == {"fc", "win"}
+    monkeypatch.setattr(HookFeaturizer, "_settle_layouts", lambda self, *a: False)
+    with pytest.raises(Unsupported, match="gradient of example 0 alone differs .* win "):
+        HookFeaturizer(gc)(state, x, y)
+
+
+@pytest.mark.parametrize("name", ["torch_encoder_seq_first", "library_patterns", "hf_opt"])
+def test_a_batch_of_one_after_regrouped_batches_is_exact(name):
+    """A last batch of one example, after batches whose layers ran sequence-first or folded: exact, and the
+    layouts learned are kept (the next full batch needs no settling)."""
+    if name.startswith("hf_"):
+        pytest.importorskip("transformers")
+    model, x, y, loss = MODELS[name]()
+    gc = GradientComputer(model, loss, device="cpu")
+    state = gc.prepare(model.state_dict())
+    hf = HookFeaturizer(gc)
+    hf(state, x, y)
+    learned = dict(hf.layouts)
+    assert set(learned.values()) - {0}                                  # something ran regrouped
+    for part in (slice(0, 1), slice(1, 2), slice(0, len(y))):
+        got = hf.expand(hf(state, x[part], y[part]))
+        assert torch.allclose(got, gc.reference(state, x[part], y[part]), rtol=1e-9, atol=1e-12)
+    assert hf.layouts == learned
+
+
+class PowerNorm(nn.Module):
+    """Named like a norm, but not affine in its weight: x ** (1 + w)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((4,), 0.5))
+
+    def forward(self, x):
+        return x.abs() ** (1 + self.weight)
+
+
+class Unrolled(nn.Embedding):
+    """An Embedding subclass whose forward is not a lookup: the weight times a fixed matrix of the ids."""
+
+    def forward(self, ids):
+        return F.one_hot(ids, self.num_embeddings).to(self.weight.dtype).cumsum(1) @ self.weight
+
+
+@pytest.mark.parametrize("layer,what", [(PowerNorm(), "an elementwise-affine scale does not reproduce"),
+                                        (Unrolled(20, 4), "Unrolled: .* does not reproduce")])
+def test_probed_layers_that_are_not_what_they_look_like_are_refused_then_auto_is_exact(layer, what):
+    torch.manual_seed(0)
+    first = nn.Embedding(20, 4) if isinstance(layer, PowerNorm) else layer
+    model = nn.Sequential(first, *([layer] if first is not layer else []), nn.Flatten(), nn.Linear(28, 3)).double()
+    x, y = torch.randint(1, 20, (4, 7)), torch.randint(0, 3, (4,))
+    _refused_then_auto_is_exact(model, x, y, F.cross_entropy, what)
+
+
+def test_batch_layouts_are_told_from_shapes_only_where_they_can_tell():
+    """hooks.batch_layouts: (T, B, ...) with T != B is sequence-first; (B, T, ...) batch-first; (B k, ...)
+    folded; T == B and (k B, B, ...) cannot be told (both, likelier first); a leading size 1 is an output
+    shared by the batch (position embeddings), not T = 1; layers whose handler does not act position by
+    position (convolutions) are always batch-first."""
     from tracin_engine.gradients.handlers import handler_for
-    from tracin_engine.gradients.hooks import sequence_first
+    from tracin_engine.gradients.hooks import BATCH_FIRST as BF, FOLDED as FO, SEQUENCE_FIRST as SF, batch_layouts
 
     lin = handler_for(nn.Linear(4, 2))(nn.Linear(4, 2))
     conv = handler_for(nn.Conv1d(4, 2, 1))(nn.Conv1d(4, 2, 1))
     B = 3
-    for T, want in ((5, True), (3, None), (1, False)):
-        assert sequence_first(lin, (torch.zeros(T, B, 4),), torch.zeros(T, B, 2), B) is want
-    assert sequence_first(lin, (torch.zeros(B, 5, 4),), torch.zeros(B, 5, 2), B) is False
-    assert sequence_first(conv, (torch.zeros(5, B, 4),), torch.zeros(5, B, 2), B) is False
+    for shape, want in (((5, B), (SF,)), ((B, B), (BF, SF)), ((1, B), (BF,)), ((B, 5), (BF,)), ((2 * B, 5), (FO,)),
+                        ((2 * B,), (FO,)), ((2 * B, B), (SF, FO)), ((B,), (BF,))):
+        assert batch_layouts(lin, (torch.zeros(*shape, 4),), torch.zeros(*shape, 2), B) == want, shape
+    for shape, want in (((5, 1), (FO,)), ((1, 5), (BF,)), ((5,), (FO,))):     # one example: all its positions
+        assert batch_layouts(lin, (torch.zeros(*shape, 4),), torch.zeros(*shape, 2), 1) == want, shape
+    assert batch_layouts(conv, (torch.zeros(5, B, 4),), torch.zeros(5, B, 2), B) == (BF,)
 
 
 def test_first_batch_check_tolerance_follows_dtype_and_tf32(monkeypatch):

@@ -13,7 +13,8 @@ other kron blocks as dW_b = sum_t r_bt c_bt^T, norm layers as their exact vector
 no handler covers through the vmap/loop path restricted to them. This costs one training step plus
 small per-layer products (the Opacus trick, with rank-one Linear gradients never materialized).
 
-The first batch settles the layout (which Linear layers see sequences) and checks that the
+The first batch settles the layout (which Linear layers see sequences, sequence-first or folded into
+the batch: batch_layouts) and checks that the
 per-example gradients add up to the batch gradient of every handled parameter; a parameter used
 outside its module (F.linear(x, self.emb.weight)) or a layer mixing examples fails that check
 (Unsupported), and the featurizer falls back to vmap.
@@ -34,7 +35,7 @@ from .layers import GENERIC_LIMIT, Block, Use, generic_sizes, plan_blocks
 from .per_example import GradientComputer, Target, model_mode, output_sq_norms
 from ..store.layout import Layout, Segment
 
-__all__ = ["HookFeaturizer", "Unsupported", "build"]
+__all__ = ["HookFeaturizer", "Unsupported", "batch_layouts", "build"]
 
 Contribution = tuple[Any, Any, torch.Tensor]   # (handler, captured ctx, output gradient g)
 
@@ -57,7 +58,8 @@ class HookFeaturizer:
             self.offsets[n] = pos
             pos += params[n].numel()
         self.frozen = False
-        self.seq_dims: dict[int, int] = {}   # id(use) -> 1 if it runs sequence-first (_batch_dim), 0 if not
+        self.layouts: dict[int, int] = {}    # id(use) -> its batch layout where the shapes told (_layout)
+        self.guessed: dict[int, int] = {}    # id(use) -> the layout this pass guessed (_settle_layouts)
         # generic parameters of leading size 1 (cls_token (1, 1, D), pos_embed (1, N, D)) are usually
         # broadcast over the batch: substituted by a per-example copy (B, ...) in the batched pass, their
         # gradients are per example. Checked against vmap on the first batch (None: not yet known).
@@ -160,8 +162,9 @@ class HookFeaturizer:
 
         def hook(u):
             def record(m, i, o):
-                if self._batch_dim(u, i, o, B):              # (T, B, ...): the handler sees (B, T, ...)
-                    seen[id(u)].append(record_call(u.handler, i, o, True))
+                layout = self._layout(u, i, o, B)
+                if layout != BATCH_FIRST:                    # (T, B, ...), (B k, ...): the handler sees (B, ...)
+                    seen[id(u)].append(record_call(u.handler, i, o, layout, B))
                     return None
                 ctx, o = u.handler.record(i, o)
                 if B > 1 and isinstance(o, torch.Tensor) and o.shape[0] == 1 and isinstance(ctx, torch.Tensor) \
@@ -176,6 +179,7 @@ class HookFeaturizer:
                 return None
             return record
 
+        self.guessed = {}
         handles = [u.handler.attach(hook(u)) for u in uses]
         model_outs, losses, plist, batched = [], [], [], []
         bcast = set(self.generic.params) if self.broadcast is not False and self.generic is not None else set()
@@ -206,10 +210,12 @@ class HookFeaturizer:
                 if k % S:  # k == 0: not called (an unused head has zero gradients; a direct use fails the check)
                     raise Unsupported(f"layer {u.name!r} ({type(u.handler.module).__name__}) ran {k} times for "
                                       f"{S} checkpoints")
-                for ctx, o, dim in seen[id(u)]:
-                    if u.handler.batch_of(ctx) != B or o.shape[dim] != B:
+                for ctx, o, layout in seen[id(u)]:
+                    if u.handler.batch_of(ctx) != B or not probe_batch_ok(o, layout, B):
                         raise Unsupported(f"layer {u.name!r} saw a leading dimension of {o.shape[0]}, not the "
                                           f"batch size {B} (inputs reshaped across examples)")
+        if self.guessed and self._settle_layouts(states[0], inputs, targets, [u for u in uses if id(u) in self.guessed]):
+            return self.many_with_outputs(states, inputs, targets, target, rows_out)   # a guess was wrong: redo
         outs = [o for u in uses for _, o, _ in seen[id(u)]]
         check = not self.frozen
         handled = [n for b in self.blocks if b.kind != "generic" for n in b.params]
@@ -221,8 +227,8 @@ class HookFeaturizer:
         calls: dict[int, list] = {}
         for u in uses:
             calls[id(u)] = []
-            for ctx, o, dim in seen[id(u)]:
-                calls[id(u)].append((ctx, read_grad(o, next(g_iter), dim).detach()))
+            for ctx, o, layout in seen[id(u)]:
+                calls[id(u)].append((ctx, read_grad(o, next(g_iter), layout, B).detach()))
         self._settle(calls, S)
         dtype = next(iter(calls.values()))[0][1].dtype if calls else gc.dtype
         shape, dtype = (S, B, self.layout.dim), dtype if dtype.is_floating_point else torch.float32
@@ -259,18 +265,54 @@ class HookFeaturizer:
         out_sq = torch.stack([output_sq_norms(g) for g in grads[len(outs):len(outs) + len(model_outs)]])
         return rows, out_sq, torch.stack(losses).detach().double()
 
-    def _batch_dim(self, u: Use, inputs: tuple, output: Any, B: int) -> int:
-        """1 when this call of use u ran sequence-first (hooks.sequence_first), else 0. Where the shapes
-        cannot tell (T == B) the layer's earlier calls decide (first batch: batch-first, which the check of
-        example 0 against its own gradient refuses if wrong); a layer that changes is refused."""
-        seq = sequence_first(u.handler, inputs, output, B)
-        known = self.seq_dims.get(id(u))
-        if seq is None:
-            return known or 0
-        if known is not None and known != int(seq):
-            raise Unsupported(f"layer {u.name!r} ran sequence-first on one batch and batch-first on another")
-        self.seq_dims[id(u)] = int(seq)
-        return int(seq)
+    def _layout(self, u: Use, inputs: tuple, output: Any, B: int) -> int:
+        """How this call of use u holds the batch (batch_layouts). Where the shapes cannot tell, the layer's
+        earlier calls decide, else the likelier layout (a first batch: the check of example 0 against its
+        own gradient refuses a wrong guess); a layer that changes is refused."""
+        options = batch_layouts(u.handler, inputs, output, B)
+        if B == 1:
+            return options[0]                          # (one example tells nothing about the layout)
+        known = self.layouts.get(id(u))
+        if len(options) > 1:
+            if known in options:
+                return known
+            self.guessed[id(u)] = options[0]
+            return options[0]
+        if known is not None and known != options[0]:
+            raise Unsupported(f"layer {u.name!r} held the batch one way on one batch and another way on another "
+                              f"(batch-first, sequence-first or folded into its positions)")
+        self.layouts[id(u)] = options[0]
+        return options[0]
+
+    def _settle_layouts(self, state: dict, inputs: Any, targets: torch.Tensor | None, guessed: list[Use]) -> bool:
+        """Tell the layouts the shapes left open (T == B, (k B, B, ...)) from a forward pass over the batch's
+        first B - 1 examples (B - 1 >= 2), where they differ; True when a guess of this pass was wrong."""
+        gc = self.grads
+        B = tree.length(inputs) - 1
+        if B < 2:
+            return False
+        found: dict[int, set] = {id(u): set() for u in guessed}
+
+        def hook(u):
+            def look(m, i, o):
+                found[id(u)].add(batch_layouts(u.handler, i, o, B))
+            return look
+
+        handles = [u.handler.attach(hook(u)) for u in guessed]
+        try:
+            x, y = gc.batch(tree.take(inputs, 0, B), None if targets is None else targets[:B])
+            with torch.no_grad(), model_mode(gc.model, gc.train_mode):
+                gc.forward(state, x, y)
+        finally:
+            for h in handles:
+                h.remove()
+        wrong = False
+        for u in guessed:
+            told = {o[0] for o in found[id(u)] if len(o) == 1}
+            if len(told) == 1:
+                self.layouts[id(u)] = told.pop()
+                wrong |= self.layouts[id(u)] != self.guessed[id(u)]
+        return wrong
 
     # -- per block ----------------------------------------------------------------------------------
     def block_rows(self, i: int, b: Block, contrib: list[Contribution], out: torch.Tensor) -> None:
@@ -370,8 +412,8 @@ class HookFeaturizer:
                 raise Unsupported(
                     f"the gradient of example 0 alone differs from its per-example gradient of {b.describe()} in "
                     f"the batch (relative error {float(err / (want.norm() + 1e-30)):.2g}): the layer's input is "
-                    "not batch-first (a sequence-first model; batch_first=True avoids this), or the layer mixes "
-                    "the examples of a batch")
+                    "not batch-first (a sequence-first model; batch_first=True avoids this) or folds the batch "
+                    "into its positions in another order, or the layer mixes the examples of a batch")
 
     def block_sums(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Per block, the sum over examples of what its rows represent (flat, parameter order)."""
@@ -435,31 +477,58 @@ def check_tolerance(rows: torch.Tensor) -> float:
     return 2e-3
 
 
-def sequence_first(handler: Any, inputs: tuple, output: Any, B: int) -> bool | None:
-    """Whether one call of a layer ran sequence-first: input and output (T, B, ...) with T != B (PyTorch's
-    default for nn.TransformerEncoderLayer, batch_first=False), for handlers that allow it (Linear,
-    Embedding, LayerNorm, RMSNorm: `sequence_first = True`); None when T == B (the shapes cannot tell).
-    T = 1 is not told from an output shared by the batch (position embeddings of (1, T)): batch-first."""
+BATCH_FIRST, SEQUENCE_FIRST, FOLDED = 0, 1, 2   # how one call of a layer holds the batch (batch_layouts)
+
+
+def batch_layouts(handler: Any, inputs: tuple, output: Any, B: int) -> tuple[int, ...]:
+    """How one call of a layer may hold a batch of B examples, most likely first (one when the shapes tell):
+        BATCH_FIRST     (B, ...)
+        SEQUENCE_FIRST  (T, B, ...), T > 1: PyTorch's default for nn.TransformerEncoderLayer (batch_first=False)
+        FOLDED          (B k, ...), example-major: a model that flattens its positions into the batch
+                        (OPT's hidden_states.reshape(-1, D), Swin's windows, MobileViT's patches)
+    The last two only for handlers acting on each position alone (`position_wise = True`: Linear,
+    Embedding, LayerNorm, RMSNorm, affine norms), whose input and output share the leading dimensions.
+    Ambiguous: T == B (batch- or sequence-first), and (k B, B, ...) (sequence- or folded). A leading size 1
+    is an output shared by the batch (position embeddings of (1, T)): batch-first. With one example every
+    position is its own: FOLDED (k = n) covers all three."""
     x = inputs[0] if inputs else None
-    if not (getattr(handler, "sequence_first", False) and B > 1 and isinstance(x, torch.Tensor)
-            and isinstance(output, torch.Tensor) and x.dim() >= 2 and output.dim() >= 2
-            and x.shape[:2] == output.shape[:2] and output.shape[1] == B and output.shape[0] > 1):
-        return False                  # (leading size 1: shared by the batch, position embeddings of (1, T))
-    return None if output.shape[0] == B else True
+    if not (getattr(handler, "position_wise", False) and isinstance(x, torch.Tensor)
+            and isinstance(output, torch.Tensor) and x.dim() >= 1 and output.dim() >= 1
+            and x.shape[0] == output.shape[0] > 1):
+        return (BATCH_FIRST,)
+    n = output.shape[0]
+    if B == 1:
+        return (FOLDED,)
+    second = x.dim() >= 2 and output.dim() >= 2 and x.shape[1] == output.shape[1] == B
+    if n == B:
+        return (BATCH_FIRST, SEQUENCE_FIRST) if second else (BATCH_FIRST,)
+    if n % B == 0:
+        return (SEQUENCE_FIRST, FOLDED) if second else (FOLDED,)
+    return (SEQUENCE_FIRST,) if second else (BATCH_FIRST,)
 
 
-def record_call(handler: Any, inputs: tuple, output: Any, seq: bool) -> tuple[Any, Any, int]:
-    """(ctx, probe, dim) of one call for the handler: dim 1 when it ran sequence-first (seq; the handler
-    is handed (B, T, ...) views, the probe stays the output itself), else 0."""
-    if seq:
-        return handler.record((inputs[0].transpose(0, 1), *inputs[1:]), output.transpose(0, 1))[0], output, 1
-    return (*handler.record(inputs, output), 0)
+def record_call(handler: Any, inputs: tuple, output: Any, layout: int, B: int) -> tuple[Any, Any, int]:
+    """(ctx, probe, layout) of one call for the handler, which is handed (B, ...) views of its input and
+    output (batch_layouts); the probe stays the output itself."""
+    if layout == BATCH_FIRST:
+        return (*handler.record(inputs, output), layout)
+    view = (lambda t: t.transpose(0, 1)) if layout == SEQUENCE_FIRST else (lambda t: t.unflatten(0, (B, -1)))
+    return handler.record((view(inputs[0]), *inputs[1:]), view(output))[0], output, layout
 
 
-def read_grad(probe: torch.Tensor, g: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """The gradient of a probe as its handler reads it: zeros if unused, (B, T, ...) if dim is 1."""
+def read_grad(probe: torch.Tensor, g: torch.Tensor | None, layout: int, B: int) -> torch.Tensor:
+    """The gradient of a probe as its handler reads it (record_call's view of it): zeros if unused."""
     g = torch.zeros_like(probe) if g is None else g
-    return g.transpose(0, 1) if dim else g
+    if layout == SEQUENCE_FIRST:
+        return g.transpose(0, 1)
+    return g.unflatten(0, (B, -1)) if layout == FOLDED else g
+
+
+def probe_batch_ok(probe: torch.Tensor, layout: int, B: int) -> bool:
+    """Whether a probe's shape holds B examples in its layout."""
+    if layout == FOLDED:
+        return probe.shape[0] % B == 0
+    return probe.shape[layout] == B
 
 
 def build(grads: GradientComputer) -> HookFeaturizer | None:

@@ -36,7 +36,7 @@ from ..data import DataSource
 from ..errors import TracInError
 from ..gradients.per_example import GradientComputer, model_mode
 from ..gradients.handlers import KronHandler
-from ..gradients.hooks import read_grad, record_call, sequence_first
+from ..gradients.hooks import batch_layouts, read_grad, record_call
 from ..gradients.layers import plan_blocks
 
 CURVATURES = ("gn", "mc", "empirical")
@@ -139,8 +139,8 @@ class KronLayers:
         seen: dict[str, list] = {p.name: [] for p in self.plans}
         B = tree.length(x)
 
-        def record(p, i, o):                           # the hook path's (ctx, probe, sequence-first) per call
-            seen[p.name].append(record_call(p.handler, i, o, bool(sequence_first(p.handler, i, o, B))))
+        def record(p, i, o):                           # the hook path's (ctx, probe, layout) per call
+            seen[p.name].append(record_call(p.handler, i, o, batch_layouts(p.handler, i, o, B)[0], B))
 
         handles = [p.handler.attach(lambda m, i, o, p=p: record(p, i, o)) for p in self.plans]
         try:
@@ -162,8 +162,8 @@ class KronLayers:
             per_k.append(g)
         result = []
         for j, p in enumerate(self.plans):
-            ctx, o, dim = seen[p.name][0]
-            gs = torch.stack([p.handler.rows(ctx, read_grad(o, g[j], dim)) for g in per_k], 1)
+            ctx, o, layout = seen[p.name][0]
+            gs = torch.stack([p.handler.rows(ctx, read_grad(o, g[j], layout, B)) for g in per_k], 1)
             a = p.handler.cols(ctx, o)
             if p.has_bias:
                 a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device)], 2)

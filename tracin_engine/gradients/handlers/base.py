@@ -40,6 +40,7 @@ class LayerHandler:
 
     def __init__(self, module: nn.Module):
         self.module = module
+        self.kwargs: dict = {}   # the keyword arguments of the module's latest call in the hook pass
 
     @classmethod
     def unsupported(cls, module: nn.Module, train_mode: bool) -> str | None:
@@ -66,9 +67,13 @@ class LayerHandler:
         return self.capture(inputs, output), output
 
     def attach(self, hook: Callable) -> Any:
-        """Install the hook path's forward hook(module, inputs, output) on the module for one pass; returns
-        a handle whose remove() undoes it (a handler may also change how the module computes, rnn.py)."""
-        return self.module.register_forward_hook(hook)
+        """Install the hook path's forward hook(module, inputs, output) on the module for one pass (keeping
+        the call's keyword arguments in `kwargs`); returns a handle whose remove() undoes it (a handler may
+        also change how the module computes, rnn.py)."""
+        def with_kwargs(m, args, kwargs, output):
+            self.kwargs = kwargs
+            return hook(m, args, output)
+        return self.module.register_forward_hook(with_kwargs, with_kwargs=True)
 
     @staticmethod
     def batch_of(ctx: Any) -> int:

@@ -17,7 +17,7 @@ class LinearHandler(KronHandler):
     """r = g_t (out), c = a_t (in); T = the product of the input's middle dimensions (1 for 2-D input)."""
 
     rank_one_hint = True   # a 2-D input gives one outer product per example (stored as its factors)
-    sequence_first = True  # (T, B, in) inputs are handled as (B, T, in) (hooks.sequence_first)
+    position_wise = True   # acts on each position alone: (T, B, ...) and (B k, ...) are regrouped (hooks.batch_layouts)
 
     def shape(self) -> tuple[int, int]:
         w = self.module.weight

@@ -20,7 +20,9 @@ from .base import VectorHandler
 
 
 class _Norm(VectorHandler):
-    """Subclasses give x_hat (B, ...) and `pshape`: how x_hat and g are viewed as (B, positions, *param shape)."""
+    """Subclasses give x_hat (B, ...) and `view`: how x_hat and g are viewed as (B, positions, n)."""
+
+    exact_forward = True   # x_hat recomputes the layer's own function: a subclass with its own forward is not ours
 
     def x_hat(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -40,7 +42,7 @@ class _Norm(VectorHandler):
 
 
 class LayerNormHandler(_Norm):
-    sequence_first = True   # (T, B, ...) inputs are handled as (B, T, ...) (hooks.sequence_first)
+    position_wise = True   # acts on each position alone: (T, B, ...) and (B k, ...) are regrouped (hooks.batch_layouts)
 
     def x_hat(self, x):   # the layer's own fused kernel without its scale and shift (a var_mean is ~4x slower)
         return F.layer_norm(x, self.module.normalized_shape, None, None, self.module.eps)

@@ -13,6 +13,7 @@ from .base import KronHandler, LayerHandler, VectorHandler
 
 _BY_TYPE: dict[type, type[LayerHandler]] = {}
 _BY_NAME: dict[str, type[LayerHandler]] = {}
+_FALLBACKS: list[type[LayerHandler]] = []   # claim modules by structure (affine_norm.py), after the types
 
 
 def register_handler(layer_type: type | str, handler_cls: type[LayerHandler]) -> None:
@@ -28,12 +29,22 @@ def register_handler(layer_type: type | str, handler_cls: type[LayerHandler]) ->
         raise TracInError(f"layer_type must be an nn.Module subclass or its dotted name, got {layer_type!r}.")
 
 
+def register_fallback(handler_cls: type[LayerHandler]) -> None:
+    """Use `handler_cls` for modules no registered type covers whose structure it claims
+    (`handler_cls.claims(module)`: a classmethod returning bool), tried in registration order."""
+    if handler_cls not in _FALLBACKS:
+        _FALLBACKS.append(handler_cls)
+
+
 def handler_for(module: nn.Module) -> type[LayerHandler] | None:
-    """The handler class registered for the module's class or its nearest registered base, or None."""
+    """The handler class registered for the module's class or its nearest registered base; else the first
+    fallback that claims the module; else None. A handler with `exact_forward` (it recomputes the registered
+    class's function) is not given a subclass that defines its own forward: the fallbacks are asked."""
     for cls in type(module).__mro__:
-        if cls in _BY_TYPE:
-            return _BY_TYPE[cls]
-        name = f"{cls.__module__}.{cls.__qualname__}"
-        if name in _BY_NAME:
-            return _BY_NAME[name]
-    return None
+        H = _BY_TYPE.get(cls) or _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if H is None:
+            continue
+        if not (getattr(H, "exact_forward", False) and type(module).forward is not cls.forward):
+            return H
+        break
+    return next((F for F in _FALLBACKS if F.claims(module)), None)

@@ -10,6 +10,7 @@ tensors (the probes) give the per-example gradients. Shared here:
     ReplacedPart      a KronHandler for one weight of such a layer: r = the gradient of its probe,
                       c = what it multiplies, both read from Replacement.last[key]
     own_forward       why a subclass with its own forward cannot be replaced (its function is not ours)
+    forward_with      the layer's own forward with substituted parameters, hooks not run (a probe)
 
 Users: rnn.py (nn.LSTM / nn.GRU / nn.RNN), rnn_cell.py (their cells), attention.py (nn.MultiheadAttention).
 """
@@ -98,6 +99,18 @@ def own_forward(module: nn.Module, bases: tuple[type, ...]) -> str | None:
     """Why a subclass cannot be replaced: it defines its own forward (its function is not the base's)."""
     base = next(b for b in bases if isinstance(module, b))
     return f"a subclass of {base.__name__} with its own forward" if type(module).forward is not base.forward else None
+
+
+def forward_with(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict | None = None) -> Any:
+    """The module's forward with some of its own parameters replaced by `params`, under no_grad; its hooks
+    do not run (a probe of the layer's function from inside its own hook: affine_norm.py, embedding.py)."""
+    saved = {n: module._parameters[n] for n in params}
+    try:
+        module._parameters.update(params)
+        with torch.no_grad():
+            return module.forward(*args, **(kwargs or {}))
+    finally:
+        module._parameters.update(saved)
 
 
 class ReplacedPart(KronHandler):
