@@ -540,6 +540,28 @@ class HFImages(nn.Module):
         return self.model(pixel_values=x).logits
 
 
+class Grouped(nn.Module):
+    """Images (B, 4, 8, 8) through grouped convolutions: depthwise 3x3 (groups = channels, bias), 3x3 in 2
+    groups (stride 2, dilation 2, no bias), pointwise; then (B, 6, 16) through a Conv1d in 3 groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.gc = nn.Conv2d(4, 8, 3, stride=2, padding=2, dilation=2, groups=2, bias=False)
+        self.pw = nn.Conv2d(8, 6, 1)
+        self.c1 = nn.Conv1d(6, 6, 3, padding=1, groups=3)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.pw(torch.tanh(self.gc(torch.tanh(self.dw(x))))))          # (B, 6, 4, 4)
+        return self.head(torch.tanh(self.c1(h.flatten(2))).mean(2))
+
+
+def _case_grouped():
+    torch.manual_seed(0)
+    return Grouped().double(), torch.randn(4, 4, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,)), F.cross_entropy
+
+
 def _case_attention(kind):
     def build():
         torch.manual_seed(0)
@@ -569,6 +591,6 @@ HANDLER_CASES = {"resnet_bn": _case_resnet, "vit": _case_vit, "encoder_mask": _c
                  "torch_encoder_seq_first": _case_attention("encoder_seq_first"),
                  "mha_seq_first_weights": _case_attention("seq_first"),
                  "torch_decoder_cross": _case_attention("decoder"), "mha_cross_qkv": _case_attention("cross"),
-                 "library_patterns": _case_library(), "library_patterns_ambiguous": _case_library(window=4),
+                 "grouped_conv": _case_grouped, "library_patterns": _case_library(), "library_patterns_ambiguous": _case_library(window=4),
                  "hf_bert": lambda: _case_encoder(True), "hf_gpt2_tied": lambda: _case_lm(True),
                  "hf_llama": _case_hf("llama"), "hf_opt": _case_hf("opt"), "hf_swin": _case_hf("swin")}

@@ -73,4 +73,4 @@ def test_gpu_check_script_reports_json_without_a_gpu(tmp_path):
     assert "test_rerank_on_cuda_returns_the_cpu_exact_scores" in names
     assert "test_layer_handlers_on_cuda[hf_gpt2_tied]" in names and "test_factored_routes_on_cuda[dense-vit]" in names
     if not torch.cuda.is_available():
-        assert report["cuda"] is False and report["tests"]["skipped"] == len(names) == 55
+        assert report["cuda"] is False and report["tests"]["skipped"] == len(names) == 56

@@ -553,6 +553,17 @@ def test_a_batch_of_one_after_regrouped_batches_is_exact(name):
     assert hf.layouts == learned
 
 
+def test_grouped_convolutions_are_exact_vectors_not_generic():
+    from tracin_engine.gradients.handlers.grouped_conv import GroupedConvHandler
+
+    model, x, y, loss = MODELS["grouped_conv"]()
+    hf = HookFeaturizer(GradientComputer(model, loss, device="cpu"))
+    kinds = {u.name: (b.kind, type(u.handler)) for b in hf.blocks for u in b.uses}
+    assert hf.generic is None
+    assert {n for n, (k, h) in kinds.items() if h is GroupedConvHandler and k == "vector"} == {"dw", "gc", "c1"}
+    assert kinds["pw"][0] == "kron"
+
+
 class PowerNorm(nn.Module):
     """Named like a norm, but not affine in its weight: x ** (1 + w)."""
 

@@ -1,4 +1,5 @@
-"""Conv1d and Conv2d (groups=1, zero padding given as numbers): t = output positions, c = unfolded patches.
+"""Conv1d and Conv2d (zero padding given as numbers): t = output positions, c = unfolded patches.
+Grouped convolutions (groups > 1) are exact vectors instead (grouped_conv.py).
 
 The projected columns P_c^T c_t at every position are a convolution of the input with P_c as k_c
 filters (C, kh, kw) and the bias row as the conv bias, so patches are never unfolded for projection.
@@ -12,6 +13,7 @@ from torch import nn
 
 from .registry import register_handler
 from .base import KronHandler, bmm_into
+from .grouped_conv import GroupedConvHandler
 
 
 GROUPED_MIN_POSITIONS = 256   # output positions per example from which grad_into uses a grouped convolution
@@ -30,13 +32,16 @@ class ConvHandler(KronHandler):
 
     @classmethod
     def unsupported(cls, module, train_mode):
-        if module.groups != 1:
-            return f"groups={module.groups}"
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r}"
         if isinstance(module.padding, str):
             return f"padding={module.padding!r}"
         return None
+
+    @classmethod
+    def parts(cls, module):
+        """A grouped convolution's weight is block diagonal: exact vectors instead (grouped_conv.py)."""
+        return [GroupedConvHandler(module)] if module.groups > 1 else [cls(module)]
 
     def __init__(self, module: nn.Module):
         super().__init__(module)
