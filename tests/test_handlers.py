@@ -564,6 +564,44 @@ def test_grouped_convolutions_are_exact_vectors_not_generic():
     assert kinds["pw"][0] == "kron"
 
 
+def test_probed_norms_are_claimed_by_structure_only():
+    """affine_norm.AffineNormHandler claims a module named *Norm with a 1-D weight (and bias), nothing else
+    of its own and no sublayers; a batch norm of its own class in train mode is refused (batch statistics)."""
+    from tracin_engine.gradients.handlers import handler_for
+    from tracin_engine.gradients.handlers.affine_norm import AffineNormHandler
+
+    class MyBatchNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+            self.register_buffer("running_mean", torch.zeros(4))
+
+    class WithChild(PlainRMSNorm):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+    class Gate(PlainRMSNorm):
+        pass
+
+    assert handler_for(PlainRMSNorm()) is AffineNormHandler
+    assert handler_for(WithChild()) is None and handler_for(Gate()) is None
+    assert handler_for(PowerNorm()) is AffineNormHandler                # claimed; its first call refuses it
+    assert handler_for(MyBatchNorm()) is AffineNormHandler
+    assert AffineNormHandler.unsupported(MyBatchNorm(), train_mode=True) is not None
+    assert AffineNormHandler.unsupported(MyBatchNorm(), train_mode=False) is None
+    assert AffineNormHandler.unsupported(PlainRMSNorm(), train_mode=True) is None
+
+
+class PlainRMSNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
 class PowerNorm(nn.Module):
     """Named like a norm, but not affine in its weight: x ** (1 + w)."""
 

@@ -38,6 +38,8 @@ whose exact row fits their share are exact (water-filling). The allocation is st
 
 from __future__ import annotations
 
+from typing import Collection
+
 import torch
 
 from ..errors import TracInError
@@ -82,7 +84,8 @@ class FactoredProjection(HookFeaturizer):
 
     low_rank_rows = False
 
-    def __init__(self, grads: GradientComputer, proj_dim: int, seed: int = 0, kind: str = "gaussian"):
+    def __init__(self, grads: GradientComputer, proj_dim: int, seed: int = 0, kind: str = "gaussian",
+                 exclude: Collection[str] = ()):
         if kind not in ("gaussian", "rademacher"):
             raise TracInError(f"unknown factor kind {kind!r}; use 'gaussian' or 'rademacher'.")
         self.proj_dim, self.seed, self.kind = proj_dim, seed, kind
@@ -90,7 +93,7 @@ class FactoredProjection(HookFeaturizer):
         self.fixed: list[list[int]] | None = None       # an allocation adopted from a stored index
         self._cache: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         try:
-            super().__init__(grads)
+            super().__init__(grads, exclude=exclude)
         except Unsupported as exc:
             raise TracInError(f"projection='factored' cannot cover the selected parameters: {exc}. Register a "
                               "handler for that layer type (docs/handlers.md), select other layers with "

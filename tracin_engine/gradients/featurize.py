@@ -11,6 +11,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from typing import Collection
+
 import torch
 
 from .. import inputs as tree
@@ -95,6 +97,8 @@ class Featurizer:
             try:
                 self._hook_path(state, x2, y2, target)
             except hooks.Unsupported as exc:
+                if isinstance(exc, hooks.SharedInput) and self._leave_generic(exc.modules):
+                    return self.resolve(state, x, y, target)      # those layers generic, the rest on hooks
                 if self.mode == "factored":
                     if not self.auto_projection:
                         raise TracInError(f"projection='factored' cannot handle this model ({exc}); "
@@ -115,6 +119,23 @@ class Featurizer:
             except VmapFailed as exc:
                 self._to_loop(exc)
         self.resolved = True
+
+    def _leave_generic(self, modules: Collection[str]) -> bool:
+        """Rebuild the hook path (and a factored projection) with `modules` on the generic path (their input
+        is shared by the batch: hooks.SharedInput); False when that cannot be done (then the usual fallback)."""
+        path = self._hook_path
+        exclude = path.exclude | set(modules)
+        if exclude == path.exclude:
+            return False
+        try:
+            if self.mode == "factored":
+                p = self.projection
+                self.projection = FactoredProjection(self.grads, p.proj_dim, p.seed, p.kind, exclude=exclude)
+            if self.hooks is not None:
+                self.hooks = hooks.HookFeaturizer(self.grads, exclude=exclude)
+        except (hooks.Unsupported, TracInError):
+            return False
+        return True
 
     def use_dense_projection(self) -> None:
         """Replace a FactoredProjection by the dense Gaussian one of the same proj_dim and seed (unresolved)."""

@@ -23,19 +23,19 @@ outside its module (F.linear(x, self.emb.weight)) or a layer mixing examples fai
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Collection
 
 import torch
 
 from .. import inputs as tree
 from ..buffers import empty_output
 from ..devices import TF32_UNIT_ROUNDOFF, tf32_enabled
-from .handlers import Unsupported
+from .handlers import SharedInput, Unsupported
 from .layers import GENERIC_LIMIT, Block, Use, generic_sizes, plan_blocks
 from .per_example import GradientComputer, Target, model_mode, output_sq_norms
 from ..store.layout import Layout, Segment
 
-__all__ = ["HookFeaturizer", "Unsupported", "batch_layouts", "build"]
+__all__ = ["HookFeaturizer", "SharedInput", "Unsupported", "batch_layouts", "build"]
 
 Contribution = tuple[Any, Any, torch.Tensor]   # (handler, captured ctx, output gradient g)
 
@@ -45,9 +45,10 @@ class HookFeaturizer:
 
     low_rank_rows = True   # store few-position convolutions as factor pairs (FactoredProjection: False)
 
-    def __init__(self, grads: GradientComputer, generic_limit: int = GENERIC_LIMIT):
+    def __init__(self, grads: GradientComputer, generic_limit: int = GENERIC_LIMIT, exclude: Collection[str] = ()):
         self.grads = grads
-        self.blocks: list[Block] = plan_blocks(grads.model, grads.param_names, grads.train_mode)
+        self.exclude = frozenset(exclude)    # modules left to the generic path (their input is shared: SharedInput)
+        self.blocks: list[Block] = plan_blocks(grads.model, grads.param_names, grads.train_mode, exclude=exclude)
         self.generic = next((b for b in self.blocks if b.kind == "generic"), None)
         if self.generic is not None and (self.generic.n > generic_limit or len(self.blocks) == 1):
             raise Unsupported(f"no layer handler covers {generic_sizes(grads.model, self.generic)} "
@@ -60,6 +61,7 @@ class HookFeaturizer:
         self.frozen = False
         self.layouts: dict[int, int] = {}    # id(use) -> its batch layout where the shapes told (_layout)
         self.guessed: dict[int, int] = {}    # id(use) -> the layout this pass guessed (_settle_layouts)
+        self.folded_rows: dict[int, list] = {}   # id(use) -> leading sizes of its folded calls this pass
         # generic parameters of leading size 1 (cls_token (1, 1, D), pos_embed (1, N, D)) are usually
         # broadcast over the batch: substituted by a per-example copy (B, ...) in the batched pass, their
         # gradients are per example. Checked against vmap on the first batch (None: not yet known).
@@ -179,7 +181,7 @@ class HookFeaturizer:
                 return None
             return record
 
-        self.guessed = {}
+        self.guessed, self.folded_rows = {}, {}
         handles = [u.handler.attach(hook(u)) for u in uses]
         model_outs, losses, plist, batched = [], [], [], []
         bcast = set(self.generic.params) if self.broadcast is not False and self.generic is not None else set()
@@ -230,7 +232,7 @@ class HookFeaturizer:
             for ctx, o, layout in seen[id(u)]:
                 calls[id(u)].append((ctx, read_grad(o, next(g_iter), layout, B).detach()))
         self._settle(calls, S)
-        dtype = next(iter(calls.values()))[0][1].dtype if calls else gc.dtype
+        dtype = next((c[0][1].dtype for c in calls.values() if c), gc.dtype)   # (a module may never run)
         shape, dtype = (S, B, self.layout.dim), dtype if dtype.is_floating_point else torch.float32
         fits = (rows_out is not None and tuple(rows_out.shape) == shape and rows_out.dtype == dtype
                 and rows_out.device == gc.device and rows_out.is_contiguous())
@@ -281,37 +283,53 @@ class HookFeaturizer:
         if known is not None and known != options[0]:
             raise Unsupported(f"layer {u.name!r} held the batch one way on one batch and another way on another "
                               f"(batch-first, sequence-first or folded into its positions)")
+        if known is None and options[0] == FOLDED:
+            self.guessed[id(u)] = FOLDED               # first seen folded: confirmed by _settle_layouts
+        if options[0] == FOLDED:
+            self.folded_rows.setdefault(id(u), []).append(output.shape[0])
         self.layouts[id(u)] = options[0]
         return options[0]
 
     def _settle_layouts(self, state: dict, inputs: Any, targets: torch.Tensor | None, guessed: list[Use]) -> bool:
-        """Tell the layouts the shapes left open (T == B, (k B, B, ...)) from a forward pass over the batch's
-        first B - 1 examples (B - 1 >= 2), where they differ; True when a guess of this pass was wrong."""
+        """Tell the layouts this pass guessed from a forward pass over the batch's first B - 1 examples: where
+        the shapes left them open (T == B, (k B, B, ...)) they differ there (B - 1 >= 2); a layer first seen
+        folded ((k B, ...)) must then hold k (B - 1) rows, else its input is shared by the batch (T5's
+        relative position buckets): SharedInput. True when a guess of this pass was wrong."""
         gc = self.grads
-        B = tree.length(inputs) - 1
+        B = tree.length(inputs)
         if B < 2:
             return False
-        found: dict[int, set] = {id(u): set() for u in guessed}
+        shapes: dict[int, list] = {id(u): [] for u in guessed}
+        calls: dict[int, int] = {id(u): 0 for u in guessed}
 
         def hook(u):
             def look(m, i, o):
-                found[id(u)].add(batch_layouts(u.handler, i, o, B))
+                shapes[id(u)].append((batch_layouts(u.handler, i, o, B - 1),
+                                      o.shape[0] if isinstance(o, torch.Tensor) and o.dim() else None))
             return look
 
         handles = [u.handler.attach(hook(u)) for u in guessed]
         try:
-            x, y = gc.batch(tree.take(inputs, 0, B), None if targets is None else targets[:B])
+            x, y = gc.batch(tree.take(inputs, 0, B - 1), None if targets is None else targets[:B - 1])
             with torch.no_grad(), model_mode(gc.model, gc.train_mode):
                 gc.forward(state, x, y)
         finally:
             for h in handles:
                 h.remove()
-        wrong = False
+        wrong, shared = False, []
         for u in guessed:
-            told = {o[0] for o in found[id(u)] if len(o) == 1}
+            if self.guessed[id(u)] == FOLDED and self.layouts.get(id(u)) == FOLDED:
+                rows = self.folded_rows.get(id(u), [])
+                if any(n is not None and n * B != k * (B - 1) for (_, n), k in zip(shapes[id(u)], rows)):
+                    shared.append(u.name)
+                continue
+            told = {o[0] for o, _ in shapes[id(u)] if len(o) == 1} if B - 1 >= 2 else set()
             if len(told) == 1:
                 self.layouts[id(u)] = told.pop()
                 wrong |= self.layouts[id(u)] != self.guessed[id(u)]
+        if shared:
+            raise SharedInput(f"the input of {', '.join(shared)} does not hold the batch (its leading size does not "
+                              "follow the number of examples: computed from something all examples share)", shared)
         return wrong
 
     # -- per block ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ to the embedding's block. Blocks follow the order of the modules (generic last).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 from torch import nn
 
@@ -65,10 +65,11 @@ def canonical_names(model: nn.Module) -> dict[int, str]:
 
 
 def plan_blocks(model: nn.Module, param_names: Sequence[str], train_mode: bool,
-                shapes: dict[str, tuple] | None = None) -> list[Block]:
+                shapes: dict[str, tuple] | None = None, exclude: Collection[str] = ()) -> list[Block]:
     """Blocks covering exactly `param_names`; raises Unsupported for tied weights with biases. A layer
     whose handler cannot take it (unsupported(), or only some of its parameters selected) goes to the
-    generic block with its sublayers' parameters (its own forward may read them directly)."""
+    generic block with its sublayers' parameters (its own forward may read them directly); so do the modules
+    named in `exclude` (found not to hold the batch: handlers.SharedInput)."""
     selected = set(param_names)
     canon = canonical_names(model)
     by_weight: dict[str, Block] = {}
@@ -85,6 +86,9 @@ def plan_blocks(model: nn.Module, param_names: Sequence[str], train_mode: bool,
         H = handler_for(mod)
         if H is None:
             continue                                   # its parameters go to the generic block
+        if mod_name in exclude:
+            left.append(mod_name)
+            continue
         if H.unsupported(mod, train_mode) is not None or set(own) - H.covered(mod) or set(sel) != set(own):
             left.append(mod_name)
             continue

@@ -17,8 +17,8 @@ layers with a 1-D scale (Hugging Face's LlamaRMSNorm, T5LayerNorm, ...: affine_n
 from __future__ import annotations
 
 from . import affine_norm, attention, conv, embedding, linear, norm, rnn, rnn_cell  # noqa: F401  (built-in registrations)
-from .base import KronHandler, LayerHandler, Unsupported, VectorHandler
+from .base import KronHandler, LayerHandler, SharedInput, Unsupported, VectorHandler
 from .registry import handler_for, register_handler
 
-__all__ = ["KronHandler", "LayerHandler", "Unsupported", "VectorHandler", "handler_for", "register_handler",
+__all__ = ["KronHandler", "LayerHandler", "SharedInput", "Unsupported", "VectorHandler", "handler_for", "register_handler",
            "affine_norm", "attention", "conv", "embedding", "linear", "norm", "rnn", "rnn_cell"]

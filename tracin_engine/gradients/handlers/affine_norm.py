@@ -47,6 +47,12 @@ class AffineNormHandler(VectorHandler):
                 and set(own) <= {"weight", "bias"} and (b is None or b.shape == w.shape)
                 and not any(True for _ in module.children()))
 
+    @classmethod
+    def unsupported(cls, module, train_mode):
+        if train_mode and ("batch" in type(module).__name__.lower() or hasattr(module, "running_mean")):
+            return "a batch norm in train mode (batch statistics couple the examples)"
+        return None
+
     def __init__(self, module: nn.Module):
         super().__init__(module)
         self.verified = False

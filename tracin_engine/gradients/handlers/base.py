@@ -32,6 +32,16 @@ class Unsupported(TracInError):
     """The model (or a layer's input) does not fit the hook path; use vmap instead."""
 
 
+class SharedInput(Unsupported):
+    """Layers whose input does not hold the batch (computed from something all examples share: T5's relative
+    position buckets (T, T)): the hook path cannot split their gradient by example, the generic path can
+    (the featurizer rebuilds the hook path with these modules generic)."""
+
+    def __init__(self, message: str, modules: list[str]):
+        super().__init__(message)
+        self.modules = modules
+
+
 class LayerHandler:
     """Base of all handlers. One instance per module; `covers` are the local parameter names handled."""
 

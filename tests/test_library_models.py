@@ -1,0 +1,135 @@
+"""Models as people get them from `transformers` (small configs, nothing downloaded): every architecture
+below takes the hook path (no refusal, nothing generic but the few parameters named), its exact rows equal
+the float64 per-example loop and its factored rows the explicit projection of those gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tracin_engine.gradients.factored import FactoredProjection
+from tracin_engine.gradients.hooks import HookFeaturizer, SharedInput, Unsupported
+from tracin_engine.gradients.per_example import GradientComputer
+
+from models import lm_loss, token_batch
+
+tr = pytest.importorskip("transformers")
+
+TEXT = dict(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+            attn_implementation="eager")
+VISION = dict(num_channels=3, num_labels=3)
+
+# name: (kind, config class, model class, config overrides, generic parameters (name suffixes))
+CASES = {
+    "mistral": ("lm", "MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=1), ()),
+    "qwen2": ("lm", "Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=1), ()),
+    "phi3": ("lm", "Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=1), ()),
+    "gemma": ("lm", "GemmaConfig", "GemmaForCausalLM", dict(num_key_value_heads=1, head_dim=8), ()),
+    "gpt_neox": ("lm", "GPTNeoXConfig", "GPTNeoXForCausalLM", {}, ()),
+    "bloom": ("lm", "BloomConfig", "BloomForCausalLM", dict(n_layer=1, n_head=2), ()),
+    "falcon": ("lm", "FalconConfig", "FalconForCausalLM", {}, ()),
+    "distilbert": ("cls", "DistilBertConfig", "DistilBertForSequenceClassification",
+                   dict(dim=16, n_layers=1, n_heads=2, hidden_dim=32), ()),
+    "albert": ("cls", "AlbertConfig", "AlbertForSequenceClassification", dict(embedding_size=8), ()),
+    "electra": ("cls", "ElectraConfig", "ElectraForSequenceClassification", dict(embedding_size=8), ()),
+    "deberta_v2": ("cls", "DebertaV2Config", "DebertaV2ForSequenceClassification", {}, ()),
+    "deit": ("img", "DeiTConfig", "DeiTForImageClassification",
+             dict(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=32, attn_implementation="eager"),
+             ("cls_token", "position_embeddings", "distillation_token")),
+    "convnext": ("img", "ConvNextConfig", "ConvNextForImageClassification",
+                 dict(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2), ("layer_scale_parameter",)),
+    "resnet": ("img", "ResNetConfig", "ResNetForImageClassification",
+               dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]), ()),
+    "mobilevit": ("img16", "MobileViTConfig", "MobileViTForImageClassification",
+                  dict(image_size=16, patch_size=2, hidden_sizes=[16, 16, 16],
+                       neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16]), ()),
+}
+
+
+class Logits(nn.Module):
+    """model(ids) or model(pixels) -> logits (an encoder's mean hidden state for T5's encoder)."""
+
+    def __init__(self, model, kind):
+        super().__init__()
+        self.model, self.kind = model, kind
+
+    def forward(self, x):
+        if self.kind.startswith("img"):
+            return self.model(pixel_values=x).logits
+        out = self.model(input_ids=x, attention_mask=(x != 0).long())
+        return out.logits if self.kind != "t5" else out.last_hidden_state.mean(1)[:, :3]
+
+
+def build(name):
+    kind, cfg_cls, model_cls, over, generic = CASES[name]
+    torch.manual_seed(0)
+    base = VISION if kind.startswith("img") else dict(TEXT, num_labels=3)
+    if kind == "t5":
+        base = dict(vocab_size=30, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0,
+                    eos_token_id=1, dropout_rate=0.0)
+    model = Logits(getattr(tr, model_cls)(getattr(tr, cfg_cls)(**{**base, **over})), kind)
+    dtype = torch.float32 if name == "gemma" else torch.float64     # Gemma's norms compute in float32
+    model = model.to(dtype).eval()
+    if kind.startswith("img"):
+        side = 16 if kind == "img16" else 8
+        return model, torch.randn(4, 3, side, side, dtype=dtype), torch.randint(0, 3, (4,)), F.cross_entropy, generic
+    if kind == "lm":
+        ids = token_batch(3, 8, 30, pad=0)
+        y = torch.cat([ids[:, 1:], torch.zeros(3, 1, dtype=torch.long)], 1)
+        y[y == 0] = -100
+        return model, ids, y, lm_loss, generic
+    return model, token_batch(4, 8, 30, pad=0), torch.randint(0, 3, (4,)), F.cross_entropy, generic
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_library_model_takes_the_hook_path_exactly(name):
+    model, x, y, loss, generic = build(name)
+    gc = GradientComputer(model, loss, device="cpu")
+    state = gc.prepare(model.state_dict())
+    G = gc.reference(state, x, y)
+    hf = HookFeaturizer(gc)
+    left = [] if hf.generic is None else hf.generic.params
+    assert {n.rsplit(".", 1)[-1] for n in left} == set(generic)
+    rtol = 1e-4 if G.dtype == torch.float32 else 1e-9
+    scale = float(G.abs().max())
+    assert torch.allclose(hf.expand(hf(state, x, y)).to(G.dtype), G, rtol=rtol, atol=rtol * scale)
+    fp = FactoredProjection(gc, 512, seed=3)
+    Z = fp.expand(fp(state, x, y)).to(G.dtype)
+    want = G @ fp.matrix().to(G.dtype)
+    assert torch.allclose(Z, want, rtol=rtol,
+                          atol=rtol * float(want.abs().max()))
+
+
+def test_t5_relative_position_buckets_are_shared_by_the_batch_so_their_table_goes_generic():
+    """T5 looks up its relative position bias with ids (T, T) that no example owns: the first batch finds
+    that the Embedding's leading size does not follow the number of examples (hooks.SharedInput), and the
+    featurizer rebuilds the hook path (and the factored projection) with that table generic; exact."""
+    import tracin_engine as te
+
+    CASES["t5_encoder"] = ("t5", "T5Config", "T5EncoderModel", {}, ())
+    try:
+        model, x, y, loss, _ = build("t5_encoder")
+    finally:
+        del CASES["t5_encoder"]
+    table = "model.encoder.block.0.layer.0.SelfAttention.relative_attention_bias"
+    gc = GradientComputer(model, loss, device="cpu")
+    state = gc.prepare(model.state_dict())
+    with pytest.raises(Unsupported, match="relative_attention_bias does not hold the batch") as err:
+        HookFeaturizer(gc)(state, x, y)
+    assert isinstance(err.value, SharedInput) and err.value.modules == [table]
+    G = gc.reference(state, x, y)
+    ckpts = te.Checkpoints.from_state_dicts([model.state_dict()], [1.0])
+    exact = te.TracIn(model, ckpts, loss_fn=loss)
+    got = exact.features((x, y))[0]
+    fz = exact.featurizer
+    assert fz.mode == "hooks" and fz.hooks.exclude == {table} and fz.hooks.generic.params == [table + ".weight"]
+    assert torch.allclose(fz.hooks.expand(got.double()), G, rtol=1e-9, atol=1e-12)
+    proj = te.TracIn(model, ckpts, loss_fn=loss, proj_dim=512)
+    Z = proj.features((x, y))[0]
+    fp = proj.featurizer.projection
+    assert proj.featurizer.mode == "factored" and fp.exclude == {table}
+    assert torch.allclose(fp.expand(Z.double()), G @ fp.matrix().double(), rtol=1e-6, atol=1e-8)
