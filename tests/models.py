@@ -472,10 +472,21 @@ class ChannelLayerNorm2d(nn.LayerNorm):
                             self.eps).permute(0, 3, 1, 2)
 
 
+class LayerScale(nn.Module):
+    """timm's LayerScale: x * gamma (a parameter not named weight)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(1e-1 * torch.randn(dim) + 1)
+
+    def forward(self, x):
+        return x * self.gamma
+
+
 class LibraryPatterns(nn.Module):
     """Token ids (B, T) through what other libraries' models do: a scaled embedding plus positions counted
     from the mask (keyword call), norms known only by their structure (an own RMSNorm, a channels-first
-    LayerNorm subclass on a (B, C, T, 1) view), a Linear on the batch folded into its positions
+    LayerNorm subclass on a (B, C, T, 1) view), timm's LayerScale, a Linear on the batch folded into its positions
     (OPT's reshape(-1, D)) and one on windows of positions folded into the batch (Swin's (B k, S, D))."""
 
     def __init__(self, vocab=20, dim=6, classes=3, window=2):
@@ -487,6 +498,7 @@ class LibraryPatterns(nn.Module):
         self.cnorm = ChannelLayerNorm2d(dim)
         self.fc = nn.Linear(dim, 2 * dim)
         self.win = nn.Linear(2 * dim, dim)
+        self.scale = LayerScale(dim)
         self.head = nn.Linear(dim, classes)
 
     def forward(self, ids):
@@ -496,7 +508,7 @@ class LibraryPatterns(nn.Module):
         B, T, D = h.shape
         f = torch.tanh(self.fc(h.reshape(-1, D))).reshape(B, T, -1)                  # folded (B T, 2D)
         w = f.reshape(B * T // self.window, self.window, -1)                          # windows (B k, S, 2D)
-        h = torch.tanh(self.win(w)).reshape(B, T, D)
+        h = self.scale(torch.tanh(self.win(w)).reshape(B, T, D))
         return self.head((h * mask.unsqueeze(2)).sum(1))
 
 

@@ -510,8 +510,8 @@ def test_a_sequence_first_layer_whose_length_equals_the_batch_is_told_caught_or_
 
 
 def test_library_patterns_take_their_handlers_and_layouts(monkeypatch):
-    """Other libraries' layers by structure: the own RMSNorm and the channels-first LayerNorm subclass get
-    the probed affine-norm handler, the scaled embedding its scale, the mask-counted positions their ids;
+    """Other libraries' layers by structure: the own RMSNorm, the channels-first LayerNorm subclass and the
+    LayerScale get the probed affine-norm handler, the scaled embedding its scale, the mask-counted positions their ids;
     nothing is left generic; the folded Linears are read as folded. Windows whose shapes read both ways
     ((8, 4, 2D), 4 examples) are told by the pass over 3 examples; without it the check of example 0 refuses."""
     from tracin_engine.gradients.handlers.affine_norm import AffineNormHandler
@@ -523,7 +523,7 @@ def test_library_patterns_take_their_handlers_and_layouts(monkeypatch):
         hf = HookFeaturizer(gc)
         kinds = {u.name: type(u.handler).__name__ for b in hf.blocks for u in b.uses}
         assert hf.generic is None
-        assert kinds["norm"] == kinds["cnorm"] == AffineNormHandler.__name__
+        assert kinds["norm"] == kinds["cnorm"] == kinds["scale"] == AffineNormHandler.__name__
         state = gc.prepare(model.state_dict())
         assert torch.allclose(hf.expand(hf(state, x, y)), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
         assert float(hf.blocks[0].uses[0].handler.scale[0]) == pytest.approx(6 ** 0.5)

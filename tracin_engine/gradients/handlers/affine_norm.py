@@ -1,7 +1,8 @@
-"""Norm layers of other libraries, by their structure: Hugging Face's LlamaRMSNorm, Qwen2RMSNorm,
-MistralRMSNorm, GemmaRMSNorm (scale 1 + w), T5LayerNorm, a timm LayerNorm2d (channels first), a user's
-own RMSNorm, ... : a module whose class name ends in "Norm" (or "Norm1d/2d/3d"), with a 1-D `weight`
-(and optionally a 1-D `bias` of the same size), no other parameters of its own and no sublayers.
+"""Norm and scale layers of other libraries, by their structure: Hugging Face's LlamaRMSNorm, Qwen2RMSNorm,
+MistralRMSNorm, GemmaRMSNorm (scale 1 + w), T5LayerNorm, a timm LayerNorm2d (channels first), timm's
+LayerScale (gamma), DINOv2's LayerScale (lambda1), a user's own RMSNorm, ... : a module whose class name
+ends in "Norm" or "Scale" (or "...1d/2d/3d"), with one 1-D scale parameter w (any name) and optionally a
+1-D `bias` of the same size, no other parameters of its own and no sublayers.
 
 Such a layer's output is elementwise affine in its parameters along one dimension d of the output
 (the last, or the channels of a channels-first layout):
@@ -30,22 +31,39 @@ from .base import Unsupported, VectorHandler
 from .registry import register_fallback
 from .replaced import check_same_output, forward_with
 
-_NAME = re.compile(r"norm([123]d)?$", re.IGNORECASE)
+_NAME = re.compile(r"(norm|scale)([123]d)?$", re.IGNORECASE)
+
+
+def _roles(module: nn.Module) -> tuple[str, str | None] | None:
+    """(scale, shift) local parameter names of a module this handler claims, else None: its class name
+    ends in "Norm" or "Scale" (timm's LayerScale, gamma; DINOv2's LayerScale, lambda1), its own parameters
+    are one 1-D scale (of 2 or more numbers) and optionally a 1-D `bias` of its size, and it has no sublayers."""
+    own = dict(module.named_parameters(recurse=False))
+    scales = [n for n in own if n != "bias"]
+    if not _NAME.search(type(module).__name__) or len(scales) != 1 or any(True for _ in module.children()):
+        return None
+    w, b = own[scales[0]], own.get("bias")
+    if w.dim() != 1 or w.numel() < 2 or (b is not None and b.shape != w.shape):
+        return None
+    return scales[0], ("bias" if b is not None else None)
 
 
 class AffineNormHandler(VectorHandler):
-    """ctx = (d, u, v): the dimension and u, v viewed (B, positions, D) (v None without a bias); the probe
-    is the output."""
+    """ctx = (d, {name: u or v viewed (B, positions, D)}): the dimension the parameters run along and each
+    parameter's multiplier; the probe is the output."""
 
     position_wise = True   # acts on each position alone: (T, B, ...) and (B k, ...) are regrouped (hooks.batch_layouts)
 
     @classmethod
     def claims(cls, module: nn.Module) -> bool:
-        own = dict(module.named_parameters(recurse=False))
-        w, b = own.get("weight"), own.get("bias")
-        return (bool(_NAME.search(type(module).__name__)) and w is not None and w.dim() == 1
-                and set(own) <= {"weight", "bias"} and (b is None or b.shape == w.shape)
-                and not any(True for _ in module.children()))
+        return _roles(module) is not None
+
+    @classmethod
+    def covered(cls, module: nn.Module) -> set[str]:
+        return {n for n in (_roles(module) or ()) if n is not None}
+
+    def present(self) -> list[str]:
+        return [n for n, _ in self.module.named_parameters(recurse=False)]
 
     @classmethod
     def unsupported(cls, module, train_mode):
@@ -56,6 +74,7 @@ class AffineNormHandler(VectorHandler):
     def __init__(self, module: nn.Module):
         super().__init__(module)
         self.verified = False
+        self.scale, self.shift = _roles(module)
 
     def _dim(self, y: torch.Tensor, D: int) -> int:
         """The output dimension the parameters run along: the last, else the channels (dim 1)."""
@@ -71,30 +90,29 @@ class AffineNormHandler(VectorHandler):
     def capture(self, inputs, output):
         if not isinstance(output, torch.Tensor):
             raise Unsupported(f"{type(self.module).__name__} returned {type(output).__name__}, not a tensor")
-        names = self.present()
         own = dict(self.module.named_parameters(recurse=False))
-        w = own["weight"]
+        w = own[self.scale]
         with torch.no_grad():
             def at(wv: float, bv: float) -> torch.Tensor:
-                sub = {"weight": torch.full_like(w, wv)}
-                if "bias" in own:
-                    sub["bias"] = torch.full_like(w, bv)
+                sub = {self.scale: torch.full_like(w, wv)}
+                if self.shift:
+                    sub[self.shift] = torch.full_like(w, bv)
                 return forward_with(self.module, sub, inputs, self.kwargs)
             try:
                 y0 = at(0.0, 0.0)
-                u = at(1.0, 0.0) - y0
-                v = at(0.0, 1.0) - y0 if "bias" in own else None
+                mult = {self.scale: at(1.0, 0.0) - y0}
+                if self.shift:
+                    mult[self.shift] = at(0.0, 1.0) - y0
             except Exception as e:             # (a regrouped input the layer's own forward does not take)
                 raise Unsupported(f"{type(self.module).__name__}: probing its scale failed ({e})") from e
             d = self._dim(output, w.numel())
             if not self.verified:
                 shape = [1] * output.dim()
                 shape[d] = -1
-                ours = y0 + u * w.reshape(shape) + (0 if v is None else v * own["bias"].reshape(shape))
+                ours = y0 + sum(m * own[n].reshape(shape) for n, m in mult.items())
                 check_same_output(self.module, ours, output, "an elementwise-affine scale")
                 self.verified = True
-        return d, *(None if t is None or n not in names else self._view(t, d)
-                    for n, t in (("weight", u), ("bias", v)))
+        return d, {n: self._view(m, d) for n, m in mult.items()}
 
     @staticmethod
     def _view(t: torch.Tensor, d: int) -> torch.Tensor:
@@ -103,12 +121,12 @@ class AffineNormHandler(VectorHandler):
 
     @staticmethod
     def batch_of(ctx: Any) -> int:
-        return next(t for t in ctx[1:] if t is not None).shape[0]
+        return next(iter(ctx[1].values())).shape[0]
 
     def vector(self, ctx, g):
-        d, u, v = ctx
+        d, mult = ctx
         g = self._view(g, d)
-        parts = [(g * t).sum(1) for t in (u, v) if t is not None]
+        parts = [(g * mult[n]).sum(1) for n in self.present()]
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
