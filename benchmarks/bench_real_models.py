@@ -14,6 +14,8 @@ installed, else the tests' own BERT/GPT-2-style modules):
             1024, sequence 128, a padding mask; nn.MultiheadAttention inside)
     llama   transformers LlamaForCausalLM (4 layers, hidden 256, 4 heads / 2 key-value heads, SwiGLU 688,
             sequence 128, untied head; its RMSNorm class is known by structure: handlers/affine_norm.py)
+    convnext  transformers ConvNextForImageClassification (widths 48/96/192/384, depths 2/2/2/2, patch 2,
+            3x32x32, 10 classes: depthwise 7x7 convolutions, channels-first LayerNorm, layer scales)
     opt     transformers OPTForCausalLM (4 layers, hidden 256, feed-forward 1024, sequence 128, tied head;
             positions counted from the mask, MLP on the batch folded into its positions)
 Per model, on the same batch (after a few SGD steps, so the checkpoint is not the initialization):
@@ -51,7 +53,8 @@ import tracin_engine as te
 from tracin_engine.devices import tf32_mode
 from tracin_engine.store.writer import non_finite_rows
 
-from models import Attending, CausalLM, Encoder, Recurrent, ResNet, ViT, hf_bert, hf_gpt2, hf_llama, hf_opt, lm_loss, token_batch
+from models import (Attending, CausalLM, Encoder, HFImages, Recurrent, ResNet, ViT, hf_bert, hf_gpt2, hf_llama, hf_opt,
+                    lm_loss, token_batch)
 
 
 def _has_transformers() -> bool:
@@ -107,6 +110,14 @@ def build(name: str, small: bool, data: str = "random"):
     if name == "resnet":
         model = ResNet(width=64 // s, blocks=(2, 2, 2, 2))
         return model, images(n, data != "random"), F.cross_entropy, f"ResNet-18 shape, width {64 // s}, BatchNorm, 3x32x32"
+    if name == "convnext":
+        if not _has_transformers():
+            raise SystemExit("--models convnext needs transformers")
+        from transformers import ConvNextConfig, ConvNextForImageClassification
+        cfg = ConvNextConfig(num_channels=3, hidden_sizes=[48 // s, 96 // s, 192 // s, 384 // s], depths=[2, 2, 2, 2],
+                             num_labels=10, patch_size=2)
+        return HFImages(ConvNextForImageClassification(cfg)), images(n, data != "random"), F.cross_entropy, \
+            f"transformers ConvNextForImageClassification, widths {48 // s}-{384 // s}, depths 2/2/2/2, 3x32x32"
     if name == "vit":
         model = ViT(dim=192 // s, depth=4, heads=3, patch=4, image=32)
         return model, images(n, data != "random"), F.cross_entropy, f"ViT dim {192 // s}, 4 blocks, patch 4, 3x32x32"

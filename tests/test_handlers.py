@@ -91,17 +91,41 @@ class SumsScale(nn.Module):
         return self.fc(x) * self.scale.sum()
 
 
-@pytest.mark.parametrize("make,broadcast", [(lambda: MODELS["vit"]()[:3], True),
-                                            (lambda: (SumsScale().double(), torch.randn(4, 3, dtype=torch.float64),
-                                                      torch.randint(0, 2, (4,))), False)])
-def test_generic_path_covers_parameters_without_a_handler(make, broadcast):
+class ChannelScaled(nn.Module):
+    """ConvNeXt's pattern: a 1-D layer scale owned by a block with sublayers, on (B, T, C) ('gamma'), and one
+    used otherwise (a diagonal matrix: 'mix'; no per-example copy reproduces it)."""
+
+    def __init__(self, diag=False):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.gamma = nn.Parameter(torch.randn(4))
+        self.mix = nn.Parameter(torch.randn(4)) if diag else None
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x)) * self.gamma                                       # (B, T, 4)
+        if self.mix is not None:
+            h = h @ torch.diag(self.mix)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("make,broadcast,names", [
+    (lambda: MODELS["vit"]()[:3], True, ["cls_token", "pos_embed"]),
+    (lambda: (SumsScale().double(), torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))), False,
+     ["scale"]),
+    (lambda: (ChannelScaled().double(), torch.randn(4, 5, 3, dtype=torch.float64), torch.randint(0, 2, (4,))),
+     True, ["gamma"]),
+    (lambda: (ChannelScaled(True).double(), torch.randn(4, 5, 3, dtype=torch.float64), torch.randint(0, 2, (4,))),
+     False, ["gamma", "mix"])], ids=["vit", "summed", "layer_scale", "diagonal"])
+def test_generic_path_covers_parameters_without_a_handler(make, broadcast, names):
     """Parameters no handler covers: per-example copies in the batched pass where the model broadcasts them
-    (checked against vmap on the first batch), vmap otherwise; both exact."""
+    ((B, ...) for a leading size 1, (B, 1, .., C) for a 1-D scale; checked against vmap on the first batch),
+    vmap otherwise; both exact."""
     torch.manual_seed(0)
     model, x, y = make()
     gc = GradientComputer(model, F.cross_entropy, device="cpu")
     hf = HookFeaturizer(gc)
-    assert hf.generic is not None and hf.generic.params == (["cls_token", "pos_embed"] if broadcast else ["scale"])
+    assert hf.generic is not None and hf.generic.params == names
     state = gc.prepare(model.state_dict())
     G = gc.reference(state, x, y)
     for _ in range(2):                                  # the first batch checks, the second uses the result

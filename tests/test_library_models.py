@@ -100,6 +100,8 @@ def test_library_model_takes_the_hook_path_exactly(name):
     rtol = 1e-4 if G.dtype == torch.float32 else 1e-9
     scale = float(G.abs().max())
     assert torch.allclose(hf.expand(hf(state, x, y)).to(G.dtype), G, rtol=rtol, atol=rtol * scale)
+    if name == "convnext":                       # the layer scales (B, H, W, C): per-example copies (B, 1, 1, C)
+        assert hf.broadcast is True and hf.lead == 2
     fp = FactoredProjection(gc, 512, seed=3)
     Z = fp.expand(fp(state, x, y)).to(G.dtype)
     want = G @ fp.matrix().to(G.dtype)

@@ -64,9 +64,12 @@ class HookFeaturizer:
         self.folded_rows: dict[int, list] = {}   # id(use) -> leading sizes of its folded calls this pass
         # generic parameters of leading size 1 (cls_token (1, 1, D), pos_embed (1, N, D)) are usually
         # broadcast over the batch: substituted by a per-example copy (B, ...) in the batched pass, their
-        # gradients are per example. Checked against vmap on the first batch (None: not yet known).
+        # gradients are per example. So are 1-D ones used as elementwise scales or shifts (ConvNeXt's layer
+        # scale on (B, H, W, C)), as copies (B, 1, .., 1, C) with `lead` ones, found on the first batch
+        # (_find_lead). Checked against vmap on the first batch (None: not yet known).
         self.broadcast: bool | None = None if self.generic is not None and all(
-            grads.shapes[n][:1] == (1,) for n in self.generic.params) else False
+            grads.shapes[n][:1] == (1,) or len(grads.shapes[n]) == 1 for n in self.generic.params) else False
+        self.lead: int | None = None
         self.relayout()
 
     # -- layout -------------------------------------------------------------------------------------
@@ -181,6 +184,10 @@ class HookFeaturizer:
                 return None
             return record
 
+        if self.broadcast is None and self.lead is None:
+            self.lead = self._find_lead(states[-1], x, y, target)
+            if self.lead is None:
+                self.broadcast = False                 # no copy shape reproduces the model: vmap instead
         self.guessed, self.folded_rows = {}, {}
         handles = [u.handler.attach(hook(u)) for u in uses]
         model_outs, losses, plist, batched = [], [], [], []
@@ -190,8 +197,7 @@ class HookFeaturizer:
             with model_mode(gc.model, gc.train_mode), torch.enable_grad():
                 for state in states:
                     params = {k: (v.detach().requires_grad_(True) if k in names else v) for k, v in state.items()}
-                    copies = {k: params[k].detach().expand(B, *params[k].shape[1:]).clone().requires_grad_(True)
-                              for k in bcast}
+                    copies = {k: self._copy(params[k].detach(), B).requires_grad_(True) for k in bcast}
                     out = gc.forward({**params, **copies}, x, y)
                     losses.append(gc.checked_objectives(out, y, target))
                     model_outs.append(out)
@@ -365,6 +371,33 @@ class HookFeaturizer:
             if b.has_bias:
                 bg = h.bias_grad(ctx, g)
                 out[:, nw:].copy_(bg) if j == 0 else out[:, nw:].add_(bg)
+
+    def _copy(self, p: torch.Tensor, B: int) -> torch.Tensor:
+        """A per-example copy of generic parameter p: (B, ...) for a leading size 1, else (B, 1 x lead, *p.shape)."""
+        if p.shape[:1] == (1,):
+            return p.expand(B, *p.shape[1:]).clone()
+        return p.reshape((1,) * (1 + (self.lead or 0)) + tuple(p.shape)).expand(B, *(-1,) * (p.dim() + (self.lead or 0))).clone()
+
+    def _find_lead(self, state: dict, x: Any, y: torch.Tensor | None, target: Target) -> int | None:
+        """How many ones between the batch and a 1-D generic parameter make per-example copies that give the
+        model's own objectives (0 without 1-D ones); None when no count up to 3 does."""
+        gc = self.grads
+        if all(gc.shapes[n][:1] == (1,) for n in self.generic.params):
+            return 0
+        B = tree.length(x)
+        with torch.no_grad(), model_mode(gc.model, gc.train_mode):
+            plain = gc.objectives(gc.forward(state, x, y), y, target)
+            for lead in range(4):
+                self.lead = lead
+                copies = {n: self._copy(state[n], B) for n in self.generic.params}
+                try:
+                    got = gc.objectives(gc.forward({**state, **copies}, x, y), y, target)
+                except Exception:
+                    continue
+                if got.shape == plain.shape and bool(torch.allclose(got, plain, rtol=1e-4, atol=1e-6)):
+                    return lead
+        self.lead = None
+        return None
 
     def _generic(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target, copies: dict,
                  per_copy: dict) -> torch.Tensor:
