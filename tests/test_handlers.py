@@ -626,6 +626,35 @@ class PlainRMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
 
 
+class Squash(nn.Module):
+    """A user layer with a handler registered for it that cannot take this input (capture raises)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return torch.tanh(x) * self.weight
+
+
+class BrokenHandler(VectorHandler):
+    def capture(self, inputs, output):
+        return inputs[0].reshape(-1, 3)          # 4 features do not reshape to 3: a RuntimeError from torch
+
+    def vector(self, ctx, g):
+        return ctx
+
+
+def test_a_handler_failing_inside_its_hook_is_refused_then_auto_is_exact():
+    """An exception from a handler's capture (not Unsupported: a RuntimeError from torch) stops the hook
+    path with the layer named, and per_example="auto" falls back instead of stopping."""
+    torch.manual_seed(0)
+    register_handler(Squash, BrokenHandler)
+    model = nn.Sequential(nn.Linear(3, 4), Squash(), nn.Linear(4, 2)).double()
+    _refused_then_auto_is_exact(model, torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,)),
+                                F.cross_entropy, "handler of layer '1' \\(Squash\\) cannot take its input \\(RuntimeError")
+
+
 class PowerNorm(nn.Module):
     """Named like a norm, but not affine in its weight: x ** (1 + w)."""
 

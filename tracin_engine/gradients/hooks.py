@@ -168,10 +168,16 @@ class HookFeaturizer:
         def hook(u):
             def record(m, i, o):
                 layout = self._layout(u, i, o, B)
-                if layout != BATCH_FIRST:                    # (T, B, ...), (B k, ...): the handler sees (B, ...)
-                    seen[id(u)].append(record_call(u.handler, i, o, layout, B))
-                    return None
-                ctx, o = u.handler.record(i, o)
+                try:
+                    if layout != BATCH_FIRST:                # (T, B, ...), (B k, ...): the handler sees (B, ...)
+                        seen[id(u)].append(record_call(u.handler, i, o, layout, B))
+                        return None
+                    ctx, o = u.handler.record(i, o)
+                except Unsupported:
+                    raise
+                except Exception as exc:                     # a layer computing something its handler cannot
+                    raise Unsupported(f"the handler of layer {u.name!r} ({type(m).__name__}) cannot take its "
+                                      f"input ({type(exc).__name__}: {exc})") from exc
                 if B > 1 and isinstance(o, torch.Tensor) and o.shape[0] == 1 and isinstance(ctx, torch.Tensor) \
                         and ctx.shape[0] == 1:
                     # an output shared by the batch (position embeddings of ids (1, T)): a per-example copy
