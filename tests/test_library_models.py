@@ -1,5 +1,5 @@
-"""Models as people get them from `transformers` (small configs, nothing downloaded): every architecture
-below takes the hook path (no refusal, nothing generic but the few parameters named), its exact rows equal
+"""Models as people get them from `transformers` (small configs, nothing downloaded) and `peft` (LoRA
+adapters): every architecture below takes the hook path (no refusal, nothing generic but the few parameters named), its exact rows equal
 the float64 per-example loop and its factored rows the explicit projection of those gradients."""
 
 from __future__ import annotations
@@ -138,3 +138,44 @@ def test_t5_relative_position_buckets_are_shared_by_the_batch_so_their_table_goe
     fp = proj.featurizer.projection
     assert proj.featurizer.mode == "factored" and fp.exclude == {table}
     assert torch.allclose(fp.expand(Z.double()), G @ fp.matrix().double(), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_lora_adapters_are_the_trainable_linear_layers_the_hook_path_takes(name):
+    """A `peft` LoRA model (the usual way to fine-tune a language model): only the adapters are trainable,
+    so only their lora_A / lora_B weights are attributed, each an nn.Linear on (B, T, d): hook path, exact;
+    TracIn(proj_dim=) takes the factored projection without a fallback warning."""
+    import warnings
+
+    import tracin_engine as te
+    from peft import LoraConfig, get_peft_model
+    from models import hf_bert, hf_llama
+
+    torch.manual_seed(0)
+    wrapper = (hf_llama if name == "llama" else hf_bert)(seq=16)
+    targets = ["q_proj", "v_proj"] if name == "llama" else ["query", "value"]
+    wrapper.model = get_peft_model(wrapper.model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                             lora_dropout=0.1, init_lora_weights="gaussian"))
+    model = wrapper.double().eval()
+    if name == "llama":
+        x = token_batch(3, 8, 30)
+        y = torch.cat([x[:, 1:], torch.zeros(3, 1, dtype=torch.long)], 1)
+        y[y == 0] = -100
+        loss = lm_loss
+    else:
+        x, y, loss = token_batch(4, 8, 30), torch.randint(0, 3, (4,)), F.cross_entropy
+    gc = GradientComputer(model, loss, device="cpu")
+    assert len(gc.param_names) == 4 and all(".lora_A." in n or ".lora_B." in n for n in gc.param_names)
+    state = gc.prepare(model.state_dict())
+    hf = HookFeaturizer(gc)
+    assert hf.generic is None
+    G = gc.reference(state, x, y)
+    assert torch.allclose(hf.expand(hf(state, x, y)), G, rtol=1e-9, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)          # no fallback warning
+        tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0]), loss_fn=loss,
+                           proj_dim=64)
+        Z = tracin.features((x, y))[0]
+    fp = tracin.featurizer.projection
+    assert tracin.featurizer.mode == "factored"
+    assert torch.allclose(fp.expand(Z.double()), G @ fp.matrix().double(), rtol=1e-5, atol=1e-7)
