@@ -312,7 +312,6 @@ class HookFeaturizer:
         if B < 2:
             return False
         shapes: dict[int, list] = {id(u): [] for u in guessed}
-        calls: dict[int, int] = {id(u): 0 for u in guessed}
 
         def hook(u):
             def look(m, i, o):
