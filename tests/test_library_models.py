@@ -179,3 +179,43 @@ def test_lora_adapters_are_the_trainable_linear_layers_the_hook_path_takes(name)
     fp = tracin.featurizer.projection
     assert tracin.featurizer.mode == "factored"
     assert torch.allclose(fp.expand(Z.double()), G @ fp.matrix().double(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_a_half_precision_model_takes_the_hook_path(dtype):
+    """Language models are loaded in half precision: the first-batch checks allow its rounding (4 of its
+    epsilons), so the hook path and the factored projection run (no fallback warning); the rows (float32,
+    products of the layers' half-precision inputs and output gradients) match the per-example loop of the
+    same half-precision model to that tolerance, and so do the index's scores."""
+    import warnings
+
+    import tracin_engine as te
+    from models import hf_llama
+    from tracin_engine.gradients.hooks import check_tolerance
+
+    torch.manual_seed(0)
+    model = hf_llama(seq=16).to(dtype).eval()
+    x = token_batch(6, 8, 30)
+    y = torch.cat([x[:, 1:], torch.zeros(6, 1, dtype=torch.long)], 1)
+    y[y == 0] = -100
+    gc = GradientComputer(model, lm_loss, device="cpu")
+    state = gc.prepare(model.state_dict())
+    hf = HookFeaturizer(gc)
+    rows = hf(state, x, y)
+    assert rows.dtype == torch.float32 and hf.grad_dtype == dtype
+    tol = check_tolerance(rows, dtype)
+    assert tol == 4 * torch.finfo(dtype).eps
+    G = gc.reference(state, x, y).float()
+    err = (hf.expand(rows) - G).norm(dim=1) / G.norm(dim=1)
+    assert float(err.max()) < tol
+    ckpts = te.Checkpoints.from_state_dicts([model.state_dict()], [1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        exact = te.TracIn(model, ckpts, loss_fn=lm_loss).index((x, y), progress=False, batch_size=3)
+        proj = te.TracIn(model, ckpts, loss_fn=lm_loss, proj_dim=256)
+        proj.index((x, y), progress=False, batch_size=3)
+    assert exact.tracin.featurizer.mode == "hooks" and proj.featurizer.mode == "factored"
+    top = exact.top_k((x[:2], y[:2]), k=3).proponents
+    want = (G[:2] @ G.T).gather(1, top.indices)                    # the loop's scores of the examples returned
+    scale = G[:2].norm(dim=1, keepdim=True) * G.norm(dim=1)[top.indices]
+    assert bool(((top.scores.float() - want).abs() <= 2 * tol * scale).all())

@@ -26,6 +26,7 @@ import math
 from typing import Any, Collection
 
 import torch
+from torch.utils._pytree import tree_map
 
 from .. import inputs as tree
 from ..buffers import empty_output
@@ -59,6 +60,7 @@ class HookFeaturizer:
             self.offsets[n] = pos
             pos += params[n].numel()
         self.frozen = False
+        self.grad_dtype: torch.dtype | None = None   # the dtype of the model's output gradients (check_tolerance)
         self.layouts: dict[int, int] = {}    # id(use) -> its batch layout where the shapes told (_layout)
         self.guessed: dict[int, int] = {}    # id(use) -> the layout this pass guessed (_settle_layouts)
         self.folded_rows: dict[int, list] = {}   # id(use) -> leading sizes of its folded calls this pass
@@ -243,8 +245,13 @@ class HookFeaturizer:
             calls[id(u)] = []
             for ctx, o, layout in seen[id(u)]:
                 calls[id(u)].append((ctx, read_grad(o, next(g_iter), layout, B).detach()))
+        self.grad_dtype = next((c[0][1].dtype for c in calls.values() if c), gc.dtype)   # (a module may not run)
+        if self.grad_dtype in (torch.bfloat16, torch.float16):
+            # a half-precision model: its layers' inputs and output gradients as it rounded them, the
+            # per-example products, sums and norms in float32 (rows float32)
+            calls = {k: [(tree_map(_single, ctx), g.float()) for ctx, g in v] for k, v in calls.items()}
         self._settle(calls, S)
-        dtype = next((c[0][1].dtype for c in calls.values() if c), gc.dtype)   # (a module may never run)
+        dtype = next((c[0][1].dtype for c in calls.values() if c), gc.dtype)
         shape, dtype = (S, B, self.layout.dim), dtype if dtype.is_floating_point else torch.float32
         fits = (rows_out is not None and tuple(rows_out.shape) == shape and rows_out.dtype == dtype
                 and rows_out.device == gc.device and rows_out.is_contiguous())
@@ -427,7 +434,7 @@ class HookFeaturizer:
     # -- checks and the slow expansion --------------------------------------------------------------
     def _check_sums(self, rows: torch.Tensor, full: tuple, handled: list[str], plist: list[dict]) -> None:
         """sum_b of the per-example rows must equal the batch gradient, block by block."""
-        tol = check_tolerance(rows)
+        tol = check_tolerance(rows, self.grad_dtype)
         k = 0
         for s in range(rows.shape[0]):
             per = self.block_sums(rows[s])
@@ -458,7 +465,7 @@ class HookFeaturizer:
         flat = gc.reference(state, tree.take(inputs, 0, 1), None if targets is None else targets[:1], target,
                             handled)[0]
         own = dict(zip(handled, flat.split([self._numel(n) for n in handled])))
-        tol = check_tolerance(rows)
+        tol = check_tolerance(rows, self.grad_dtype)
         for b, got in zip(self.blocks, self.block_sums(rows[0, :1])):
             if b.kind == "generic":
                 continue
@@ -522,10 +529,19 @@ def _pairs(b: Block, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return Segment("lowrank", 0, b.a_dim, b.R, b.rank).parts(rows)
 
 
-def check_tolerance(rows: torch.Tensor) -> float:
+def _single(t: Any) -> Any:
+    """A half-precision floating tensor as float32; anything else unchanged."""
+    return t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def check_tolerance(rows: torch.Tensor, grad_dtype: torch.dtype | None = None) -> float:
     """Relative tolerance of the first batch's checks (sums, example 0): they look for structural errors
     (a misattributed example is off by O(1)), not rounding. 1e-8 in float64, 2e-3 in float32, 64 TF32
-    roundoffs (2^-11 each, 3%) for float32 on CUDA with TF32 on (a projected index's default)."""
+    roundoffs (2^-11 each, 3%) for float32 on CUDA with TF32 on (a projected index's default); a model
+    computing in half precision (its gradients `grad_dtype` bfloat16 / float16): 4 of their epsilons
+    (bfloat16 3.1%, float16 0.4%), the batch gradient it is compared with being rounded so too."""
+    if grad_dtype in (torch.bfloat16, torch.float16):
+        return max(2e-3, 4 * torch.finfo(grad_dtype).eps)
     if rows.dtype == torch.float64:
         return 1e-8
     if rows.is_cuda and rows.dtype == torch.float32 and tf32_enabled():
