@@ -219,3 +219,24 @@ def test_a_half_precision_model_takes_the_hook_path(dtype):
     want = (G[:2] @ G.T).gather(1, top.indices)                    # the loop's scores of the examples returned
     scale = G[:2].norm(dim=1, keepdim=True) * G.norm(dim=1)[top.indices]
     assert bool(((top.scores.float() - want).abs() <= 2 * tol * scale).all())
+
+
+def test_layer_paths_report_how_each_block_is_featurized():
+    """TracIn.layer_paths(): ConvNeXt's layers by path after the first batch (its layer scales generic,
+    as per-example copies); a model the hook path refuses reports the fallback for all its parameters."""
+    import tracin_engine as te
+
+    model, x, y, loss, _ = build("convnext")
+    tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0]), loss_fn=loss)
+    assert {r["path"] for r in tracin.layer_paths()} >= {"kronecker", "vector", "generic: not yet known"}
+    tracin.features((x, y))
+    paths = tracin.layer_paths()
+    assert sum(r["numbers"] for r in paths) == tracin.num_params
+    generic = [r for r in paths if r["path"].startswith("generic")]
+    assert len(generic) == 1 and generic[0]["path"] == "generic: per-example copies"
+    assert all(n.endswith("layer_scale_parameter") for n in generic[0]["params"])
+    assert any("GroupedConv" not in r["layers"] and "dwconv" in r["layers"] and r["path"] == "vector" for r in paths)
+    looped = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0]), loss_fn=loss,
+                       per_example="vmap")
+    assert looped.layer_paths() == [{"layers": "<all>", "params": list(looped.featurizer.grads.param_names),
+                                     "numbers": looped.num_params, "path": "vmap"}]

@@ -391,22 +391,36 @@ class HookFeaturizer:
         return p.reshape((1,) * (1 + (self.lead or 0)) + tuple(p.shape)).expand(B, *(-1,) * (p.dim() + (self.lead or 0))).clone()
 
     def _find_lead(self, state: dict, x: Any, y: torch.Tensor | None, target: Target) -> int | None:
-        """How many ones between the batch and a 1-D generic parameter make per-example copies that give the
-        model's own objectives (0 without 1-D ones); None when no count up to 3 does."""
+        """How many ones between the batch and a 1-D generic parameter make per-example copies that act
+        per example (0 without 1-D ones); None when no count up to 3 does. Tested with copies that differ
+        by example (the parameters + 0.5 + 0.1 b: a layer scale starts near 1e-6, and equal copies broadcast
+        wrongly would go unseen): the batched objectives of the first and last examples must equal their
+        own forward passes with those values."""
         gc = self.grads
-        if all(gc.shapes[n][:1] == (1,) for n in self.generic.params):
+        names = self.generic.params
+        if all(gc.shapes[n][:1] == (1,) for n in names):
             return 0
         B = tree.length(x)
+        varied = {n: state[n] + 0.5 for n in names}
+        step = torch.arange(B, device=gc.device)
         with torch.no_grad(), model_mode(gc.model, gc.train_mode):
-            plain = gc.objectives(gc.forward(state, x, y), y, target)
+            alone = {}
+            for b in sorted({0, B - 1}):
+                yb = None if y is None else y[b:b + 1]
+                alone[b] = gc.objectives(gc.forward({**state, **{n: varied[n] + 0.1 * b for n in names}},
+                                                    tree.take(x, b, b + 1), yb), yb, target)
             for lead in range(4):
                 self.lead = lead
-                copies = {n: self._copy(state[n], B) for n in self.generic.params}
+                copies = {}
+                for n in names:
+                    c = self._copy(varied[n], B)
+                    copies[n] = c + 0.1 * step.reshape(B, *(1,) * (c.dim() - 1)).to(c.dtype)
                 try:
                     got = gc.objectives(gc.forward({**state, **copies}, x, y), y, target)
                 except Exception:
                     continue
-                if got.shape == plain.shape and bool(torch.allclose(got, plain, rtol=1e-4, atol=1e-6)):
+                if all(bool(torch.isfinite(a).all()) and got[b:b + 1].shape == a.shape
+                       and bool(torch.allclose(got[b:b + 1], a, rtol=1e-4, atol=1e-6)) for b, a in alone.items()):
                     return lead
         self.lead = None
         return None

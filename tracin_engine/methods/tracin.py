@@ -88,6 +88,24 @@ class TracIn:
         return (f"TracIn(params={self.num_params}, checkpoints={len(self.checkpoints)}, "
                 f"proj_dim={self.proj_dim}, device='{self.device}')")
 
+    def layer_paths(self) -> list[dict]:
+        """How each selected parameter block is featurized, for "why is this slow / refused?":
+        one dict per block {"layers": "name (Type), ...", "params": [names], "numbers": per-example
+        gradient size, "path": ...}. path: "kronecker" (a layer handler: products of its inputs and output
+        gradients), "vector" (a small handler: norms, grouped convolutions), "generic: per-example copies"
+        / "generic: vmap" / "generic: not yet known" (no handler: copies broadcast over the batch, else a
+        torch.func pass restricted to them), or, when the hook path does not run at all, the featurizer's
+        mode ("vmap", "loop") for every parameter. Settled by the first batch (tracin.index/features)."""
+        fz = self.featurizer
+        path = fz.projection if fz.mode == "factored" else fz.hooks
+        if path is None:
+            return [{"layers": "<all>", "params": list(fz.grads.param_names), "numbers": fz.grads.num_params,
+                     "path": fz.mode}]
+        generic = {True: "generic: per-example copies", False: "generic: vmap", None: "generic: not yet known"}
+        return [{"layers": b.describe(), "params": list(b.params), "numbers": b.numel,
+                 "path": generic[path.broadcast] if b.kind == "generic" else
+                 ("kronecker" if b.kind == "kron" else "vector")} for b in path.blocks]
+
     @property
     def num_params(self) -> int:
         """P: the number of parameters whose gradients are used."""
