@@ -251,8 +251,8 @@ class HookFeaturizer:
             # per-example products, sums and norms in float32 (rows float32)
             calls = {k: [(tree_map(_single, ctx), g.float()) for ctx, g in v] for k, v in calls.items()}
         self._settle(calls, S)
-        dtype = next((c[0][1].dtype for c in calls.values() if c), gc.dtype)
-        shape, dtype = (S, B, self.layout.dim), dtype if dtype.is_floating_point else torch.float32
+        dtype = self.grad_dtype if self.grad_dtype in (torch.float32, torch.float64) else torch.float32
+        shape = (S, B, self.layout.dim)
         fits = (rows_out is not None and tuple(rows_out.shape) == shape and rows_out.dtype == dtype
                 and rows_out.device == gc.device and rows_out.is_contiguous())
         rows = rows_out if fits else empty_output(shape, dtype, gc.device)
@@ -386,9 +386,8 @@ class HookFeaturizer:
 
     def _copy(self, p: torch.Tensor, B: int) -> torch.Tensor:
         """A per-example copy of generic parameter p: (B, ...) for a leading size 1, else (B, 1 x lead, *p.shape)."""
-        if p.shape[:1] == (1,):
-            return p.expand(B, *p.shape[1:]).clone()
-        return p.reshape((1,) * (1 + (self.lead or 0)) + tuple(p.shape)).expand(B, *(-1,) * (p.dim() + (self.lead or 0))).clone()
+        view = p if p.shape[:1] == (1,) else p.reshape((1,) * (1 + (self.lead or 0)) + tuple(p.shape))
+        return view.expand(B, *view.shape[1:]).clone()
 
     def _find_lead(self, state: dict, x: Any, y: torch.Tensor | None, target: Target) -> int | None:
         """How many ones between the batch and a 1-D generic parameter make per-example copies that act

@@ -13,6 +13,7 @@ from torch import nn
 
 from .registry import register_handler
 from .base import KronHandler, bmm_into
+from .conv_geometry import ConvGeometry
 from .grouped_conv import GroupedConvHandler
 
 
@@ -20,11 +21,7 @@ GROUPED_MIN_POSITIONS = 256   # output positions per example from which grad_int
                               # (measured on the CPU: unfold + bmm wins below, e.g. 8x8 at 256 channels)
 
 
-def _pair(v, one_d: bool, fill: int):
-    return (fill, v[0]) if one_d else tuple(v)
-
-
-class ConvHandler(KronHandler):
+class ConvHandler(ConvGeometry, KronHandler):
     """Conv1d runs as a Conv2d of height 1: the same unfold and filter arithmetic."""
 
     rank_one_hint = False
@@ -42,19 +39,6 @@ class ConvHandler(KronHandler):
     def parts(cls, module):
         """A grouped convolution's weight is block diagonal: exact vectors instead (grouped_conv.py)."""
         return [GroupedConvHandler(module)] if module.groups > 1 else [cls(module)]
-
-    def __init__(self, module: nn.Module):
-        super().__init__(module)
-        one_d = isinstance(module, nn.Conv1d)
-        self.one_d = one_d
-        self.kernel = _pair(module.kernel_size, one_d, 1)
-        self.stride = _pair(module.stride, one_d, 1)
-        self.padding = _pair(module.padding, one_d, 0)
-        self.dilation = _pair(module.dilation, one_d, 1)
-
-    def capture(self, inputs, output):
-        a = inputs[0].detach()
-        return a.unsqueeze(2) if self.one_d else a
 
     def shape(self):
         m = self.module

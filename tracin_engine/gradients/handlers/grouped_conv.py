@@ -13,25 +13,13 @@ The factored projection projects these rows by its seeded factor for vector bloc
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .base import VectorHandler
+from .conv_geometry import ConvGeometry
 
 
-class GroupedConvHandler(VectorHandler):
+class GroupedConvHandler(ConvGeometry, VectorHandler):
     """ctx: the input as (B, C, H, W) (Conv1d: height 1); `vector` gives [dW_b, db_b] flattened."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__(module)
-        one_d = isinstance(module, nn.Conv1d)
-        self.one_d = one_d
-        pair = (lambda v, fill: (fill, v[0])) if one_d else (lambda v, fill: tuple(v))
-        self.kernel, self.stride = pair(module.kernel_size, 1), pair(module.stride, 1)
-        self.padding, self.dilation = pair(module.padding, 0), pair(module.dilation, 1)
-
-    def capture(self, inputs, output):
-        a = inputs[0].detach()
-        return a.unsqueeze(2) if self.one_d else a
 
     def vector(self, ctx, g):
         m = self.module
