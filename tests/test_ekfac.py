@@ -167,3 +167,64 @@ def test_captured_factors_of_a_sequence_first_layer_are_per_example():
     _, captured = _factors_rebuild_gradients(model, torch.randn(5, 6, 4, dtype=torch.float64),
                                              torch.randint(0, 3, (5,)))
     assert captured[0][0].shape[:2] == (5, 6)                     # (B, T, in + 1)
+
+
+def test_a_sequence_first_layer_with_as_many_positions_as_examples_is_told_by_a_smaller_pass():
+    """(T, B, in) with T == B reads as batch-first too; a forward over B - 1 examples tells the layout, which
+    is kept for later batches (without it, the factors would be grouped by position, not by example)."""
+    torch.manual_seed(0)
+    model = _SeqFirst().double()
+    layers, captured = _factors_rebuild_gradients(model, torch.randn(6, 6, 4, dtype=torch.float64),
+                                                  torch.randint(0, 3, (6,)))
+    assert layers.layouts == {"fc1": 1, "fc": 0}                  # SEQUENCE_FIRST, BATCH_FIRST
+    with pytest.raises(TracInError, match=r"cannot tell how layer\(s\) \['fc1'\] hold a batch of 2 examples"):
+        KronLayers(layers.grads).capture(layers.grads.prepare(model.state_dict()),
+                                         torch.randn(2, 2, 4, dtype=torch.float64), torch.tensor([0, 1]), "empirical")
+
+
+class _Folded(nn.Module):
+    """The batch folded into positions around its first layer (OPT's MLP: hidden.reshape(-1, D))."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):                       # x (B, T, 4) -> (B T, 4) -> (B T, 5) -> (B, T, 5)
+        h = torch.tanh(self.fc1(x.reshape(-1, 4))).reshape(x.shape[0], x.shape[1], 5)
+        return self.fc(h.mean(1))
+
+
+def test_captured_factors_of_a_layer_on_a_folded_batch_are_per_example():
+    torch.manual_seed(0)
+    model = _Folded().double()
+    layers, captured = _factors_rebuild_gradients(model, torch.randn(5, 4, 4, dtype=torch.float64),
+                                                  torch.randint(0, 3, (5,)))
+    assert layers.layouts["fc1"] == 2 and captured[0][0].shape[:2] == (5, 4)    # FOLDED: (B, T, in + 1)
+
+
+class _SharedPositions(nn.Module):
+    """A Linear on a position table that every example shares, added to each example's inputs."""
+
+    def __init__(self, T: int):
+        super().__init__()
+        self.register_buffer("table", torch.randn(T, 4, dtype=torch.float64))
+        self.pos = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):                       # x (B, T, 4)
+        return self.fc((x + self.pos(self.table)).mean(1))
+
+
+@pytest.mark.parametrize("B", [4, 3])           # T = 8: read as folded (8 = 2 x 4), or as 8 examples (8 != 3)
+def test_a_layer_on_what_all_examples_share_is_refused(B):
+    torch.manual_seed(0)
+    model = _SharedPositions(8).double()
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    layers = KronLayers(gc)
+    with pytest.raises(TracInError, match=r"layer\(s\) \['pos'\] does not hold the batch's"):
+        layers.capture(gc.prepare(model.state_dict()), torch.randn(B, 8, 4, dtype=torch.float64),
+                       torch.randint(0, 3, (B,)), "empirical")
+    gc = GradientComputer(model, F.cross_entropy, device="cpu", layers=["fc"])
+    KronLayers(gc).capture(gc.prepare(model.state_dict()), torch.randn(B, 8, 4, dtype=torch.float64),
+                           torch.randint(0, 3, (B,)), "empirical")   # left out: fine

@@ -73,3 +73,43 @@ def test_index_with_lowrank_rows_matches_the_dense_index(tmp_path):
     assert torch.allclose(again.influence(test), want, rtol=0, atol=5e-3 * float(want.abs().max()))
     # clustering expands the pairs to the layer's gradient: the same clusters as from the dense rows
     assert torch.equal(torch.as_tensor(index.cluster(3, seed=0).labels), torch.as_tensor(dense.cluster(3, seed=0).labels))
+
+
+class GridMLP(nn.Module):
+    """ConvNeXt's pattern: a convolution, then Linear layers on (B, H, W, C) (a 2 x 2 grid: stored as 4 pairs
+    each), and a Linear on (B, T, C) positions that a batch may change (a sequence: stored dense)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, stride=4)
+        self.up, self.down = nn.Linear(16, 64), nn.Linear(64, 16)
+        self.seq = nn.Linear(16, 16)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.stem(x).permute(0, 2, 3, 1)                                  # (B, 2, 2, 16)
+        h = h + self.down(F.gelu(self.up(h)))
+        return self.fc(torch.tanh(self.seq(h.flatten(1, 2))).mean(1))          # (B, 4, 16) as a sequence
+
+
+def test_linear_layers_on_a_grid_of_positions_are_stored_as_factor_pairs():
+    model = GridMLP().double()
+    x, y = _data(5, torch.float64)
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    state = gc.prepare(model.state_dict())
+    G = gc.reference(state, x, y)
+    hf = HookFeaturizer(gc)
+    rows = hf(state, x, y)
+    names = [b.describe() for b in hf.blocks]
+    kinds = dict(zip(names, [(s.kind, getattr(s, "rank", 0)) for s in hf.layout.segments]))
+    assert [k for n, k in kinds.items() if "up" in n or "down" in n] == [("lowrank", 4), ("lowrank", 4)], kinds
+    assert [k for n, k in kinds.items() if "seq" in n] == [("dense", 0)], kinds
+    assert torch.allclose(hf.expand(rows), G, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(hf.layout.dots(rows[:2], rows), G[:2] @ G.T, rtol=1e-9, atol=1e-12)
+    model = GridMLP()
+    ck = te.Checkpoints.from_state_dicts([model.state_dict()], [0.1])
+    train, test = _data(12), _data(3)
+    index = te.TracIn(model, ck, loss_fn=F.cross_entropy).index(train, progress=False, batch_size=4)
+    dense = te.TracIn(model, ck, loss_fn=F.cross_entropy, per_example="vmap").index(train, progress=False)
+    want = dense.influence(test)
+    assert torch.allclose(index.influence(test), want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))

@@ -19,6 +19,17 @@ without labels, the input_ids themselves. Positions where attention_mask is 0 ar
 (-100) wherever the labels line up with the mask (causal_lm, masked_lm, token_classification), so
 padding never counts and each sequence's mean is over its own real tokens.
 
+Fisher samples (fisher_sample, for SOURCE's curvature="mc"): u (B, *out.shape[1:]) with E[u u^T] =
+the Hessian of each example's loss in its output, H_out, drawn without forming H_out (O x O):
+    cross-entropy over C classes   u = sqrt(w) (p - e_c),  c ~ p = softmax(f); w = sum of the target
+                                   probabilities (1 for class indices)    (E = diag(p) - p p^T)
+    token losses (mean over n)     u_t = (p_t - e_{c_t}) / sqrt(n) at each scored position, c_t ~ p_t,
+                                   independent (blocks of H_out: (diag(p_t) - p_t p_t^T) / n); 0 elsewhere
+    regression (mean over n)       u = sqrt(2 / n) eps,  eps ~ N(0, I)     (H_out = 2 I / n)
+For these losses H_out is the Fisher of the model's predictive distribution, so J^T u is a sampled
+Gauss-Newton factor: one backward pass per batch, whatever the number of outputs. A custom loss has
+none (None): SOURCE then forms H_out by autograd.
+
 Prediction form (target="prediction", a test example without labels), objective o with
 proponents the examples whose training steps lowered o:
     classification / custom:  o = -f_c,  c the predicted class (argmax)
@@ -71,6 +82,11 @@ class Loss:
         """Targets of the prediction form for a batch output (B, ...): the predicted class (B,)."""
         return out.reshape(out.shape[0], -1).argmax(1)
 
+    def fisher_sample(self, out: torch.Tensor, y: torch.Tensor | None,
+                      generator: torch.Generator | None) -> torch.Tensor | None:
+        """u (B, *out.shape[1:]) with E[u u^T] = each example's H_out (module docstring), or None: unknown."""
+        return None
+
     def check(self, out: torch.Tensor, y: torch.Tensor | None) -> None:
         """Raise TracInError for labels that cannot fit the output (checked once per batch)."""
         if y is not None and out.dim() == 2 and not y.is_floating_point() and y.dim() == 1:
@@ -93,6 +109,15 @@ class Classification(Loss):
             return F.cross_entropy(out, y)  # class probabilities
         return F.cross_entropy(out.reshape(out.shape[0], -1), y.reshape(-1).long())
 
+    def fisher_sample(self, out, y, generator):
+        if y is not None and y.is_floating_point() and y.shape == out.shape and out.dim() != 2:
+            return None                     # probabilities over dim 1 of (B, C, ...): positions averaged
+        flat = out.reshape(out.shape[0], -1)
+        u = _categorical_residual(flat, generator)
+        if y is not None and y.is_floating_point() and y.shape == out.shape:
+            u = u * y.sum(1, keepdim=True).to(u.dtype).clamp_min(0).sqrt()
+        return u.reshape(out.shape)
+
 
 class Regression(Loss):
     name = "regression"
@@ -105,6 +130,11 @@ class Regression(Loss):
 
     def predict(self, out, inputs, y):
         return None
+
+    def fisher_sample(self, out, y, generator):
+        n = out[0].numel()
+        eps = torch.randn(out.shape, generator=generator, dtype=_sample_dtype(out)).to(out.device)
+        return eps * (2.0 / n) ** 0.5
 
     def check(self, out, y):
         if y is not None and y.numel() != out.numel():
@@ -140,6 +170,16 @@ class TokenLoss(Loss):
 
     def prediction(self, out, y):
         return token_nll(out, y, self.shift)[0]
+
+    def fisher_sample(self, out, y, generator):
+        if y is None or out.dim() != 3 or y.shape != out.shape[:2]:
+            return None
+        logits, tgt = (out[:, :-1], y[:, 1:]) if self.shift else (out, y)
+        scored = (tgt != IGNORE).to(_sample_dtype(out))
+        weight = scored / scored.sum(1, keepdim=True).clamp_min(1).sqrt()      # 1 / sqrt(n) where scored
+        u = torch.zeros(out.shape, dtype=weight.dtype, device=out.device)
+        u[:, :logits.shape[1]] = _categorical_residual(logits, generator) * weight.unsqueeze(-1)
+        return u
 
     def targets(self, inputs, y):
         if y is None and self.labels_from_inputs:
@@ -206,6 +246,21 @@ class Seq2Seq(TokenLoss):
     def no_labels(self):
         return ("loss_fn='seq2seq' needs the target sequence as 'labels' (B, T_out), -100 at padding; for "
                 "target='prediction' pass the generated output tokens as labels.")
+
+
+def _sample_dtype(out: torch.Tensor) -> torch.dtype:
+    """float64 for float64 outputs, else float32 (half-precision logits are sampled in float32)."""
+    return torch.float64 if out.dtype == torch.float64 else torch.float32
+
+
+def _categorical_residual(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """p - e_c over the last dimension (..., C): p = softmax(logits), c ~ p drawn by inverting the CDF with
+    uniforms from `generator` (made on the CPU, so one seed gives the same draws on any device)."""
+    p = torch.softmax(logits.detach().to(_sample_dtype(logits)), -1)
+    r = torch.rand(p.shape[:-1], generator=generator, dtype=torch.float64).to(p.device)
+    cdf = p.double().cumsum(-1)
+    c = torch.searchsorted(cdf, (r * cdf[..., -1]).unsqueeze(-1), right=True).clamp_max(p.shape[-1] - 1)
+    return p.scatter_add(-1, c, torch.full(c.shape, -1.0, dtype=p.dtype, device=p.device))
 
 
 LOSSES: dict[str, type[Loss]] = {c.name: c for c in (Classification, Regression, CausalLM, MaskedLM,

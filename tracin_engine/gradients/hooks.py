@@ -108,7 +108,7 @@ class HookFeaturizer:
     def _settle(self, calls: dict[int, list], S: int) -> None:
         """Choose outer (rank one), lowrank or dense for each kron block from the first batch; later batches
         must fit. Lowrank (exact rows only): a layer with a fixed number T of positions per example (a
-        convolution) whose T (C + R) factor numbers are at most half its R C weights and whose scoring
+        convolution, a Linear on a grid of positions: ConvNeXt's pointwise layers on (B, H, W, C)) whose T (C + R) factor numbers are at most half its R C weights and whose scoring
         cost T^2 (C + R) is at most 4 R C (ResNet-18's 4x4 layers: 29x smaller, cheaper to score)."""
         changed = False
         for b in self.blocks:
@@ -120,7 +120,7 @@ class HookFeaturizer:
             rank_one = n_calls == S and getattr(u0.handler, "rank_one_hint", False) and T == {1}
             rank, ab = 0, b.a_dim + b.R
             if self.low_rank_rows and n_calls == S and len(b.uses) == 1 and not rank_one and len(T) == 1 \
-                    and getattr(u0.handler, "fixed_positions", False):
+                    and all(u0.handler.fixed_positions(ctx) for ctx, _ in calls[id(u0)]):
                 t = next(iter(T))
                 rank = t if 2 * t * ab <= b.R * b.a_dim and t * t * ab <= 4 * b.R * b.a_dim else 0
             if self.frozen and b.rank and T != {b.rank}:
@@ -314,26 +314,10 @@ class HookFeaturizer:
         the shapes left them open (T == B, (k B, B, ...)) they differ there (B - 1 >= 2); a layer first seen
         folded ((k B, ...)) must then hold k (B - 1) rows, else its input is shared by the batch (T5's
         relative position buckets): SharedInput. True when a guess of this pass was wrong."""
-        gc = self.grads
         B = tree.length(inputs)
         if B < 2:
             return False
-        shapes: dict[int, list] = {id(u): [] for u in guessed}
-
-        def hook(u):
-            def look(m, i, o):
-                shapes[id(u)].append((batch_layouts(u.handler, i, o, B - 1),
-                                      o.shape[0] if isinstance(o, torch.Tensor) and o.dim() else None))
-            return look
-
-        handles = [u.handler.attach(hook(u)) for u in guessed]
-        try:
-            x, y = gc.batch(tree.take(inputs, 0, B - 1), None if targets is None else targets[:B - 1])
-            with torch.no_grad(), model_mode(gc.model, gc.train_mode):
-                gc.forward(state, x, y)
-        finally:
-            for h in handles:
-                h.remove()
+        shapes = layouts_on_fewer(self.grads, state, inputs, targets, {id(u): u.handler for u in guessed})
         wrong, shared = False, []
         for u in guessed:
             if self.guessed[id(u)] == FOLDED and self.layouts.get(id(u)) == FOLDED:
@@ -590,6 +574,31 @@ def batch_layouts(handler: Any, inputs: tuple, output: Any, B: int) -> tuple[int
     if n % B == 0:
         return (SEQUENCE_FIRST, FOLDED) if second else (FOLDED,)
     return (SEQUENCE_FIRST,) if second else (BATCH_FIRST,)
+
+
+def layouts_on_fewer(grads: GradientComputer, state: dict, inputs: Any, targets: torch.Tensor | None,
+                     handlers: dict[Any, Any]) -> dict[Any, list[tuple[tuple[int, ...], int | None]]]:
+    """Per key of `handlers`, (batch_layouts, leading size of the output) of each call of that handler's layer
+    in a no-grad forward over the batch's first B - 1 examples: what tells the layouts that B examples leave
+    open, and whether a folded layer's rows follow the number of examples."""
+    B = tree.length(inputs)
+    shapes: dict[Any, list] = {k: [] for k in handlers}
+
+    def hook(k, h):
+        def look(m, i, o):
+            shapes[k].append((batch_layouts(h, i, o, B - 1),
+                              o.shape[0] if isinstance(o, torch.Tensor) and o.dim() else None))
+        return look
+
+    handles = [h.attach(hook(k, h)) for k, h in handlers.items()]
+    try:
+        x, y = grads.batch(tree.take(inputs, 0, B - 1), None if targets is None else targets[:B - 1])
+        with torch.no_grad(), model_mode(grads.model, grads.train_mode):
+            grads.forward(state, x, y)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
 
 
 def record_call(handler: Any, inputs: tuple, output: Any, layout: int, B: int) -> tuple[Any, Any, int]:

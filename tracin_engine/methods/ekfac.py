@@ -18,7 +18,12 @@ from the block than K-FAC. curvature="gn" uses the exact output-Hessian factor (
 per output dimension), "mc" one Gaussian sample u = U eps (unbiased), "empirical" the true-label
 loss gradient (the empirical Fisher). For softmax cross-entropy "gn" is the true Fisher: the
 expectation over labels drawn from the model's predictive distribution, computed exactly rather
-than sampled (H_out = diag(p) - p p^T). Default in SOURCE: "gn"; for many output dimensions use "mc".
+than sampled (H_out = diag(p) - p p^T). For the named losses (losses.py: classification, token
+losses, regression) "mc" draws u from the predictive distribution (Loss.fisher_sample: one sampled
+label per position), so its cost does not grow with the number of outputs (a language model's T x V
+logits); for a custom loss both "gn" and "mc" form H_out (O x O per example) by autograd, and are
+refused with a clear error when it would not fit in memory. "auto" (SOURCE's default) is "gn" for
+models with at most GN_OUTPUTS outputs per example, else "mc".
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ from ..data import DataSource
 from ..errors import TracInError
 from ..gradients.per_example import GradientComputer, model_mode
 from ..gradients.handlers import KronHandler
-from ..gradients.hooks import batch_layouts, read_grad, record_call
+from ..gradients.hooks import FOLDED, batch_layouts, layouts_on_fewer, probe_batch_ok, read_grad, record_call
 from ..gradients.layers import plan_blocks
+from ..memory import budget, rows_that_fit
 
-CURVATURES = ("gn", "mc", "empirical")
+CURVATURES = ("auto", "gn", "mc", "empirical")
+GN_OUTPUTS = 32   # curvature="auto": the exact output Hessian (one backward pass per output) up to this many outputs
 
 
 @dataclass
@@ -107,6 +114,7 @@ class KronLayers:
                 f"layer(s) or parameters selected: {bad}. Select supported layers with TracIn(..., layers=[...]) "
                 "or use method='tracin'.")
         self.num_params = grads.num_params
+        self.layouts: dict[str, int] = {}    # layer name -> how its calls hold the batch (hooks.batch_layouts)
 
     # -- flat gradients <-> per-layer matrices ------------------------------------------------------
     def to_mats(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -133,14 +141,15 @@ class KronLayers:
                 generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (a (B, T, in'), g (B, K, T, out)) in float64: K pseudo-gradients per example."""
         gc = self.grads
+        inputs, targets = x, y
         x, y = gc.batch(x, y)
         gc.check_args(y, "loss")
         params = {k: (v.detach().requires_grad_(True) if k in gc.shapes else v) for k, v in state.items()}
         seen: dict[str, list] = {p.name: [] for p in self.plans}
         B = tree.length(x)
 
-        def record(p, i, o):                           # the hook path's (ctx, probe, layout) per call
-            seen[p.name].append(record_call(p.handler, i, o, batch_layouts(p.handler, i, o, B)[0], B))
+        def record(p, i, o):                           # the call, and how it may hold the batch
+            seen[p.name].append((i, o, batch_layouts(p.handler, i, o, B)))
 
         handles = [p.handler.attach(lambda m, i, o, p=p: record(p, i, o)) for p in self.plans]
         try:
@@ -153,6 +162,11 @@ class KronLayers:
             raise TracInError("a layer ran more than once per forward pass (shared weights); "
                               "SOURCE's EK-FAC needs each Linear/Conv2d layer to run once.")
         gc.check_outputs(out, y, "loss")
+        layouts = self._layouts(state, inputs, targets, {p.name: seen[p.name][0] for p in self.plans}, B)
+        seen = {p.name: [record_call(p.handler, *seen[p.name][0][:2], layouts[p.name], B)] for p in self.plans}
+        bad = [name for name, [(_, probe, layout)] in seen.items() if not probe_batch_ok(probe, layout, B)]
+        if bad:
+            raise _not_per_example(bad, B)
         U = self._output_factors(out.detach(), y, curvature, generator)          # (B, K, O)
         outs = [seen[p.name][0][1] for p in self.plans]
         per_k = []
@@ -170,6 +184,46 @@ class KronLayers:
             result.append((a.double(), gs.double()))
         return result
 
+    def _layouts(self, state: dict, inputs: Any, targets: torch.Tensor | None, calls: dict[str, tuple],
+                 B: int) -> dict[str, int]:
+        """How each layer's call (inputs, output, batch_layouts options) holds the B examples. Where the shapes
+        leave it open (T == B, (k B, B, ...)) or show the batch folded into positions, a no-grad forward over
+        B - 1 examples tells (hooks.layouts_on_fewer); the answer is kept for later batches. A layer whose
+        output does not hold the batch (computed from what all examples share) is refused."""
+        if B == 1:
+            return {name: options[0] for name, (_, _, options) in calls.items()}
+        found, pending = {}, {}
+        for p in self.plans:
+            _, o, options = calls[p.name]
+            known = self.layouts.get(p.name)
+            if known in options:
+                found[p.name] = known
+            elif len(options) == 1 and options[0] != FOLDED:
+                found[p.name] = self.layouts[p.name] = options[0]
+            else:
+                pending[p.name] = p.handler
+        if pending and B < 3:
+            raise TracInError(f"cannot tell how layer(s) {sorted(pending)} hold a batch of {B} examples (batch-first, "
+                              "sequence-first or folded into positions); fit with batches of at least 3 examples.")
+        small = layouts_on_fewer(self.grads, state, inputs, targets, pending) if pending else {}
+        shared, unknown = [], []
+        for name in pending:
+            _, o, options = calls[name]
+            told, rows = small[name][0] if small[name] else ((), None)
+            fits = [lay for lay in options if lay in told
+                    and (lay != FOLDED or rows is not None and rows * B == o.shape[0] * (B - 1))]
+            if len(fits) == 1:
+                found[name] = self.layouts[name] = fits[0]
+            else:
+                (unknown if fits else shared).append(name)
+        if unknown:
+            raise TracInError(f"cannot tell how layer(s) {sorted(unknown)} hold the batch (batch-first, sequence-first "
+                              f"or folded into positions) from batches of {B} and {B - 1} examples; fit with another "
+                              "batch size (batch_size=...).")
+        if shared:
+            raise _not_per_example(shared, B)
+        return found
+
     def _output_factors(self, out: torch.Tensor, y: torch.Tensor | None, curvature: str,
                         generator: torch.Generator | None) -> torch.Tensor:
         """U (B, K, O) with sum_k u_k u_k^T = H_out ("gn"), a sample of it ("mc"), or grad l ("empirical")."""
@@ -180,29 +234,87 @@ class KronLayers:
             return loss_fn(o.reshape(shape).unsqueeze(0), t.unsqueeze(0)).reshape(())
 
         flat = out.reshape(out.shape[0], -1)
+        if curvature == "mc":
+            u = loss_fn.fisher_sample(out, y, generator)
+            if u is not None:
+                return u.reshape(flat.shape).unsqueeze(1)
         if y is not None and y.is_floating_point():
             y = y.to(torch.float64 if curvature != "empirical" else flat.dtype)
         if curvature == "empirical":
             return vmap(grad(lambda o, t: one(o, t)))(flat, y).unsqueeze(1)
-        H = vmap(hessian(lambda o, t: one(o, t)))(flat.double(), y)             # (B, O, O)
-        ev, V = torch.linalg.eigh((H + H.transpose(1, 2)) / 2)
-        L = V * ev.clamp_min(0).sqrt().unsqueeze(1)                              # H = L L^T
+        O = flat.shape[1]
+        per_example = 4 * 8 * O * O                          # H, its symmetric part, eigenvectors, L (float64)
+        if per_example > budget(out.device):
+            raise TracInError(
+                f"curvature={curvature!r} with loss_fn={loss_fn.name!r} forms the Hessian of the loss in the model's "
+                f"{O} outputs per example ({per_example / 2**30:.1f} GiB for one example; "
+                f"{budget(out.device) / 2**30:.1f} GiB can be used). " + (
+                    "Use curvature='mc' (or 'auto'), which samples one label per position instead."
+                    if loss_fn.name != "custom" else
+                    "Pass a named loss_fn ('classification', 'causal_lm', 'masked_lm', 'token_classification', "
+                    "'seq2seq', 'regression') with curvature='mc', which samples labels instead, or use "
+                    "curvature='empirical' (the true labels' gradients)."))
+        rows = rows_that_fit(per_example, out.device, maximum=flat.shape[0])
+        parts = []
+        for s in range(0, flat.shape[0], rows):
+            H = vmap(hessian(lambda o, t: one(o, t)))(flat[s:s + rows].double(), None if y is None else y[s:s + rows])
+            ev, V = torch.linalg.eigh((H + H.transpose(1, 2)) / 2)                  # (b, O, O)
+            parts.append(V * ev.clamp_min(0).sqrt().unsqueeze(1))                   # H = L L^T
+        L = torch.cat(parts)
         if curvature == "gn":
             return L.transpose(1, 2)
         eps = torch.randn(flat.shape[0], flat.shape[1], 1, dtype=L.dtype, generator=generator)
         return (L @ eps.to(L.device)).transpose(1, 2)
 
+    def output_size(self, state: dict, source: DataSource) -> int:
+        """O, the number of outputs per example (one no-grad forward pass over the first example)."""
+        gc = self.grads
+        _, x, y = next(iter(source.batches(1)))
+        x, y = gc.batch(x, y)
+        with torch.no_grad(), model_mode(gc.model, gc.train_mode):
+            return int(gc.forward(state, x, y)[0].numel())
 
-def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, curvature: str = "gn",
+
+def choose_curvature(curvature: str, layers: KronLayers, state: dict, source: DataSource) -> str:
+    """The curvature to fit: `curvature` itself, or for "auto" "gn" when the model has at most GN_OUTPUTS
+    outputs per example (exact, one backward pass per output), else "mc" (one sampled label per position)."""
+    if curvature not in CURVATURES:
+        raise TracInError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+    if curvature != "auto":
+        return curvature
+    return "gn" if layers.output_size(state, source) <= GN_OUTPUTS else "mc"
+
+
+def _not_per_example(names: list[str], B: int) -> TracInError:
+    return TracInError(f"the output of layer(s) {sorted(names)} does not hold the batch's {B} examples one by one "
+                       "(computed from something all examples share, such as a position table), so its per-example "
+                       "curvature is undefined; leave it out with TracIn(..., layers=[...]).")
+
+
+def check_factor_memory(layers: KronLayers) -> None:
+    """Refuse, naming the largest layers, when the factors A (in' x in'), S (out x out), their eigenvectors
+    and Lambda (out x in') of all layers (float64) would not fit in half the device's free memory."""
+    sizes = sorted(((8 * (3 * (p.cols ** 2 + p.out_dim ** 2) + p.out_dim * p.cols), p) for p in layers.plans),
+                   key=lambda t: -t[0])
+    need, room = sum(n for n, _ in sizes), budget(layers.grads.device)
+    if need > room:
+        big = ", ".join(f"{p.name} ({p.out_dim} x {p.cols}: {n / 2**30:.2f} GiB)" for n, p in sizes[:3])
+        raise TracInError(f"SOURCE's EK-FAC factors need {need / 2**30:.1f} GiB (float64: each layer's (in x in) and "
+                          f"(out x out) factors and eigenvectors), {room / 2**30:.1f} GiB can be used; the largest "
+                          f"are {big}. Leave the largest out with TracIn(..., layers=[...]) (a language model's "
+                          "output layer over its vocabulary, above all).")
+
+
+def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, curvature: str = "auto",
               batch_size: int = 256, seed: int = 0) -> list[LayerCurvature]:
     """EK-FAC per layer, factors and eigenvalues averaged over `states` (one segment's checkpoints).
 
     Two passes over `source` per state: Kronecker factors A, S, then the eigenvalue correction.
     """
-    if curvature not in CURVATURES:
-        raise TracInError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+    curvature = choose_curvature(curvature, layers, states[0], source)
     if layers.grads.loss_fn is None:
         raise TracInError("SOURCE needs the training loss; pass loss_fn=... to TracIn.")
+    check_factor_memory(layers)
     dev = layers.grads.device
     A = [torch.zeros(p.cols, p.cols, dtype=torch.float64, device=dev) for p in layers.plans]
     S = [torch.zeros(p.out_dim, p.out_dim, dtype=torch.float64, device=dev) for p in layers.plans]

@@ -36,7 +36,7 @@ from .. import inputs as tree
 from ..data import BatchFn, as_source
 from ..devices import to_output
 from ..memory import Backoff, rows_that_fit
-from .ekfac import KronLayers, LayerCurvature, fit_ekfac
+from .ekfac import KronLayers, LayerCurvature, check_factor_memory, choose_curvature, fit_ekfac
 from ..errors import TracInError
 from ..settings import IndexSettings, SourceSettings
 from ..gradients.featurize import check_finite, progress_bar
@@ -160,6 +160,7 @@ class SourceIndex(GradientIndex):
 
     def __repr__(self) -> str:
         return (f"SourceIndex(n_train={self.n_train}, segments={self.settings.segments}, "
+                f"curvature={self.settings.curvature!r}, "
                 f"dim={self.store.dim}, proj_dim={self.tracin.proj_dim})")
 
     @property
@@ -248,13 +249,14 @@ class SourceIndex(GradientIndex):
 
 
 def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: Sequence[int] | None = None,
-                       curvature: str = "gn", store: str | Path | None = None, batch_size: int | None = None,
+                       curvature: str = "auto", store: str | Path | None = None, batch_size: int | None = None,
                        progress: bool = True, batch_fn: BatchFn | None = None,
                        dtype: torch.dtype | None = None) -> SourceIndex:
     """Fit EK-FAC per segment, compute v(z) for every training example, store it: SourceIndex.
 
     Cost: 2 curvature passes per checkpoint (each one backward per output dimension with
-    curvature="gn"), plus one gradient per example per checkpoint.
+    curvature="gn", one with "mc" and "empirical"), plus one gradient per example per checkpoint.
+    curvature "auto": "gn" for models with at most ekfac.GN_OUTPUTS outputs per example, else "mc".
     batch_size None: what fits in the device's free memory (about 8 float64 copies of a flat gradient
     per example), at most 256; the EK-FAC passes and every batch run under the out-of-memory policy
     (memory.Backoff: a failed batch is split in halves and computed again).
@@ -265,6 +267,8 @@ def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: S
     proj = _projection(tracin)
     tracin.resolve(source)
     device = tracin.device
+    curvature = choose_curvature(curvature, layers, tracin.state(plan[0].checkpoints[0]), source)
+    check_factor_memory(layers)
     bs = batch_size or rows_that_fit(8 * 8 * layers.num_params, device, maximum=256)
     n = len(source)
     bar = progress_bar(len(tracin.checkpoints), progress)

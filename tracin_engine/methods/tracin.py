@@ -207,7 +207,7 @@ class TracIn:
         resumes an interrupted run. dtype: storage dtype (default: the model's dtype in memory and for
         exact features on disk; float16 for projected features on disk). batch_size None: automatic.
         method="source": a SourceIndex (same queries) scoring with SOURCE over `segments` segments of
-        the checkpoints; source_options: steps=[K_1..K_L], curvature="gn"|"mc"|"empirical" (source.py).
+        the checkpoints; source_options: steps=[K_1..K_L], curvature="auto"|"gn"|"mc"|"empirical" (source.py).
         """
         if method == "source":
             with tf32_mode(self.tf32):

@@ -122,6 +122,11 @@ class KronHandler(LayerHandler):
         """T: how many outer products make up one example's gradient."""
         return self.rows(ctx, g).shape[1]
 
+    def fixed_positions(self, ctx: Any) -> bool:
+        """Whether T is set by the model rather than by each batch (an image's grid, not a padded sequence's
+        length): exact rows may then store the T factor pairs instead of the R x C matrix (hooks._settle)."""
+        return False
+
     def proj_rows(self, ctx: Any, g: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
         """(B, T, k_r) = rows @ P_r."""
         return self.rows(ctx, g) @ P

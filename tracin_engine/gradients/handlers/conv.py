@@ -25,7 +25,6 @@ class ConvHandler(ConvGeometry, KronHandler):
     """Conv1d runs as a Conv2d of height 1: the same unfold and filter arithmetic."""
 
     rank_one_hint = False
-    fixed_positions = True   # T = output positions, the same for every batch of equally sized inputs
 
     @classmethod
     def unsupported(cls, module, train_mode):
@@ -52,6 +51,9 @@ class ConvHandler(ConvGeometry, KronHandler):
 
     def positions(self, ctx, g):
         return g.flatten(2).shape[2]
+
+    def fixed_positions(self, ctx):
+        return True   # T = output positions, the same for every batch of equally sized inputs
 
     def proj_cols(self, ctx, g, P, p_bias):
         k = P.shape[1]

@@ -29,6 +29,11 @@ class LinearHandler(KronHandler):
     def cols(self, ctx, g):
         return ctx.reshape(ctx.shape[0], -1, ctx.shape[-1])
 
+    def fixed_positions(self, ctx):
+        """A grid of positions (B, H, W, in): an image model's pointwise layer (ConvNeXt); a sequence's length
+        (B, T, in) may change from batch to batch."""
+        return ctx.dim() >= 4
+
 
 class HFConv1DHandler(LinearHandler):
     """transformers.pytorch_utils.Conv1D: weight (in, out); as a Linear with weight W^T."""
