@@ -108,10 +108,60 @@ def _factors_rebuild_gradients(model, X, y):
 
 
 def test_unsupported_layers_are_named():
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2))
     gc = GradientComputer(model, F.cross_entropy, device="cpu")
-    with pytest.raises(TracInError, match=r"1 \(LayerNorm\)"):
+    with pytest.raises(TracInError, match=r"0 \(Embedding\)"):
         KronLayers(gc)
+
+
+class _Normed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.norm(self.fc1(x))))
+
+
+def _exact_gn_block(model, names, X, y):
+    """1/N sum_n J_n^T H_n J_n for the parameters `names` (J_n: the output's Jacobian in them), float64."""
+    from torch.func import functional_call, jacrev
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def out(theta, x):
+        return functional_call(model, {**params, **dict(zip(names, theta))}, (x[None],))[0]
+
+    theta = tuple(params[n] for n in names)
+    total = 0
+    for x, t in zip(X, y):
+        J = torch.cat([j.reshape(j.shape[0], -1) for j in jacrev(out)(theta, x)], 1)       # (O, n)
+        H = hessian(lambda o: F.cross_entropy(o[None], t[None]))(out(theta, x).detach())
+        total = total + J.T @ H @ J
+    return total / len(X)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_a_norm_layer_gets_its_exact_gauss_newton_block_or_its_diagonal(monkeypatch, dense):
+    """A vector block (LayerNorm's weight and bias, 10 numbers) is one column: A = 1, S = E[sum_k v v^T] with
+    v = J^T u_k, sum_k u_k u_k^T = H_out: the exact Gauss-Newton block of those parameters on any batch
+    ("gn"); longer than VECTOR_DENSE, its diagonal."""
+    from tracin_engine.methods import ekfac
+
+    if not dense:
+        monkeypatch.setattr(ekfac, "VECTOR_DENSE", 4)
+    torch.manual_seed(0)
+    model = _Normed().double()
+    X, y = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+    layers, curv = _fit(model, X, y)
+    names = [p.name for p in layers.plans]
+    assert names == ["fc1", "norm", "fc2"] and layers.plans[1].vector and layers.plans[1].diagonal is not dense
+    exact = _exact_gn_block(model, ["norm.weight", "norm.bias"], X, y)
+    want = exact if dense else torch.diag(torch.diagonal(exact))
+    assert torch.allclose(curv[1].dense(), want, atol=1e-12, rtol=1e-9)
+    # to_mats / from_mats round trip through the vector column
+    flat = layers.grads.reference(layers.grads.prepare(model.state_dict()), X, y)
+    assert torch.equal(layers.from_mats(layers.to_mats(flat)), flat)
 
 
 def test_bad_curvature_name():

@@ -170,3 +170,28 @@ def test_factors_that_cannot_fit_are_refused_naming_the_largest_layer(monkeypatc
     monkeypatch.setattr(ekfac, "budget", lambda device: 10_000)
     with pytest.raises(TracInError, match=r"factors need .* the largest are blocks.0.mlp.2 \(8 x 33"):
         ekfac.check_factor_memory(KronLayers(gc))
+
+
+def test_source_on_a_transformers_llama_takes_its_rms_norms():
+    """Llama's own RMSNorm class (probed handler) gets a curvature block; its embedding is refused by name
+    and left out with layers=; the curvature is sampled (240 outputs per example)."""
+    pytest.importorskip("transformers")
+    from models import hf_llama, token_batch
+
+    torch.manual_seed(0)
+    model = hf_llama(vocab=30, dim=16, depth=1, heads=2, seq=8).double()
+    ids = token_batch(8, 8, 30)
+    ckpts = te.Checkpoints([te.Checkpoint(model.state_dict(), 0.1, 20)])
+    with pytest.raises(TracInError, match=r"embed_tokens \(Embedding\)"):
+        te.TracIn(model, ckpts, loss_fn="causal_lm").index(ids, method="source", progress=False)
+    leaves = [n for n, m in model.named_modules() if not list(m.children()) and list(m.parameters(recurse=False))
+              and not isinstance(m, nn.Embedding)]
+    tracin = te.TracIn(model, ckpts, loss_fn="causal_lm", layers=leaves)
+    layers = KronLayers(tracin.featurizer.grads)
+    norms = [p.name for p in layers.plans if p.vector]
+    assert len(norms) == 3 and all("norm" in n for n in norms), norms        # two per block, one final
+    index = tracin.index(ids, method="source", progress=False, batch_size=4)
+    assert index.settings.curvature == "mc"
+    scores = index.influence(ids[:3])
+    assert torch.isfinite(scores).all()
+    assert torch.allclose(torch.diagonal(scores[:, :3]).double(), index.self_influence()[:3], rtol=1e-6)

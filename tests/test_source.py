@@ -130,9 +130,10 @@ def test_projected_source_approximates_exact(logreg):
 
 # -- several segments against a direct matrix-exponential computation ------------------------------
 
-def _tiny_run():
+def _tiny_run(norm=False):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4) if norm else nn.Identity(), nn.Tanh(),
+                          nn.Linear(4, 3)).double()
     items = []
     for c, (step, lr) in enumerate([(5, 0.5), (10, 0.5), (20, 0.3), (30, 0.3)]):
         sd = {k: v + 0.2 * c * torch.randn_like(v) for k, v in model.state_dict().items()}
@@ -142,17 +143,15 @@ def _tiny_run():
     return model, te.Checkpoints(items), X, y
 
 
-def test_segment_products_match_matrix_exponential():
-    model, ckpts, X, y = _tiny_run()
-    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
-    index = tracin.index((X, y), method="source", segments=2, progress=False, batch_size=5)
-    assert index.settings.steps == (10, 20)
+def _matrix_exponential_reference(tracin, ckpts, X, y, segments):
+    """v(z) (n, P) by direct matrix exponentials of each segment's EK-FAC matrix (flat parameter order):
+    segments = [(checkpoint indices, K, eta)], momentum 0.5."""
     gc = tracin.featurizer.grads
     layers = KronLayers(gc)
     P = gc.num_params
     to_layer = [m.reshape(P, -1) for m in layers.to_mats(torch.eye(P, dtype=torch.float64))]
     v = torch.zeros(P, len(X), dtype=torch.float64)
-    for seg, (steps, lr) in zip([(0, 1), (2, 3)], [(10, 0.5), (20, 0.3)]):
+    for seg, steps, lr in segments:
         states = [gc.prepare(ckpts.load(c)) for c in seg]
         curv = fit_ekfac(layers, states, as_source((X, y)), "gn", batch_size=5)
         H = sum(T @ cv.dense() @ T.T for T, cv in zip(to_layer, curv))            # flat parameter order
@@ -163,7 +162,41 @@ def test_segment_products_match_matrix_exponential():
         R = torch.linalg.matrix_exp(c * aug)[:P, P:]        # int_0^c exp(-tH) dt = (I - exp(-cH)) H^-1
         g = sum(gc.reference(s, X, y) for s in states).T / len(seg)
         v = S @ v + R @ g / len(X)
-    assert torch.allclose(index.features(0), v.T, rtol=1e-7, atol=1e-12)
+    return v.T
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_segment_products_match_matrix_exponential(norm):
+    model, ckpts, X, y = _tiny_run(norm)
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
+    index = tracin.index((X, y), method="source", segments=2, progress=False, batch_size=5)
+    assert index.settings.steps == (10, 20)
+    want = _matrix_exponential_reference(tracin, ckpts, X, y, [((0, 1), 10, 0.5), ((2, 3), 20, 0.3)])
+    assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["resnet", "grouped"])
+def test_source_takes_norm_layers_and_grouped_convolutions_without_layers(kind):
+    """A ResNet with BatchNorm (eval mode) and a model of grouped convolutions run SOURCE with every layer
+    selected: the norms and grouped convolutions get their own curvature blocks (VectorHandler)."""
+    from models import Grouped, ResNet
+
+    torch.manual_seed(0)
+    model = (ResNet(width=2, blocks=(1, 1), classes=3) if kind == "resnet" else Grouped()).double().eval()
+    X = torch.randn(10, 3 if kind == "resnet" else 4, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    items = []
+    for c, (step, lr) in enumerate([(10, 0.5), (20, 0.5)]):
+        sd = {k: (v + 0.1 * c * torch.randn_like(v)) if v.is_floating_point() and "running" not in k else v
+              for k, v in model.state_dict().items()}
+        items.append(te.Checkpoint(sd, lr, step, {"momentum": 0.5, "optimizer": "SGD"}))
+    ckpts = te.Checkpoints(items)
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
+    index = tracin.index((X, y), method="source", progress=False, batch_size=5)
+    layers = KronLayers(tracin.featurizer.grads)
+    assert any(p.vector for p in layers.plans) and sum(p.out_dim * p.cols for p in layers.plans) == layers.num_params
+    want = _matrix_exponential_reference(tracin, ckpts, X, y, [((0, 1), 20, 0.5)])
+    assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12 * float(want.abs().max()))
 
 
 def test_spectral_functions_are_stable():

@@ -1,5 +1,9 @@
 """EK-FAC curvature of the layers whose handlers give Kronecker factors, fitted over a group of checkpoints.
 
+Vector blocks (norm layers, grouped convolutions) are one column each (in' = 1, a = 1): their factor S is
+the exact second moment of their pseudo-gradients (the Gauss-Newton block with "gn"), or its diagonal
+for blocks of more than VECTOR_DENSE numbers.
+
 Example:
     >>> layers = KronLayers(grads)                                  # grads: GradientComputer
     >>> fit = fit_ekfac(layers, [state0, state1], (X, y))           # list of LayerCurvature
@@ -40,56 +44,104 @@ from .. import inputs as tree
 from ..data import DataSource
 from ..errors import TracInError
 from ..gradients.per_example import GradientComputer, model_mode
-from ..gradients.handlers import KronHandler
+from ..gradients.handlers import KronHandler, VectorHandler
 from ..gradients.hooks import FOLDED, batch_layouts, layouts_on_fewer, probe_batch_ok, read_grad, record_call
 from ..gradients.layers import plan_blocks
 from ..memory import budget, rows_that_fit
 
 CURVATURES = ("auto", "gn", "mc", "empirical")
+VECTOR_DENSE = 1024   # a vector block (norm layer) up to this many numbers gets its exact (n x n) curvature block
 GN_OUTPUTS = 32   # curvature="auto": the exact output Hessian (one backward pass per output) up to this many outputs
 
 
 @dataclass
 class LayerPlan:
-    """One layer with Kronecker factors (Linear, Conv1d/2d): where its weight (and bias) sit in the flat gradient."""
+    """One layer's parameters as a matrix G (out, in') per example, and where they sit in the flat gradient.
+
+    kron (Linear, Conv1d/2d): the weight (out, in) in the handler's layout, the bias as the last column.
+    vector (norm layers, grouped convolutions: handlers.VectorHandler): the block's n numbers as one
+    column (out = n, in' = 1, `spans` the (offset, numel) of each parameter); its curvature is then the
+    exact (n x n) second moment of its pseudo-gradients, or for n > VECTOR_DENSE its diagonal.
+    """
 
     name: str
     module: nn.Module
     out_dim: int
-    in_dim: int          # in_features, or C k k for Conv2d (without the bias column)
+    in_dim: int          # in_features, or C k k for Conv2d (without the bias column); 1 for a vector block
     has_bias: bool
     w_off: int
     b_off: int | None
-    handler: KronHandler
+    handler: KronHandler | VectorHandler
+    spans: tuple[tuple[int, int], ...] = ()   # vector: (offset, numel) per parameter, in the block's order
 
     @property
     def cols(self) -> int:
         return self.in_dim + self.has_bias
+
+    @property
+    def vector(self) -> bool:
+        return bool(self.spans)
+
+    @property
+    def diagonal(self) -> bool:
+        """A vector block too long for an (n x n) factor: its curvature is diagonal."""
+        return self.vector and self.out_dim > VECTOR_DENSE
+
+    def mat(self, flat: torch.Tensor) -> torch.Tensor:
+        """flat (B, P) -> this layer's (B, out, in')."""
+        if self.vector:
+            return torch.cat([flat[:, o:o + n] for o, n in self.spans], 1).unsqueeze(2)
+        W = self.handler.from_params(flat[:, self.w_off:self.w_off + self.out_dim * self.in_dim])
+        if self.has_bias:
+            W = torch.cat([W, flat[:, self.b_off:self.b_off + self.out_dim].unsqueeze(2)], 2)
+        return W
+
+    def put(self, flat: torch.Tensor, M: torch.Tensor) -> None:
+        """Write this layer's (B, out, in') into flat (B, P) (the inverse of mat)."""
+        if self.vector:
+            start = 0
+            for o, n in self.spans:
+                flat[:, o:o + n] = M[:, start:start + n, 0]
+                start += n
+            return
+        flat[:, self.w_off:self.w_off + self.out_dim * self.in_dim] = self.handler.to_params(M[:, :, :self.in_dim])
+        if self.has_bias:
+            flat[:, self.b_off:self.b_off + self.out_dim] = M[:, :, -1]
 
 
 @dataclass
 class LayerCurvature:
     """EK-FAC of one layer: H ~ (Q_S (x) Q_A) diag(lam.flatten()) (Q_S (x) Q_A)^T, float64.
 
-    QA (in', in'), QS (out, out), lam (out, in'); eig_A (in',) and eig_S (out,) give K-FAC
-    (eig_S[i] * eig_A[j] in place of lam[i, j]).
+    QA (in', in'), QS (out, out) or None (the identity: a diagonal curvature), lam (out, in'); eig_A (in',)
+    and eig_S (out,) give K-FAC (eig_S[i] * eig_A[j] in place of lam[i, j]).
     """
 
     QA: torch.Tensor
-    QS: torch.Tensor
+    QS: torch.Tensor | None
     lam: torch.Tensor
     eig_A: torch.Tensor
     eig_S: torch.Tensor
 
+    def rotate(self, G: torch.Tensor) -> torch.Tensor:
+        """Q_S^T G Q_A for G (..., out, in'): the eigenbasis coordinates."""
+        return (G if self.QS is None else self.QS.T @ G) @ self.QA
+
+    def unrotate(self, T: torch.Tensor) -> torch.Tensor:
+        """Q_S T Q_A^T: back from the eigenbasis."""
+        return (T if self.QS is None else self.QS @ T) @ self.QA.T
+
     def dense(self, kfac: bool = False) -> torch.Tensor:
         """The (out in', out in') matrix in row-major vec(G) order (for tests and small layers)."""
-        Q = torch.kron(self.QS, self.QA)
+        QS = torch.eye(len(self.eig_S), dtype=self.QA.dtype, device=self.QA.device) if self.QS is None else self.QS
+        Q = torch.kron(QS, self.QA)
         d = torch.outer(self.eig_S, self.eig_A) if kfac else self.lam
         return Q @ torch.diag(d.flatten()) @ Q.T
 
 
 class KronLayers:
-    """The selected parameters of `grads` as Linear/Conv2d layers; raises naming unsupported ones."""
+    """The selected parameters of `grads` as layers with Kronecker factors (Linear, Conv) and vector blocks
+    (norm layers, grouped convolutions); raises naming the unsupported ones."""
 
     def __init__(self, grads: GradientComputer):
         self.grads = grads
@@ -101,6 +153,10 @@ class KronLayers:
         bad = []
         for b in plan_blocks(grads.model, grads.param_names, grads.train_mode):
             h = b.uses[0].handler if b.uses else None
+            if b.kind == "vector" and len(b.uses) == 1:
+                spans = tuple((offsets[n], int(np.prod(grads.shapes[n]))) for n in b.params)
+                self.plans.append(LayerPlan(b.uses[0].name, h.module, b.n, 1, False, spans[0][0], None, h, spans))
+                continue
             if b.kind != "kron" or len(b.uses) != 1 or not h.kronecker:
                 bad += [f"{u.name or '<model>'} ({type(u.handler.module).__name__})" for u in b.uses] or b.params
                 continue
@@ -109,31 +165,24 @@ class KronLayers:
         if bad:
             raise TracInError(
                 f"SOURCE's EK-FAC curvature supports layers with Kronecker factors (Linear, Conv1d, Conv2d with "
-                f"groups=1 and numeric zero padding, MultiheadAttention's input projection, each used once) "
-                f"whose weight is trainable; unsupported "
-                f"layer(s) or parameters selected: {bad}. Select supported layers with TracIn(..., layers=[...]) "
-                "or use method='tracin'.")
+                f"groups=1 and numeric zero padding, MultiheadAttention's input projection) and norm layers and "
+                f"grouped convolutions (their own curvature block), each used once, whose weight is trainable; "
+                f"unsupported layer(s) or parameters selected (embeddings, recurrent layers, tied weights, "
+                f"parameters no layer handler covers): {bad}. Select supported layers with "
+                "TracIn(..., layers=[...]) or use method='tracin'.")
         self.num_params = grads.num_params
         self.layouts: dict[str, int] = {}    # layer name -> how its calls hold the batch (hooks.batch_layouts)
 
     # -- flat gradients <-> per-layer matrices ------------------------------------------------------
     def to_mats(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """flat (B, P) -> per layer (B, out, in'), bias as the last column."""
-        mats = []
-        for p in self.plans:
-            W = p.handler.from_params(flat[:, p.w_off:p.w_off + p.out_dim * p.in_dim])
-            if p.has_bias:
-                W = torch.cat([W, flat[:, p.b_off:p.b_off + p.out_dim].unsqueeze(2)], 2)
-            mats.append(W)
-        return mats
+        return [p.mat(flat) for p in self.plans]
 
     def from_mats(self, mats: Sequence[torch.Tensor]) -> torch.Tensor:
         """Inverse of to_mats: per layer (B, out, in') -> flat (B, P)."""
         flat = torch.zeros(mats[0].shape[0], self.num_params, dtype=mats[0].dtype, device=mats[0].device)
         for p, M in zip(self.plans, mats):
-            flat[:, p.w_off:p.w_off + p.out_dim * p.in_dim] = p.handler.to_params(M[:, :, :p.in_dim])
-            if p.has_bias:
-                flat[:, p.b_off:p.b_off + p.out_dim] = M[:, :, -1]
+            p.put(flat, M)
         return flat
 
     # -- one batch: layer inputs and pseudo output gradients ----------------------------------------
@@ -177,6 +226,10 @@ class KronLayers:
         result = []
         for j, p in enumerate(self.plans):
             ctx, o, layout = seen[p.name][0]
+            if p.vector:                                  # one column: a = 1, g = the block's gradient (B, K, 1, n)
+                gs = torch.stack([p.handler.vector(ctx, read_grad(o, g[j], layout, B)) for g in per_k], 1)
+                result.append((torch.ones(B, 1, 1, dtype=torch.float64, device=gs.device), gs.double().unsqueeze(2)))
+                continue
             gs = torch.stack([p.handler.rows(ctx, read_grad(o, g[j], layout, B)) for g in per_k], 1)
             a = p.handler.cols(ctx, o)
             if p.has_bias:
@@ -294,8 +347,8 @@ def _not_per_example(names: list[str], B: int) -> TracInError:
 def check_factor_memory(layers: KronLayers) -> None:
     """Refuse, naming the largest layers, when the factors A (in' x in'), S (out x out), their eigenvectors
     and Lambda (out x in') of all layers (float64) would not fit in half the device's free memory."""
-    sizes = sorted(((8 * (3 * (p.cols ** 2 + p.out_dim ** 2) + p.out_dim * p.cols), p) for p in layers.plans),
-                   key=lambda t: -t[0])
+    sizes = sorted(((8 * (3 * (p.cols ** 2 + (p.out_dim if p.diagonal else p.out_dim ** 2)) + p.out_dim * p.cols), p)
+                    for p in layers.plans), key=lambda t: -t[0])
     need, room = sum(n for n, _ in sizes), budget(layers.grads.device)
     if need > room:
         big = ", ".join(f"{p.name} ({p.out_dim} x {p.cols}: {n / 2**30:.2f} GiB)" for n, p in sizes[:3])
@@ -317,19 +370,19 @@ def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, cu
     check_factor_memory(layers)
     dev = layers.grads.device
     A = [torch.zeros(p.cols, p.cols, dtype=torch.float64, device=dev) for p in layers.plans]
-    S = [torch.zeros(p.out_dim, p.out_dim, dtype=torch.float64, device=dev) for p in layers.plans]
+    S = [torch.zeros((p.out_dim,) * (1 if p.diagonal else 2), dtype=torch.float64, device=dev) for p in layers.plans]
     n_total = 0
     for state in states:
         gen = torch.Generator().manual_seed(seed)
         for _, x, y in source.batches(batch_size):
             for j, (a, g) in enumerate(layers.capture(state, x, y, curvature, gen)):
                 A[j] += torch.einsum("bti,btj->ij", a, a) / a.shape[1]
-                S[j] += torch.einsum("bkti,bktj->ij", g, g)
+                S[j] += g.pow(2).sum((0, 1, 2)) if S[j].dim() == 1 else torch.einsum("bkti,bktj->ij", g, g)
             n_total += tree.length(x)
     eigs = []
     for j in range(len(layers.plans)):
         eA, QA = torch.linalg.eigh(A[j] / n_total)
-        eS, QS = torch.linalg.eigh(S[j] / n_total)
+        eS, QS = (S[j] / n_total, None) if S[j].dim() == 1 else torch.linalg.eigh(S[j] / n_total)
         eigs.append((eA.clamp_min(0), QA, eS.clamp_min(0), QS))
     lam = [torch.zeros(p.out_dim, p.cols, dtype=torch.float64, device=dev) for p in layers.plans]
     for state in states:
@@ -337,7 +390,7 @@ def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, cu
         for _, x, y in source.batches(batch_size):
             for j, (a, g) in enumerate(layers.capture(state, x, y, curvature, gen)):
                 _, QA, _, QS = eigs[j]
-                ga, aa = g @ QS, a @ QA                                   # project first: Q_S^T g, Q_A^T a
+                ga, aa = (g if QS is None else g @ QS), a @ QA            # project first: Q_S^T g, Q_A^T a
                 if a.shape[1] == 1:                                       # rank one: square the factors
                     lam[j] += torch.einsum("bko,bi->oi", ga[:, :, 0].pow(2), aa[:, 0].pow(2))
                 else:                                                     # sum over positions first

@@ -119,10 +119,10 @@ def source_update(layers: KronLayers, curv: list[LayerCurvature], horizon: float
     out = []
     for j, (c, G) in enumerate(zip(curv, layers.to_mats(g))):
         decay, gain = spectral(c.lam, horizon)
-        t = gain * (c.QS.T @ G @ c.QA) / n_train
+        t = gain * c.rotate(G) / n_train
         if vm is not None:
-            t = t + decay * (c.QS.T @ vm[j] @ c.QA)
-        out.append(c.QS @ t @ c.QA.T)
+            t = t + decay * c.rotate(vm[j])
+        out.append(c.unrotate(t))
     return layers.from_mats(out)
 
 
