@@ -174,7 +174,8 @@ def test_factors_that_cannot_fit_are_refused_naming_the_largest_layer(monkeypatc
 
 def test_source_on_a_transformers_llama_takes_its_rms_norms():
     """Llama's own RMSNorm class (probed handler) gets a curvature block; its embedding is refused by name
-    and left out with layers=; the curvature is sampled (240 outputs per example)."""
+    and left out with layers=te.source_layers(model) (q, k, v, o, gate, up, down, two norms, the final
+    norm, lm_head); the curvature is sampled (240 outputs per example)."""
     pytest.importorskip("transformers")
     from models import hf_llama, token_batch
 
@@ -182,11 +183,11 @@ def test_source_on_a_transformers_llama_takes_its_rms_norms():
     model = hf_llama(vocab=30, dim=16, depth=1, heads=2, seq=8).double()
     ids = token_batch(8, 8, 30)
     ckpts = te.Checkpoints([te.Checkpoint(model.state_dict(), 0.1, 20)])
-    with pytest.raises(TracInError, match=r"embed_tokens \(Embedding\)"):
+    with pytest.raises(TracInError, match=r"embed_tokens \(Embedding\).*layers=te.source_layers\(model\)"):
         te.TracIn(model, ckpts, loss_fn="causal_lm").index(ids, method="source", progress=False)
-    leaves = [n for n, m in model.named_modules() if not list(m.children()) and list(m.parameters(recurse=False))
-              and not isinstance(m, nn.Embedding)]
-    tracin = te.TracIn(model, ckpts, loss_fn="causal_lm", layers=leaves)
+    names = te.source_layers(model)
+    assert "model.model.embed_tokens" not in names and "model.lm_head" in names and len(names) == 11
+    tracin = te.TracIn(model, ckpts, loss_fn="causal_lm", layers=names)
     layers = KronLayers(tracin.featurizer.grads)
     norms = [p.name for p in layers.plans if p.vector]
     assert len(norms) == 3 and all("norm" in n for n in norms), norms        # two per block, one final
@@ -195,3 +196,14 @@ def test_source_on_a_transformers_llama_takes_its_rms_norms():
     scores = index.influence(ids[:3])
     assert torch.isfinite(scores).all()
     assert torch.allclose(torch.diagonal(scores[:, :3]).double(), index.self_influence()[:3], rtol=1e-6)
+
+
+def test_source_layers_leave_out_tied_weights_and_embeddings():
+    pytest.importorskip("transformers")
+    from models import hf_gpt2
+
+    model = hf_gpt2(vocab=30, dim=16, depth=1, heads=2, seq=8)
+    names = te.source_layers(model)
+    assert not any(n.endswith(("wte", "wpe", "lm_head")) for n in names)
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"ln_1", "c_attn", "c_proj", "ln_2", "c_fc", "ln_f"}
+    KronLayers(GradientComputer(model, "causal_lm", device="cpu", layers=names))   # all taken

@@ -23,6 +23,7 @@ from .methods.ideal import TracInIdealRecorder
 from .methods.index import GradientIndex
 from .analysis.outliers import Outliers
 from .gradients.projection import RandomProjection
+from .methods.ekfac import source_layers
 from .methods.source import SourceIndex
 from .store.feature_store import FeatureStore
 from .store.topk import Neighbors, TopK
@@ -31,6 +32,6 @@ __all__ = [
     "Checkpoint", "CheckpointRecorder", "Checkpoints", "Clusters", "DataSource", "EnsembleIndex",
     "FactoredProjection", "FeatureStore", "GradientIndex", "InfluenceIndex", "Neighbors", "Outliers", "RandomProjection",
     "SourceIndex", "TopK", "TracIn", "TracInError", "TracInIdealRecorder", "dropout_ensemble",
-    "index_distributed", "KronHandler", "VectorHandler", "register_handler",
+    "index_distributed", "KronHandler", "VectorHandler", "register_handler", "source_layers",
 ]
 __version__ = "0.1.0"

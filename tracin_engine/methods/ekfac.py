@@ -168,8 +168,8 @@ class KronLayers:
                 f"groups=1 and numeric zero padding, MultiheadAttention's input projection) and norm layers and "
                 f"grouped convolutions (their own curvature block), each used once, whose weight is trainable; "
                 f"unsupported layer(s) or parameters selected (embeddings, recurrent layers, tied weights, "
-                f"parameters no layer handler covers): {bad}. Select supported layers with "
-                "TracIn(..., layers=[...]) or use method='tracin'.")
+                f"parameters no layer handler covers): {bad}. Fit the supported layers with "
+                "TracIn(model, ..., layers=te.source_layers(model)), or use method='tracin'.")
         self.num_params = grads.num_params
         self.layouts: dict[str, int] = {}    # layer name -> how its calls hold the batch (hooks.batch_layouts)
 
@@ -326,6 +326,15 @@ class KronLayers:
         x, y = gc.batch(x, y)
         with torch.no_grad(), model_mode(gc.model, gc.train_mode):
             return int(gc.forward(state, x, y)[0].numel())
+
+
+def source_layers(model: nn.Module, train_mode: bool = False) -> list[str]:
+    """Names of the modules whose parameters SOURCE's curvature takes, for TracIn(model, ..., layers=...): the
+    layers with Kronecker factors and the vector blocks (norms, grouped convolutions), each used once.
+    Left out: embeddings, tied weights (GPT-2's lm_head), recurrent layers, parameters no handler covers."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return [b.uses[0].name for b in plan_blocks(model, names, train_mode)
+            if len(b.uses) == 1 and (b.kind == "vector" or b.kind == "kron" and b.uses[0].handler.kronecker)]
 
 
 def choose_curvature(curvature: str, layers: KronLayers, state: dict, source: DataSource) -> str:
