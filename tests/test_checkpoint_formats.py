@@ -97,6 +97,74 @@ def test_a_wrapper_around_the_model_still_loads_trainer_checkpoints(trainer_run)
     torch.testing.assert_close(wrapped.self_influence(), plain.self_influence())
 
 
+def test_lora_trainer_checkpoints_load_as_the_peft_model_and_score_as_its_full_states(tmp_path):
+    """A PeftModel (LoRA on query/value, the classifier trained in full: modules_to_save) trained by the Trainer
+    saves adapter_model.safetensors only, without the adapter's name in its keys. Checkpoints.from_dir reads
+    them (steps, learning rates); the frozen base weights come from the model. Scores equal those from the
+    PeftModel's own full state dicts after peft loads each adapter file (set_peft_model_state_dict)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"])
+    model = peft.get_peft_model(_tiny_bert(transformers, attn="eager"), config)
+    ids = torch.randint(1, 30, (8, 6))
+    y = (ids[:, 0] > 15).long()
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "labels": y[i]}
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2,
+                                          logging_steps=1, learning_rate=5e-2, per_device_train_batch_size=4,
+                                          report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+    transformers.Trainer(model=model, args=args, train_dataset=Items()).train()
+    ckpts = te.Checkpoints.from_dir(tmp_path / "run")
+    assert [c.step for c in ckpts] == [2, 4] and all(c.extra["adapter"] for c in ckpts)
+    assert len(load_file(str(tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors"))) == 6
+    data = {"input_ids": ids, "labels": y}
+    index = te.TracIn(model, ckpts).index(data, progress=False)
+    assert index.tracin.num_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    states = []
+    for c in ckpts:
+        peft.set_peft_model_state_dict(model, load_file(str(c.source / "adapter_model.safetensors")))
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert not torch.equal(states[0]["base_model.model.classifier.modules_to_save.default.weight"],
+                           states[1]["base_model.model.classifier.modules_to_save.default.weight"])
+    full = te.Checkpoints.from_state_dicts(states, [c.learning_rate for c in ckpts])
+    want = te.TracIn(model, full).index(data, progress=False)
+    torch.testing.assert_close(index.influence(data), want.influence(data), rtol=1e-5, atol=1e-7)
+
+    class Wrapper(nn.Module):                                    # keys m.base_model.model...: prefix added
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, **kw):
+            return self.m(**kw).logits
+
+    wrapped = te.TracIn(Wrapper(model), ckpts).index(data, progress=False)
+    torch.testing.assert_close(wrapped.self_influence(), index.self_influence())
+
+    # an adapter file that lacks a trainable parameter is refused, naming it
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    from safetensors.torch import save_file
+    kept = {k: v for k, v in load_file(str(ckpts[0].source / "adapter_model.safetensors")).items()
+            if "classifier" not in k}
+    save_file(kept, str(bad / "adapter_model.safetensors"))
+    one = te.Checkpoints.from_files([bad], learning_rates=[0.1])
+    assert one[0].extra == {"adapter": True}
+    with pytest.raises(te.TracInError, match=r"lacks trainable parameters of the model: \['base_model.model.classifier"):
+        te.TracIn(model, one).index(data, progress=False)
+
+
 def test_lightning_ckpt_files_load_with_prefix_and_learning_rate(tmp_path):
     L = pytest.importorskip("lightning")
     from lightning.pytorch.callbacks import ModelCheckpoint

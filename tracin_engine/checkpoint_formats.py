@@ -16,6 +16,10 @@ Formats (checkpoints.py dispatches here for everything but its own checkpoint-<s
     e.g. 'model.'; match_keys strips it); step = 'global_step'; learning rate from the saved
     optimizer state (param_groups[0]['lr']) or else the scheduler's '_last_lr'.
   * .safetensors files (learning rate and step from the file's metadata when present).
+  * PEFT (LoRA) checkpoints: a folder with adapter_model.safetensors / .bin and no full weights (a
+    Trainer checkpoint-N of a PeftModel, or save_pretrained's folder) holds the adapter weights only,
+    saved without the adapter's name; adapter_state() renames them to the PeftModel's keys and takes
+    the frozen base model's weights from the model itself (Checkpoint.extra["adapter"] = True).
 Every torch file is read with torch.load(weights_only=True); training_args.bin and optimizer.pt
 (pickled objects, or large) are never read.
 """
@@ -36,6 +40,8 @@ HF_DIR_RE = re.compile(r"checkpoint-(\d+)$")
 _STEP_IN_NAME = re.compile(r"step=(\d+)")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                  "pytorch_model.bin.index.json")
+_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")   # PEFT (LoRA): the adapter weights only
+_PEFT_NAMED = re.compile(r"\.(lora_[A-Za-z_]+|modules_to_save)\.([^.]+)(?=\.|$)")
 
 
 def handles(path: Path) -> bool:
@@ -73,12 +79,22 @@ def read_checkpoint(path: Path, facts: bool = True) -> tuple[dict[str, torch.Ten
 
 
 # -- Hugging Face Trainer -------------------------------------------------------------------------
+def is_adapter(path: Path) -> bool:
+    """Whether `path` is a PEFT adapter checkpoint: a folder with adapter weights and no full model weights."""
+    return path.is_dir() and not any((path / f).exists() for f in _WEIGHT_FILES) and \
+        any((path / f).exists() for f in _ADAPTER_FILES)
+
+
 def _read_hf_dir(path: Path, facts: bool) -> tuple[dict, dict]:
-    found = [f for f in _WEIGHT_FILES if (path / f).exists()]
+    found = [f for f in _WEIGHT_FILES + _ADAPTER_FILES if (path / f).exists()]
     if not found:
-        raise TracInError(f"{path} is a folder without model weights (looked for {list(_WEIGHT_FILES)}); pass a "
-                          "Trainer checkpoint-N folder, the run folder to Checkpoints.from_dir, or weight files.")
+        raise TracInError(f"{path} is a folder without model weights (looked for {list(_WEIGHT_FILES + _ADAPTER_FILES)});"
+                          " pass a Trainer checkpoint-N folder, the run folder to Checkpoints.from_dir, or weight files.")
     weights = path / found[0]
+    if weights.name in _ADAPTER_FILES:
+        state = _read_safetensors(weights)[0] if weights.suffix == ".safetensors" else \
+            _plain_state(_torch_load(weights), weights)
+        return state, ({**_hf_facts(path), "adapter": True} if facts else {})
     if weights.name.endswith(".index.json"):
         shards = sorted(set(json.loads(weights.read_text())["weight_map"].values()))
         state = {}
@@ -199,6 +215,34 @@ def tied_aliases(model_state: Mapping[str, torch.Tensor]) -> dict[str, str]:
         else:
             first[ident] = k
     return out
+
+
+def adapter_state(state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor],
+                  trainable: set[str], name: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """A PEFT adapter checkpoint as a full state dict of the model (a PeftModel, or a module holding one).
+
+    The file names each adapter weight without the adapter's name (q_proj.lora_A.weight for the model's
+    q_proj.lora_A.default.weight; classifier.weight for classifier.modules_to_save.default.weight, the
+    copy PEFT trains) and may lack the wrapper's prefix (match_keys). Every trainable parameter must be
+    in the file; the frozen ones (the base model, which LoRA training never changes) come from the model.
+    """
+    adapters = {m.group(2) for k in model_state for m in _PEFT_NAMED.finditer(k)}
+    if len(adapters) != 1:
+        raise TracInError(f"{name} is a PEFT adapter checkpoint, but the model holds "
+                          f"{'no adapter' if not adapters else f'several adapters {sorted(adapters)}'}; pass the "
+                          "PeftModel the adapter was trained as (get_peft_model(base, config)), with one adapter.")
+    a = re.escape(adapters.pop())
+    as_saved = {re.sub(rf"\.(lora_[A-Za-z_]+)\.{a}(?=\.|$)", r".\1", re.sub(rf"\.modules_to_save\.{a}\.", ".", k)): k
+                for k in model_state if k in trainable}
+    renamed = match_keys(state, {s: model_state[k] for s, k in as_saved.items()}, name)
+    missing = sorted(k for s, k in as_saved.items() if s not in renamed)
+    if missing:
+        raise TracInError(f"{name} (a PEFT adapter checkpoint) lacks trainable parameters of the model: {missing[:10]}"
+                          f"{' ...' if len(missing) > 10 else ''}; was it saved from this PeftModel's adapter "
+                          "(same target_modules and modules_to_save)?")
+    full = {k: v for k, v in model_state.items() if k not in trainable}
+    full.update({as_saved[s]: v for s, v in renamed.items() if s in as_saved})
+    return full
 
 
 def match_keys(state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor],

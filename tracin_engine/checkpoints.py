@@ -45,7 +45,8 @@ class Checkpoint:
 
     source: a file path or an in-memory state dict; learning_rate: eta_i;
     step: optimizer steps taken before it was saved (None if unknown);
-    extra: optimizer facts the recorder saved (momentum, batch_size, ...).
+    extra: optimizer facts the recorder saved (momentum, batch_size, ...); "adapter": True for a PEFT
+    adapter checkpoint (the adapter weights only: checkpoint_formats.adapter_state).
     """
 
     source: Any
@@ -155,9 +156,10 @@ class Checkpoints(Sequence[Checkpoint]):
         items = []
         for i, path in enumerate(paths):
             if learning_rates is not None:
-                lr, step, extra = check_learning_rate(learning_rates[i], f"checkpoint {i} ({path.name})"), None, {}
+                lr, step = check_learning_rate(learning_rates[i], f"checkpoint {i} ({path.name})"), None
                 if not path.exists():
                     raise TracInError(f"checkpoint file {path} does not exist; check the path.")
+                extra = {"adapter": True} if formats.is_adapter(path) else {}
             else:
                 _, facts = _read(path)
                 lr = _read_lr(facts)

@@ -83,8 +83,8 @@ class Featurizer:
         """(B,) squared norms of the gradients that rows `feats` (B, dim) represent."""
         return self.layout.sq_norms(feats)
 
-    def prepare(self, state: dict, name: str = "checkpoint") -> dict:
-        return self.grads.prepare(state, name)
+    def prepare(self, state: dict, name: str = "checkpoint", adapter: bool = False) -> dict:
+        return self.grads.prepare(state, name, adapter)
 
     def resolve(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target = "loss") -> None:
         """Settle the path on a couple of examples before any row is stored: the hook path (and its
@@ -379,7 +379,7 @@ def featurize(featurizer: Featurizer, checkpoints: Checkpoints, source: DataSour
                 bar.update(n_batches)
                 continue
             name = f"checkpoint {c} ({checkpoints[c].name})"
-            state = featurizer.prepare(checkpoints.load(c), name)
+            state = featurizer.prepare(checkpoints.load(c), name, checkpoints[c].extra.get("adapter", False))
             computed = 0
 
             def skip(s: int, e: int) -> bool:

@@ -23,7 +23,7 @@ import torch
 from torch.func import grad, vmap
 
 from .. import inputs as tree
-from ..checkpoint_formats import match_keys, tied_aliases
+from ..checkpoint_formats import adapter_state, match_keys, tied_aliases
 from ..devices import resolve_device
 from ..errors import TracInError
 from ..losses import Loss, resolve_loss
@@ -118,8 +118,13 @@ class GradientComputer:
         self._host_targets: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- checkpoint state -------------------------------------------------------------------------
-    def prepare(self, state: dict[str, torch.Tensor], name: str = "checkpoint") -> dict[str, torch.Tensor]:
-        """Check keys/shapes against the model and move the state to the device."""
+    def prepare(self, state: dict[str, torch.Tensor], name: str = "checkpoint",
+                adapter: bool = False) -> dict[str, torch.Tensor]:
+        """Check keys/shapes against the model and move the state to the device. adapter: `state` holds a PEFT
+        adapter's weights only (checkpoint_formats.adapter_state: the frozen base weights come from the model)."""
+        if adapter:
+            trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
+            state = adapter_state(state, self.model.state_dict(), trainable, name)
         state = match_keys(state, self.model.state_dict(), name)  # wrapper prefixes, tied weights
         state = {k: v for k, v in state.items() if k not in self.aliases}
         keys = set(state)

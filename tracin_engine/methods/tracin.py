@@ -187,7 +187,8 @@ class TracIn:
         """Checkpoint c's state dict, validated and on the device (kept while the model is small)."""
         if c in self._prepared:
             return self._prepared[c]
-        state = self.featurizer.prepare(self.checkpoints.load(c), f"checkpoint {c} ({self.checkpoints[c].name})")
+        state = self.featurizer.prepare(self.checkpoints.load(c), f"checkpoint {c} ({self.checkpoints[c].name})",
+                                        self.checkpoints[c].extra.get("adapter", False))
         if self._states_cached:
             self._prepared[c] = state
         return state
