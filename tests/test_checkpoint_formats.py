@@ -152,6 +152,16 @@ def test_lora_trainer_checkpoints_load_as_the_peft_model_and_score_as_its_full_s
     wrapped = te.TracIn(Wrapper(model), ckpts).index(data, progress=False)
     torch.testing.assert_close(wrapped.self_influence(), index.self_influence())
 
+    # the base model is part of an adapter checkpoint's identity: a store built on one base is refused on another
+    te.TracIn(model, ckpts).index(data, store=tmp_path / "ix", progress=False)
+    te.GradientIndex.load(tmp_path / "ix", te.TracIn(model, ckpts))              # same base: reopens
+    with torch.no_grad():
+        model.base_model.model.bert.embeddings.word_embeddings.weight[0, 0] += 1.0
+    with pytest.raises(te.TracInError, match=r"checkpoint 0 \(checkpoint-2\): base: stored"):
+        te.GradientIndex.load(tmp_path / "ix", te.TracIn(model, ckpts))
+    with torch.no_grad():
+        model.base_model.model.bert.embeddings.word_embeddings.weight[0, 0] -= 1.0
+
     # an adapter file that lacks a trainable parameter is refused, naming it
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -20,7 +20,7 @@ from ..data import BatchFn, as_source
 from ..devices import output_device, resolve_tf32, tf32_mode
 from ..errors import TracInError
 from ..settings import IndexSettings
-from ..fingerprint import data_fingerprint
+from ..fingerprint import data_fingerprint, state_digest
 from ..checks import check_device, explain_input_error
 from ..memory import Backoff, fits, is_oom
 from ..gradients.featurize import Featurizer, check_finite, featurize
@@ -82,6 +82,7 @@ class TracIn:
         self._tf32_request = tf32
         self.tf32 = resolve_tf32(tf32, projected=proj_dim is not None)
         self._prepared: dict[int, dict] = {}
+        self._base_digest: str | None = None   # adapter checkpoints: digest of the model's frozen weights
         self._exact: TracIn | None = None           # exact(): this TracIn without projection, made on first use
 
     def __repr__(self) -> str:
@@ -123,7 +124,7 @@ class TracIn:
         return IndexSettings(
             model=state_fingerprint(self.model.state_dict()),
             parameters=tuple(self.featurizer.grads.param_names),
-            checkpoints=tuple(self.checkpoints.fingerprint()),
+            checkpoints=tuple(self._checkpoint_identities()),
             learning_rates=tuple(self.checkpoints.learning_rates.tolist()),
             proj_dim=self.proj_dim, seed=self.seed,
             projection=None if self.proj_dim is None else self.featurizer.projection_kind,
@@ -134,6 +135,17 @@ class TracIn:
             projection_allocation=(None if self.featurizer.allocation is None
                                    else tuple(map(tuple, self.featurizer.allocation))),
         )
+
+    def _checkpoint_identities(self) -> list[dict]:
+        """Checkpoints.fingerprint(), with "base": the digest of the model's frozen weights added to adapter
+        checkpoints (they hold the adapter only; the base model they were trained on is part of them)."""
+        ids = self.checkpoints.fingerprint()
+        if not any(c.extra.get("adapter") for c in self.checkpoints):
+            return ids
+        if self._base_digest is None:
+            trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
+            self._base_digest = state_digest({k: v for k, v in self.model.state_dict().items() if k not in trainable})
+        return [{**e, "base": self._base_digest} if c.extra.get("adapter") else e for e, c in zip(ids, self.checkpoints)]
 
     def metadata(self) -> dict:
         """settings() as the flat JSON-able dict written to metadata.json."""
