@@ -8,7 +8,8 @@ one backward pass per batch). The script times, on the same batch of `--batch` s
     train_s     one training step (forward, backward, SGD)
     capture_s   one EK-FAC capture (layer inputs and sampled output gradients of the selected layers)
     fit_s       fit_ekfac over --n-train sequences (two passes: factors, then the eigenvalue correction)
-    index_s     tracin.index(method="source") over --n-train sequences (fit, then v(z) for each sequence)
+    index_s     tracin.index(method="source") over --n-train sequences (fit, then v(z) for each sequence;
+                with --proj-dim, stored through the factored projection)
 Layers: every layer with Kronecker factors used once (the blocks' Linear / transformers Conv1D layers, and
 an untied output layer: Llama's lm_head, 256 x 5000); a tied output layer (GPT-2) is left out.
 """
@@ -70,7 +71,7 @@ def run(name: str, args) -> dict:
     model.eval()
     names = kron_layers(model)
     ckpts = te.Checkpoints([te.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.01, 100)])
-    tracin = te.TracIn(model, ckpts, loss_fn="causal_lm", layers=names)
+    tracin = te.TracIn(model, ckpts, loss_fn="causal_lm", layers=names, proj_dim=args.proj_dim)
     layers = KronLayers(tracin.featurizer.grads)
     gc = layers.grads
     state = gc.prepare(model.state_dict())
@@ -95,6 +96,7 @@ def run(name: str, args) -> dict:
         "train_s": train_s, "capture_s": capture_s, "capture_over_train": capture_s / train_s,
         "fit_s": fit_s, "fit_per_example_over_train": fit_s / args.n_train / (train_s / B),
         "index_s": index_s, "index_per_example_over_train": index_s / args.n_train / (train_s / B),
+        "proj_dim": args.proj_dim, "row_dim": index.store.dim,
         "scores_finite": bool(torch.isfinite(scores).all()),
     }
 
@@ -108,6 +110,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=5000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--proj-dim", type=int, default=None, help="store v(z) projected (factored projection)")
     args = ap.parse_args()
     rows = [run(m, args) for m in args.models.split(",")]
     print(json.dumps({"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

@@ -262,3 +262,36 @@ def test_steps_learning_rates_and_momentum_come_from_the_recorder(tmp_path):
                                                                     progress=False)
     assert index.settings.steps == (4, 4)
     assert index.settings.horizons == pytest.approx([0.1 * 4 / 0.5, 0.05 * 4 / 0.5])
+
+
+def model_numel(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_factored_projection_of_source_rows_is_the_projection_matrix_applied_to_exact_rows(tmp_path):
+    """With a factored projection, v(z) (and the test gradients) are projected block by block
+    (FactoredProjection.project_flat): equal to the exact SOURCE rows times the projection's matrix; scores
+    close to the exact ones; a store reopened by a fresh TracIn takes the stored allocation."""
+    from models import ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(width=2, blocks=(1, 1), classes=3).double().eval()
+    X, y = torch.randn(12, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (12,))
+    ckpts = te.Checkpoints([te.Checkpoint(model.state_dict(), 0.1, 30, {"momentum": 0.0})])
+    exact = te.TracIn(model, ckpts, loss_fn=F.cross_entropy).index((X, y), method="source", progress=False)
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=256, projection="factored")
+    index = tracin.index((X, y), method="source", progress=False, store=tmp_path / "src")
+    fp = tracin.featurizer.projection
+    assert tracin.settings().projection == "factored" and fp.calibrated
+    assert type(tracin.featurizer.exact_path()).__name__ == "HookFeaturizer"     # exact v(z) from the hooks
+    M = fp.matrix()                                                      # (P, D), the explicit projection
+    assert index.store.dim == fp.expanded_dim == M.shape[1] < model_numel(model)
+    torch.testing.assert_close(index.features(0), exact.features(0) @ M, rtol=1e-9, atol=1e-12)
+    test = (X[:4], y[:4])
+    torch.testing.assert_close(index.test_features(test)[0], exact.test_features(test)[0] @ M, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(index.self_influence(), exact.self_influence())   # from the exact vectors
+    r = np.corrcoef(index.influence(test).flatten(), exact.influence(test).flatten())[0, 1]
+    assert r > 0.9, r
+    fresh = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, proj_dim=256, projection="factored")
+    again = SourceIndex.load(tmp_path / "src", fresh)
+    torch.testing.assert_close(again.influence(test), index.influence(test))

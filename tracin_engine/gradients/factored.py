@@ -362,18 +362,35 @@ class FactoredProjection(HookFeaturizer):
         return list(E.split([self.width(i) for i in range(len(self.blocks))]))
 
     def block_reference(self, b: Block, grads: list[torch.Tensor]) -> torch.Tensor:
-        i = self.blocks.index(b)
-        Pa, Pg = self.factors(i, grads[0].device, grads[0].dtype)
+        return self._project_block(self.blocks.index(b), [g.reshape(1, -1) for g in grads])[0]
+
+    def _project_block(self, i: int, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Block i's projection (B, width) of explicit gradients, one (B, numel) tensor per parameter of the
+        block: vector / generic [parts] P_a; kron [W, bias] as (B, R, C'): paired z_m = p_m^T W q_m, else
+        vec(P_r^T W P_c), then Q."""
+        b = self.blocks[i]
+        Pa, Pg = self.factors(i, parts[0].device, parts[0].dtype)
         if b.kind != "kron":
-            return torch.cat(grads) @ Pa
-        W = b.uses[0].handler.from_params(grads[0].unsqueeze(0))[0]
+            return torch.cat(parts, 1) @ Pa
+        W = b.uses[0].handler.from_params(parts[0])
         if b.has_bias:
-            W = torch.cat([W, grads[1].unsqueeze(1)], 1)
+            W = torch.cat([W, parts[1].unsqueeze(2)], 2)
         if self.paired[i]:
-            return (Pg * (W @ Pa)).sum(0)
-        Z = (Pg.T @ W @ Pa).flatten()
+            return (Pg * (W @ Pa)).sum(1)
+        Z = (Pg.T @ W @ Pa).flatten(1)
         Q = self.second(i, Z.device, Z.dtype)
         return Z if Q is None else Z @ Q
+
+    def project_flat(self, flat: torch.Tensor) -> torch.Tensor:
+        """Flat gradients (B, P) (GradientComputer order) -> (B, D) = flat @ matrix(), the expanded rows'
+        space (expand), block by block without forming the matrix (SOURCE's v(z))."""
+        return torch.cat([self._project_block(i, [flat[:, self.offsets[n]:self.offsets[n] + self._numel(n)]
+                                                  for n in b.params]) for i, b in enumerate(self.blocks)], 1)
+
+    @property
+    def expanded_dim(self) -> int:
+        """D, the width of expand(rows) and project_flat."""
+        return sum(self.width(i) for i in range(len(self.blocks)))
 
     def expand(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows (B, layout.dim) -> (B, D) dense projected vectors, D = sum_l k_r k_c (outer segments

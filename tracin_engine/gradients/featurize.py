@@ -50,6 +50,7 @@ class Featurizer:
             raise TracInError(f"per_example must be one of {self.MODES}, got {per_example!r}.")
         self.grads, self.projection, self.requested = grads, projection, per_example
         self.auto_projection = auto_projection
+        self._exact: hooks.HookFeaturizer | bool | None = None   # exact_path() beside a factored projection
         if isinstance(projection, FactoredProjection):
             self.hooks, self.mode, self.resolved = None, "factored", False
             return
@@ -135,6 +136,25 @@ class Featurizer:
         except (hooks.Unsupported, TracInError):
             return False
         return True
+
+    def exact_path(self) -> hooks.HookFeaturizer | None:
+        """A hook path for exact per-example gradients (SOURCE's): this featurizer's own, or beside a factored
+        projection one built for them (its generic exclusions kept); None where the handlers cannot run."""
+        if self.mode == "hooks":
+            return self.hooks
+        if self.mode != "factored" or self._exact is False:
+            return None
+        if self._exact is None:
+            try:
+                self._exact = hooks.HookFeaturizer(self.grads, exclude=self.projection.exclude)
+            except hooks.Unsupported:
+                self._exact = False
+                return None
+        return self._exact
+
+    def drop_exact_path(self) -> None:
+        """The exact hook path beside a factored projection failed its checks: vmap from now on."""
+        self._exact = False
 
     def use_dense_projection(self) -> None:
         """Replace a FactoredProjection by the dense Gaussian one of the same proj_dim and seed (unresolved)."""

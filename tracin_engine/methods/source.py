@@ -17,7 +17,8 @@ c_l = eta_l K_l / (1 - beta_l), in the eigenbasis of H_l (eigenvalue s):
     SOURCE(z', z) = <grad f(z', w_final), v(z)>
 v(z) approximates the change of the final weights when z is removed from training, so a positive
 score means removing z raises the test loss: z is a proponent, as in TracIn. The index stores v(z)
-as a single "checkpoint" of weight 1 (projected like the test gradients when proj_dim is set); test
+as a single "checkpoint" of weight 1 (projected like the test gradients when proj_dim is set: by the
+dense projection, or block by block by the factored one, FactoredProjection.project_flat); test
 features are gradients at the final checkpoint only. self_influence(z) = <grad l(z, w_final), v(z)>,
 the score of z on its own loss (computed from the exact vectors).
 """
@@ -27,7 +28,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +44,8 @@ from ..gradients.featurize import check_finite, progress_bar
 from ..gradients.per_example import Target
 from .index import GradientIndex
 from ..store.layout import Layout
-from ..gradients.projection import RandomProjection
+from ..gradients.factored import FactoredProjection
+from ..gradients.handlers import Unsupported
 from ..store.feature_store import FeatureStore, compare_metadata
 from ..store.files import check_regular, damaged
 from ..store.scoring import accum_dtype
@@ -128,24 +130,32 @@ def source_update(layers: KronLayers, curv: list[LayerCurvature], horizon: float
 
 def flat_gradients(tracin: Any, state: dict, x: torch.Tensor, y: torch.Tensor | None,
                    target: Target = "loss") -> torch.Tensor:
-    """Exact per-example gradients (B, P) of the objective at one checkpoint (never projected)."""
+    """Exact per-example gradients (B, P) of the objective at one checkpoint (never projected): the hook
+    path (beside a factored projection too), else the loop or vmap."""
     fz = tracin.featurizer
-    if fz.mode == "hooks":
-        return fz.hooks.expand(fz.hooks(state, x, y, target))
+    hf = fz.exact_path()
+    if hf is not None:
+        try:
+            return hf.expand(hf(state, x, y, target))
+        except Unsupported:
+            if fz.mode == "hooks":
+                raise
+            fz.drop_exact_path()                   # beside a factored projection: vmap instead
     if fz.mode == "loop":
         return fz.grads.reference(state, x, y, target)
     return fz.grads.per_example(state, x, y, target)
 
 
-def _projection(tracin: Any) -> RandomProjection | None:
-    fz = tracin.featurizer
-    if fz.auto_projection and fz.projection_kind == "factored":  # projection="auto": SOURCE takes the dense one
-        fz.use_dense_projection()
-    proj = fz.projection
-    if proj is not None and not isinstance(proj, RandomProjection):
-        raise TracInError("SOURCE supports exact gradients (proj_dim=None) or a dense projection "
-                          "(projection='gaussian' or 'rademacher'), not projection='factored'.")
-    return proj
+def _projection(tracin: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, int]:
+    """(how v(z) and test gradients (B, P) are projected, the stored width): None and P (exact rows); the
+    dense projection and proj_dim; or the factored projection applied to the flat vectors block by block
+    (FactoredProjection.project_flat, the matrix it stands for never formed) and its expanded width."""
+    proj = tracin.featurizer.projection
+    if proj is None:
+        return None, tracin.featurizer.grads.num_params
+    if isinstance(proj, FactoredProjection):
+        return proj.project_flat, proj.expanded_dim
+    return proj, proj.proj_dim
 
 
 class SourceIndex(GradientIndex):
@@ -178,8 +188,9 @@ class SourceIndex(GradientIndex):
         tr = self.tracin
         source = as_source(test_data, batch_fn)
         predicting = isinstance(target, str) and target == "prediction"
+        self.check_projection()
         tr.resolve(source)
-        proj, state = _projection(tr), tr.state(len(tr.checkpoints) - 1)
+        (proj, _), state = _projection(tr), tr.state(len(tr.checkpoints) - 1)
         size = Backoff(batch_size, tr.device, what="SOURCE test batch", advice="set proj_dim or select fewer layers.")
 
         def rows_of(x: torch.Tensor, y: torch.Tensor | None, start: int, b: int) -> torch.Tensor:
@@ -238,6 +249,9 @@ class SourceIndex(GradientIndex):
         if store.metadata.get("method") != "source" or not (Path(path) / _SELF_FILE).exists():
             raise TracInError(f"{path} does not hold a SOURCE index; use GradientIndex.load for TracIn indexes.")
         settings = IndexSettings.from_metadata(store.metadata).source
+        stored = store.metadata.get("projection_allocation")
+        if stored is not None and tracin.featurizer.needs_calibration:     # a fresh TracIn: the stored shares
+            tracin.featurizer.adopt_projection(None, stored)
         meta = tracin.settings().with_method(settings, Layout.dense_of(store.dim).to_dict()).to_metadata()
         compare_metadata(store.metadata, meta, Path(path))
         self_file = Path(path) / _SELF_FILE
@@ -264,8 +278,8 @@ def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: S
     source = as_source(train_data, batch_fn)
     plan = plan_segments(tracin.checkpoints, segments, steps)
     layers = KronLayers(tracin.featurizer.grads)
-    proj = _projection(tracin)
     tracin.resolve(source)
+    proj, dim = _projection(tracin)
     device = tracin.device
     curvature = choose_curvature(curvature, layers, tracin.state(plan[0].checkpoints[0]), source)
     check_factor_memory(layers)
@@ -280,7 +294,6 @@ def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: S
         bar.update(len(seg.checkpoints))
     bar.close()
     settings = SourceSettings(segments, tuple(s.steps for s in plan), curvature, tuple(s.horizon for s in plan))
-    dim = proj.proj_dim if proj is not None else layers.num_params
     dtype = dtype or accum_dtype(tracin.featurizer.grads.dtype)
     meta = tracin.settings().with_method(settings, Layout.dense_of(dim).to_dict()).to_metadata()
     fs = FeatureStore(n, 1, dim, dtype) if store is None else FeatureStore.open_or_create(store, n, 1, dim, dtype, meta)
