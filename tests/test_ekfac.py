@@ -278,3 +278,34 @@ def test_a_layer_on_what_all_examples_share_is_refused(B):
     gc = GradientComputer(model, F.cross_entropy, device="cpu", layers=["fc"])
     KronLayers(gc).capture(gc.prepare(model.state_dict()), torch.randn(B, 8, 4, dtype=torch.float64),
                            torch.randint(0, 3, (B,)), "empirical")   # left out: fine
+
+
+class _Siamese(nn.Module):
+    """One encoder (Linear, LayerNorm) run on both halves of each example, a head on the pair; `unused` never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.norm, self.head = nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(8, 2)
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x):                       # x (B, 2, 3): two views of an example
+        a, b = (self.norm(torch.tanh(self.enc(x[:, i]))) for i in (0, 1))
+        return self.head(torch.cat([a, b], 1))
+
+
+def test_a_layer_called_twice_has_its_calls_positions_side_by_side_and_one_never_called_has_none():
+    torch.manual_seed(0)
+    model = _Siamese().double()
+    X, y = torch.randn(5, 2, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    layers, captured = _factors_rebuild_gradients(model, X, y)
+    names = [p.name for p in layers.plans]
+    assert names == ["enc", "norm", "head", "unused"]
+    assert captured[0][0].shape[:2] == (5, 2)                      # enc: two calls of one position each
+    assert captured[3][1].abs().max() == 0                         # unused: no gradient
+    _, curv = _fit(model, X, y)
+    assert torch.allclose(curv[3].lam, torch.zeros_like(curv[3].lam))
+    exact = _exact_gn_block(model, ["enc.weight", "enc.bias"], X, y)
+    # K-FAC treats the calls as positions: not exact, but EK-FAC's diagonal in its basis is exact
+    Q = torch.kron(curv[0].QS, curv[0].QA)
+    perm = torch.cat([torch.arange(12).reshape(4, 3), torch.arange(12, 16)[:, None]], 1).flatten()
+    assert torch.allclose(torch.diagonal(Q.T @ exact[perm][:, perm] @ Q), curv[0].lam.flatten(), atol=1e-12)

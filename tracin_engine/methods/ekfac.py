@@ -166,7 +166,7 @@ class KronLayers:
             raise TracInError(
                 f"SOURCE's EK-FAC curvature supports layers with Kronecker factors (Linear, Conv1d, Conv2d with "
                 f"groups=1 and numeric zero padding, MultiheadAttention's input projection) and norm layers and "
-                f"grouped convolutions (their own curvature block), each used once, whose weight is trainable; "
+                f"grouped convolutions (their own curvature block), whose weight is trainable and not tied; "
                 f"unsupported layer(s) or parameters selected (embeddings, recurrent layers, tied weights, "
                 f"parameters no layer handler covers): {bad}. Fit the supported layers with "
                 "TracIn(model, ..., layers=te.source_layers(model)), or use method='tracin'.")
@@ -207,35 +207,52 @@ class KronLayers:
         finally:
             for h in handles:
                 h.remove()
-        if any(len(v) != 1 for v in seen.values()):
-            raise TracInError("a layer ran more than once per forward pass (shared weights); "
-                              "SOURCE's EK-FAC needs each Linear/Conv2d layer to run once.")
         gc.check_outputs(out, y, "loss")
-        layouts = self._layouts(state, inputs, targets, {p.name: seen[p.name][0] for p in self.plans}, B)
-        seen = {p.name: [record_call(p.handler, *seen[p.name][0][:2], layouts[p.name], B)] for p in self.plans}
-        bad = [name for name, [(_, probe, layout)] in seen.items() if not probe_batch_ok(probe, layout, B)]
+        ran = {name: c for name, c in seen.items() if c}
+        layouts = self._layouts(state, inputs, targets, {name: c[0] for name, c in ran.items()}, B)
+        mixed = [name for name, c in ran.items() if any(layouts[name] not in options for _, _, options in c[1:])]
+        if mixed:
+            raise TracInError(f"layer(s) {sorted(mixed)} hold the batch one way in one call and another way in "
+                              "another (batch-first, sequence-first, folded); leave them out with layers=[...].")
+        calls = {name: [record_call(self._plan(name).handler, i, o, layouts[name], B) for i, o, _ in c]
+                 for name, c in ran.items()}
+        bad = [name for name, c in calls.items() if not all(probe_batch_ok(pr, lay, B) for _, pr, lay in c)]
         if bad:
             raise _not_per_example(bad, B)
         U = self._output_factors(out.detach(), y, curvature, generator)          # (B, K, O)
-        outs = [seen[p.name][0][1] for p in self.plans]
+        outs = [pr for c in calls.values() for _, pr, _ in c]
         per_k = []
         for k in range(U.shape[1]):
             g = torch.autograd.grad(out, outs, grad_outputs=U[:, k].reshape(out.shape).to(out.dtype),
                                     retain_graph=k + 1 < U.shape[1], allow_unused=True)
             per_k.append(g)
-        result = []
-        for j, p in enumerate(self.plans):
-            ctx, o, layout = seen[p.name][0]
-            if p.vector:                                  # one column: a = 1, g = the block's gradient (B, K, 1, n)
-                gs = torch.stack([p.handler.vector(ctx, read_grad(o, g[j], layout, B)) for g in per_k], 1)
-                result.append((torch.ones(B, 1, 1, dtype=torch.float64, device=gs.device), gs.double().unsqueeze(2)))
-                continue
-            gs = torch.stack([p.handler.rows(ctx, read_grad(o, g[j], layout, B)) for g in per_k], 1)
-            a = p.handler.cols(ctx, o)
-            if p.has_bias:
-                a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device)], 2)
-            result.append((a.double(), gs.double()))
-        return result
+        grads, pos = {}, 0                                 # per layer, per call: its output gradient for each k
+        for name, c in calls.items():
+            grads[name] = [[g[pos + j] for g in per_k] for j in range(len(c))]
+            pos += len(c)
+        return [self._factors(p, calls.get(p.name, []), grads.get(p.name, []), B, len(per_k)) for p in self.plans]
+
+    def _plan(self, name: str) -> LayerPlan:
+        return next(p for p in self.plans if p.name == name)
+
+    def _factors(self, p: LayerPlan, calls: list, grads: list, B: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a (B, T, in'), g (B, K, T, out)) float64 of one layer from its calls: a layer called several times
+        (a shared encoder, a module in a loop) has the calls' positions side by side (their gradients add up:
+        sum over calls and positions of g a^T); one that never ran, zeros (no gradient, no curvature)."""
+        dev = self.grads.device
+        if not calls:
+            return (torch.zeros(B, 1, p.cols, dtype=torch.float64, device=dev),
+                    torch.zeros(B, K, 1, p.out_dim, dtype=torch.float64, device=dev))
+        if p.vector:                                 # one column: a = 1, g = the block's gradient (B, K, 1, n)
+            gs = torch.stack([sum(p.handler.vector(ctx, read_grad(o, gk[k], lay, B))
+                                  for (ctx, o, lay), gk in zip(calls, grads)) for k in range(K)], 1)
+            return torch.ones(B, 1, 1, dtype=torch.float64, device=gs.device), gs.double().unsqueeze(2)
+        gs = torch.stack([torch.cat([p.handler.rows(ctx, read_grad(o, gk[k], lay, B))
+                                     for (ctx, o, lay), gk in zip(calls, grads)], 1) for k in range(K)], 1)
+        a = torch.cat([p.handler.cols(ctx, o) for ctx, o, _ in calls], 1)
+        if p.has_bias:
+            a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device)], 2)
+        return a.double(), gs.double()
 
     def _layouts(self, state: dict, inputs: Any, targets: torch.Tensor | None, calls: dict[str, tuple],
                  B: int) -> dict[str, int]:
@@ -246,15 +263,14 @@ class KronLayers:
         if B == 1:
             return {name: options[0] for name, (_, _, options) in calls.items()}
         found, pending = {}, {}
-        for p in self.plans:
-            _, o, options = calls[p.name]
-            known = self.layouts.get(p.name)
+        for name, (_, o, options) in calls.items():
+            known = self.layouts.get(name)
             if known in options:
-                found[p.name] = known
+                found[name] = known
             elif len(options) == 1 and options[0] != FOLDED:
-                found[p.name] = self.layouts[p.name] = options[0]
+                found[name] = self.layouts[name] = options[0]
             else:
-                pending[p.name] = p.handler
+                pending[name] = self._plan(name).handler
         if pending and B < 3:
             raise TracInError(f"cannot tell how layer(s) {sorted(pending)} hold a batch of {B} examples (batch-first, "
                               "sequence-first or folded into positions); fit with batches of at least 3 examples.")
@@ -330,7 +346,7 @@ class KronLayers:
 
 def source_layers(model: nn.Module, train_mode: bool = False) -> list[str]:
     """Names of the modules whose parameters SOURCE's curvature takes, for TracIn(model, ..., layers=...): the
-    layers with Kronecker factors and the vector blocks (norms, grouped convolutions), each used once.
+    layers with Kronecker factors and the vector blocks (norms, grouped convolutions) whose weights no other module shares.
     Left out: embeddings, tied weights (GPT-2's lm_head), recurrent layers, parameters no handler covers."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     return [b.uses[0].name for b in plan_blocks(model, names, train_mode)
