@@ -171,7 +171,8 @@ def test_lora_trainer_checkpoints_load_as_the_peft_model_and_score_as_its_full_s
     save_file(kept, str(bad / "adapter_model.safetensors"))
     one = te.Checkpoints.from_files([bad], learning_rates=[0.1])
     assert one[0].extra == {"adapter": True}
-    with pytest.raises(te.TracInError, match=r"lacks trainable parameters of the model: \['base_model.model.classifier"):
+    with pytest.raises(te.TracInError, match=r"lacks trainable parameters of the model: "
+                                             r"\['base_model.model.classifier"):
         te.TracIn(model, one).index(data, progress=False)
 
 

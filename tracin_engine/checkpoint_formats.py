@@ -88,8 +88,9 @@ def is_adapter(path: Path) -> bool:
 def _read_hf_dir(path: Path, facts: bool) -> tuple[dict, dict]:
     found = [f for f in _WEIGHT_FILES + _ADAPTER_FILES if (path / f).exists()]
     if not found:
-        raise TracInError(f"{path} is a folder without model weights (looked for {list(_WEIGHT_FILES + _ADAPTER_FILES)});"
-                          " pass a Trainer checkpoint-N folder, the run folder to Checkpoints.from_dir, or weight files.")
+        raise TracInError(f"{path} is a folder without model weights (looked for "
+                          f"{list(_WEIGHT_FILES + _ADAPTER_FILES)}); pass a Trainer checkpoint-N folder, the run "
+                          "folder to Checkpoints.from_dir, or weight files.")
     weights = path / found[0]
     if weights.name in _ADAPTER_FILES:
         state = _read_safetensors(weights)[0] if weights.suffix == ".safetensors" else \

@@ -108,8 +108,9 @@ class HookFeaturizer:
     def _settle(self, calls: dict[int, list], S: int) -> None:
         """Choose outer (rank one), lowrank or dense for each kron block from the first batch; later batches
         must fit. Lowrank (exact rows only): a layer with a fixed number T of positions per example (a
-        convolution, a Linear on a grid of positions: ConvNeXt's pointwise layers on (B, H, W, C)) whose T (C + R) factor numbers are at most half its R C weights and whose scoring
-        cost T^2 (C + R) is at most 4 R C (ResNet-18's 4x4 layers: 29x smaller, cheaper to score)."""
+        convolution, a Linear on a grid of positions: ConvNeXt's pointwise layers on (B, H, W, C)) whose
+        T (C + R) factor numbers are at most half its R C weights and whose scoring cost T^2 (C + R) is at
+        most 4 R C (ResNet-18's 4x4 layers: 29x smaller, cheaper to score)."""
         changed = False
         for b in self.blocks:
             if b.kind != "kron":

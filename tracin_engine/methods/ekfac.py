@@ -346,8 +346,9 @@ class KronLayers:
 
 def source_layers(model: nn.Module, train_mode: bool = False) -> list[str]:
     """Names of the modules whose parameters SOURCE's curvature takes, for TracIn(model, ..., layers=...): the
-    layers with Kronecker factors and the vector blocks (norms, grouped convolutions) whose weights no other module shares.
-    Left out: embeddings, tied weights (GPT-2's lm_head), recurrent layers, parameters no handler covers."""
+    layers with Kronecker factors and the vector blocks (norms, grouped convolutions) whose weights no other
+    module shares. Left out: embeddings, tied weights (GPT-2's lm_head), recurrent layers, parameters no
+    handler covers."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     return [b.uses[0].name for b in plan_blocks(model, names, train_mode)
             if len(b.uses) == 1 and (b.kind == "vector" or b.kind == "kron" and b.uses[0].handler.kronecker)]

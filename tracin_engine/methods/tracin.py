@@ -145,7 +145,8 @@ class TracIn:
         if self._base_digest is None:
             trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
             self._base_digest = state_digest({k: v for k, v in self.model.state_dict().items() if k not in trainable})
-        return [{**e, "base": self._base_digest} if c.extra.get("adapter") else e for e, c in zip(ids, self.checkpoints)]
+        return [{**e, "base": self._base_digest} if c.extra.get("adapter") else e
+                for e, c in zip(ids, self.checkpoints)]
 
     def metadata(self) -> dict:
         """settings() as the flat JSON-able dict written to metadata.json."""
