@@ -207,3 +207,13 @@ def test_source_layers_leave_out_tied_weights_and_embeddings():
     assert not any(n.endswith(("wte", "wpe", "lm_head")) for n in names)
     assert {n.rsplit(".", 1)[-1] for n in names} == {"ln_1", "c_attn", "c_proj", "ln_2", "c_fc", "ln_f"}
     KronLayers(GradientComputer(model, "causal_lm", device="cpu", layers=names))   # all taken
+
+
+def test_labels_drawn_in_chunks_of_rows_are_the_same_draws(monkeypatch):
+    import tracin_engine.losses as losses
+
+    out, y = torch.randn(3, 7, 11, dtype=torch.float64), torch.randint(0, 11, (3, 7))
+    whole = resolve_loss("causal_lm").fisher_sample(out, y, torch.Generator().manual_seed(5))
+    monkeypatch.setattr(losses, "_CDF_NUMBERS", 25)                   # two rows of 11 classes at a time
+    chunked = resolve_loss("causal_lm").fisher_sample(out, y, torch.Generator().manual_seed(5))
+    assert torch.equal(whole, chunked) and whole.abs().sum() > 0

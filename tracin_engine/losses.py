@@ -253,14 +253,23 @@ def _sample_dtype(out: torch.Tensor) -> torch.dtype:
     return torch.float64 if out.dtype == torch.float64 else torch.float32
 
 
+_CDF_NUMBERS = 2**24   # float64 CDF entries formed at once when sampling (128 MiB): rows are drawn in chunks
+
+
 def _categorical_residual(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """p - e_c over the last dimension (..., C): p = softmax(logits), c ~ p drawn by inverting the CDF with
-    uniforms from `generator` (made on the CPU, so one seed gives the same draws on any device)."""
-    p = torch.softmax(logits.detach().to(_sample_dtype(logits)), -1)
-    r = torch.rand(p.shape[:-1], generator=generator, dtype=torch.float64).to(p.device)
-    cdf = p.double().cumsum(-1)
-    c = torch.searchsorted(cdf, (r * cdf[..., -1]).unsqueeze(-1), right=True).clamp_max(p.shape[-1] - 1)
-    return p.scatter_add(-1, c, torch.full(c.shape, -1.0, dtype=p.dtype, device=p.device))
+    uniforms from `generator` (made on the CPU, so one seed gives the same draws on any device); the
+    float64 CDF is formed for a chunk of rows at a time (a language model's T x V logits)."""
+    u = torch.softmax(logits.detach().to(_sample_dtype(logits)), -1)
+    flat = u.view(-1, u.shape[-1])
+    r = torch.rand(flat.shape[0], generator=generator, dtype=torch.float64).to(u.device)
+    step = max(1, _CDF_NUMBERS // flat.shape[1])
+    for s in range(0, flat.shape[0], step):
+        cdf = flat[s:s + step].double().cumsum(-1)
+        c = torch.searchsorted(cdf, (r[s:s + step] * cdf[:, -1]).unsqueeze(-1), right=True)
+        flat[s:s + step].scatter_add_(-1, c.clamp_max(flat.shape[1] - 1),
+                                      torch.full(c.shape, -1.0, dtype=flat.dtype, device=flat.device))
+    return u
 
 
 LOSSES: dict[str, type[Loss]] = {c.name: c for c in (Classification, Regression, CausalLM, MaskedLM,
