@@ -108,9 +108,11 @@ def _factors_rebuild_gradients(model, X, y):
 
 
 def test_unsupported_layers_are_named():
-    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2))
-    gc = GradientComputer(model, F.cross_entropy, device="cpu")
-    with pytest.raises(TracInError, match=r"0 \(Embedding\)"):
+    from models import CausalLM
+
+    model = CausalLM(vocab=10, dim=4, depth=1, seq=4)             # wte and lm_head share one weight
+    gc = GradientComputer(model, "causal_lm", device="cpu")
+    with pytest.raises(TracInError, match=r"'wte \(Embedding\)', 'lm_head \(Linear\)'"):
         KronLayers(gc)
 
 
@@ -309,3 +311,50 @@ def test_a_layer_called_twice_has_its_calls_positions_side_by_side_and_one_never
     Q = torch.kron(curv[0].QS, curv[0].QA)
     perm = torch.cat([torch.arange(12).reshape(4, 3), torch.arange(12, 16)[:, None]], 1).flatten()
     assert torch.allclose(torch.diagonal(Q.T @ exact[perm][:, perm] @ Q), curv[0].lam.flatten(), atol=1e-12)
+
+
+class _Bag(nn.Module):
+    """Token ids (B, T) -> mean of their embeddings (padding_idx 0) -> tanh -> Linear."""
+
+    def __init__(self, V=7, D=3):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(V, D, padding_idx=0), nn.Linear(D, 2)
+
+    def forward(self, ids):
+        return self.fc(torch.tanh(self.emb(ids).mean(1)))
+
+
+def _bag_data():
+    ids = torch.tensor([[1, 2, 2, 0], [3, 3, 3, 3], [4, 1, 0, 0], [5, 6, 1, 2], [2, 0, 0, 0], [6, 6, 5, 1]])
+    return ids, torch.tensor([0, 1, 1, 0, 1, 0])
+
+
+def test_an_embedding_gets_token_counts_and_a_gradient_factor_with_exact_eigenvalues():
+    """Embedding (V, D) taken transposed: A = token counts (diagonal, never V x V), S = E[c c^T] (D x D);
+    the captured (ids, c) rebuild the per-example gradients; EK-FAC's eigenvalues are the exact
+    Gauss-Newton block's diagonal in its basis; padding (id 0) gets nothing."""
+    torch.manual_seed(0)
+    model = _Bag().double()
+    ids, y = _bag_data()
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    layers = KronLayers(gc)
+    plan = layers.plans[0]
+    assert plan.one_hot and (plan.out_dim, plan.cols) == (3, 7)
+    state = gc.prepare(model.state_dict())
+    a, g = layers.capture(state, ids, y, "empirical")[0]
+    assert torch.equal(a, ids.masked_fill(ids == 0, -1))
+    rebuilt = torch.zeros(6, 3, 7, dtype=torch.float64)
+    for b in range(6):
+        for t in range(4):
+            if a[b, t] >= 0:
+                rebuilt[b, :, a[b, t]] += g[b, 0, t]
+    want = layers.to_mats(gc.reference(state, ids, y))[0]
+    assert torch.allclose(rebuilt, want, atol=1e-12)
+    _, curv = _fit(model, ids, y)
+    c = curv[0]
+    assert c.QA is None and torch.allclose(c.eig_A, torch.bincount(ids[ids > 0], minlength=7).double() / 4 / 6)
+    exact = _exact_gn_block(model, ["emb.weight"], ids, y)                       # (V D), row-major (v, d)
+    perm = torch.arange(21).reshape(7, 3).T.flatten()                              # -> (d, v) order
+    Q = torch.kron(c.QS.contiguous(), torch.eye(7, dtype=torch.float64))
+    assert torch.allclose(torch.diagonal(Q.T @ exact[perm][:, perm] @ Q), c.lam.flatten(), atol=1e-12)
+    assert c.lam[:, 0].abs().max() == 0                                            # padding row: no curvature

@@ -172,10 +172,9 @@ def test_factors_that_cannot_fit_are_refused_naming_the_largest_layer(monkeypatc
         ekfac.check_factor_memory(KronLayers(gc))
 
 
-def test_source_on_a_transformers_llama_takes_its_rms_norms():
-    """Llama's own RMSNorm class (probed handler) gets a curvature block; its embedding is refused by name
-    and left out with layers=te.source_layers(model) (q, k, v, o, gate, up, down, two norms, the final
-    norm, lm_head); the curvature is sampled (240 outputs per example)."""
+def test_source_on_a_transformers_llama_takes_every_layer():
+    """Llama with nothing left out: its own RMSNorm class (probed handler) gets a curvature block, its
+    embedding token counts and a (D x D) factor; the curvature is sampled (240 outputs per example)."""
     pytest.importorskip("transformers")
     from models import hf_llama, token_batch
 
@@ -183,14 +182,12 @@ def test_source_on_a_transformers_llama_takes_its_rms_norms():
     model = hf_llama(vocab=30, dim=16, depth=1, heads=2, seq=8).double()
     ids = token_batch(8, 8, 30)
     ckpts = te.Checkpoints([te.Checkpoint(model.state_dict(), 0.1, 20)])
-    with pytest.raises(TracInError, match=r"embed_tokens \(Embedding\).*layers=te.source_layers\(model\)"):
-        te.TracIn(model, ckpts, loss_fn="causal_lm").index(ids, method="source", progress=False)
-    names = te.source_layers(model)
-    assert "model.model.embed_tokens" not in names and "model.lm_head" in names and len(names) == 11
-    tracin = te.TracIn(model, ckpts, loss_fn="causal_lm", layers=names)
+    assert len(te.source_layers(model)) == 12                               # every module with parameters
+    tracin = te.TracIn(model, ckpts, loss_fn="causal_lm")
     layers = KronLayers(tracin.featurizer.grads)
     norms = [p.name for p in layers.plans if p.vector]
     assert len(norms) == 3 and all("norm" in n for n in norms), norms        # two per block, one final
+    assert [p.name for p in layers.plans if p.one_hot] == ["model.model.embed_tokens"]
     index = tracin.index(ids, method="source", progress=False, batch_size=4)
     assert index.settings.curvature == "mc"
     scores = index.influence(ids[:3])
@@ -198,15 +195,24 @@ def test_source_on_a_transformers_llama_takes_its_rms_norms():
     assert torch.allclose(torch.diagonal(scores[:, :3]).double(), index.self_influence()[:3], rtol=1e-6)
 
 
-def test_source_layers_leave_out_tied_weights_and_embeddings():
+def test_source_layers_leave_out_tied_weights():
+    """GPT-2: the tied wte / lm_head is refused by name and left out by source_layers; its position
+    embedding (looked up with ids (1, T) that every example shares) gets per-example copies of its output."""
     pytest.importorskip("transformers")
-    from models import hf_gpt2
+    from models import hf_gpt2, token_batch
 
-    model = hf_gpt2(vocab=30, dim=16, depth=1, heads=2, seq=8)
+    torch.manual_seed(0)
+    model = hf_gpt2(vocab=30, dim=16, depth=1, heads=2, seq=8).double()
+    ids = token_batch(6, 8, 30)
+    ckpts = te.Checkpoints([te.Checkpoint(model.state_dict(), 0.1, 20)])
+    with pytest.raises(TracInError, match=r"wte \(Embedding\)', 'model.lm_head \(Linear\).*te.source_layers"):
+        te.TracIn(model, ckpts, loss_fn="causal_lm").index(ids, method="source", progress=False)
     names = te.source_layers(model)
-    assert not any(n.endswith(("wte", "wpe", "lm_head")) for n in names)
-    assert {n.rsplit(".", 1)[-1] for n in names} == {"ln_1", "c_attn", "c_proj", "ln_2", "c_fc", "ln_f"}
-    KronLayers(GradientComputer(model, "causal_lm", device="cpu", layers=names))   # all taken
+    assert not any(n.endswith(("wte", "lm_head")) for n in names) and any(n.endswith("wpe") for n in names)
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"wpe", "ln_1", "c_attn", "c_proj", "ln_2", "c_fc", "ln_f"}
+    tracin = te.TracIn(model, ckpts, loss_fn="causal_lm", layers=names)
+    index = tracin.index(ids, method="source", progress=False, batch_size=3)
+    assert torch.isfinite(index.influence(ids[:2])).all()
 
 
 def test_labels_drawn_in_chunks_of_rows_are_the_same_draws(monkeypatch):

@@ -264,6 +264,24 @@ def test_steps_learning_rates_and_momentum_come_from_the_recorder(tmp_path):
     assert index.settings.horizons == pytest.approx([0.1 * 4 / 0.5, 0.05 * 4 / 0.5])
 
 
+def test_source_with_an_embedding_matches_matrix_exponentials():
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_ekfac import _Bag, _bag_data
+
+    torch.manual_seed(0)
+    model = _Bag().double()
+    ids, y = _bag_data()
+    items = [te.Checkpoint({k: v + 0.1 * c * torch.randn_like(v) for k, v in model.state_dict().items()}, 0.5, s,
+                           {"momentum": 0.5, "optimizer": "SGD"}) for c, s in enumerate((10, 20))]
+    ckpts = te.Checkpoints(items)
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
+    index = tracin.index((ids, y), method="source", segments=2, progress=False, batch_size=5)
+    want = _matrix_exponential_reference(tracin, ckpts, ids, y, [((0,), 10, 0.5), ((1,), 10, 0.5)])
+    assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12 * float(want.abs().max()))
+
+
 def model_numel(model):
     return sum(p.numel() for p in model.parameters())
 

@@ -73,6 +73,7 @@ class LayerPlan:
     b_off: int | None
     handler: KronHandler | VectorHandler
     spans: tuple[tuple[int, int], ...] = ()   # vector: (offset, numel) per parameter, in the block's order
+    one_hot: bool = False   # an Embedding (V, D), taken transposed: out = D (its gradients), in' = V (one-hot ids)
 
     @property
     def cols(self) -> int:
@@ -91,6 +92,8 @@ class LayerPlan:
         """flat (B, P) -> this layer's (B, out, in')."""
         if self.vector:
             return torch.cat([flat[:, o:o + n] for o, n in self.spans], 1).unsqueeze(2)
+        if self.one_hot:
+            return self.handler.from_params(flat[:, self.w_off:self.w_off + self.out_dim * self.in_dim]).transpose(1, 2)
         W = self.handler.from_params(flat[:, self.w_off:self.w_off + self.out_dim * self.in_dim])
         if self.has_bias:
             W = torch.cat([W, flat[:, self.b_off:self.b_off + self.out_dim].unsqueeze(2)], 2)
@@ -104,7 +107,8 @@ class LayerPlan:
                 flat[:, o:o + n] = M[:, start:start + n, 0]
                 start += n
             return
-        flat[:, self.w_off:self.w_off + self.out_dim * self.in_dim] = self.handler.to_params(M[:, :, :self.in_dim])
+        W = M.transpose(1, 2) if self.one_hot else M[:, :, :self.in_dim]
+        flat[:, self.w_off:self.w_off + self.out_dim * self.in_dim] = self.handler.to_params(W)
         if self.has_bias:
             flat[:, self.b_off:self.b_off + self.out_dim] = M[:, :, -1]
 
@@ -113,11 +117,12 @@ class LayerPlan:
 class LayerCurvature:
     """EK-FAC of one layer: H ~ (Q_S (x) Q_A) diag(lam.flatten()) (Q_S (x) Q_A)^T, float64.
 
-    QA (in', in'), QS (out, out) or None (the identity: a diagonal curvature), lam (out, in'); eig_A (in',)
-    and eig_S (out,) give K-FAC (eig_S[i] * eig_A[j] in place of lam[i, j]).
+    QA (in', in'), QS (out, out), either None for the identity (a diagonal factor: a long vector block's S, an
+    Embedding's token counts A), lam (out, in'); eig_A (in',) and eig_S (out,) give K-FAC (eig_S[i] * eig_A[j]
+    in place of lam[i, j]).
     """
 
-    QA: torch.Tensor
+    QA: torch.Tensor | None
     QS: torch.Tensor | None
     lam: torch.Tensor
     eig_A: torch.Tensor
@@ -125,16 +130,19 @@ class LayerCurvature:
 
     def rotate(self, G: torch.Tensor) -> torch.Tensor:
         """Q_S^T G Q_A for G (..., out, in'): the eigenbasis coordinates."""
-        return (G if self.QS is None else self.QS.T @ G) @ self.QA
+        G = G if self.QS is None else self.QS.T @ G
+        return G if self.QA is None else G @ self.QA
 
     def unrotate(self, T: torch.Tensor) -> torch.Tensor:
         """Q_S T Q_A^T: back from the eigenbasis."""
-        return (T if self.QS is None else self.QS @ T) @ self.QA.T
+        T = T if self.QS is None else self.QS @ T
+        return T if self.QA is None else T @ self.QA.T
 
     def dense(self, kfac: bool = False) -> torch.Tensor:
         """The (out in', out in') matrix in row-major vec(G) order (for tests and small layers)."""
-        QS = torch.eye(len(self.eig_S), dtype=self.QA.dtype, device=self.QA.device) if self.QS is None else self.QS
-        Q = torch.kron(QS, self.QA)
+        def full(Q, eig):
+            return torch.eye(len(eig), dtype=eig.dtype, device=eig.device) if Q is None else Q.contiguous()
+        Q = torch.kron(full(self.QS, self.eig_S), full(self.QA, self.eig_A))
         d = torch.outer(self.eig_S, self.eig_A) if kfac else self.lam
         return Q @ torch.diag(d.flatten()) @ Q.T
 
@@ -160,6 +168,10 @@ class KronLayers:
             if b.kind != "kron" or len(b.uses) != 1 or not h.kronecker:
                 bad += [f"{u.name or '<model>'} ({type(u.handler.module).__name__})" for u in b.uses] or b.params
                 continue
+            if h.one_hot_rows:                       # Embedding (V, D), transposed: out = D, in' = V
+                self.plans.append(LayerPlan(b.uses[0].name, h.module, b.C, b.R, False, offsets[b.params[0]], None, h,
+                                            one_hot=True))
+                continue
             self.plans.append(LayerPlan(b.uses[0].name, h.module, b.R, b.C, b.has_bias, offsets[b.params[0]],
                                         offsets[b.params[1]] if b.has_bias else None, h))
         if bad:
@@ -167,7 +179,7 @@ class KronLayers:
                 f"SOURCE's EK-FAC curvature supports layers with Kronecker factors (Linear, Conv1d, Conv2d with "
                 f"groups=1 and numeric zero padding, MultiheadAttention's input projection) and norm layers and "
                 f"grouped convolutions (their own curvature block), whose weight is trainable and not tied; "
-                f"unsupported layer(s) or parameters selected (embeddings, recurrent layers, tied weights, "
+                f"unsupported layer(s) or parameters selected (recurrent layers, tied weights, "
                 f"parameters no layer handler covers): {bad}. Fit the supported layers with "
                 "TracIn(model, ..., layers=te.source_layers(model)), or use method='tracin'.")
         self.num_params = grads.num_params
@@ -198,7 +210,13 @@ class KronLayers:
         B = tree.length(x)
 
         def record(p, i, o):                           # the call, and how it may hold the batch
+            shared = B > 1 and isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == 1 and i and \
+                isinstance(i[0], torch.Tensor) and i[0].dim() and i[0].shape[0] == 1
+            if shared:        # an output shared by the batch (position embeddings of ids (1, T)): a per-example
+                o = o.expand(B, *o.shape[1:]).clone()   # copy whose gradient is each example's own (as in hooks.py)
+                i = (i[0].expand(B, *i[0].shape[1:]), *i[1:])
             seen[p.name].append((i, o, batch_layouts(p.handler, i, o, B)))
+            return o if shared else None
 
         handles = [p.handler.attach(lambda m, i, o, p=p: record(p, i, o)) for p in self.plans]
         try:
@@ -236,13 +254,19 @@ class KronLayers:
         return next(p for p in self.plans if p.name == name)
 
     def _factors(self, p: LayerPlan, calls: list, grads: list, B: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a (B, T, in'), g (B, K, T, out)) float64 of one layer from its calls: a layer called several times
+        """(a (B, T, in'), g (B, K, T, out)) float64 of one layer from its calls (an Embedding: a = its ids (B, T),
+        -1 where nothing is looked up, for the one-hots): a layer called several times
         (a shared encoder, a module in a loop) has the calls' positions side by side (their gradients add up:
         sum over calls and positions of g a^T); one that never ran, zeros (no gradient, no curvature)."""
         dev = self.grads.device
         if not calls:
-            return (torch.zeros(B, 1, p.cols, dtype=torch.float64, device=dev),
+            return (torch.full((B, 1), -1, dtype=torch.long, device=dev) if p.one_hot else
+                    torch.zeros(B, 1, p.cols, dtype=torch.float64, device=dev),
                     torch.zeros(B, K, 1, p.out_dim, dtype=torch.float64, device=dev))
+        if p.one_hot:                                # ids (B, T) for the one-hots (-1: padding), g = its c_t
+            gs = torch.stack([torch.cat([p.handler.cols(ctx, read_grad(o, gk[k], lay, B))
+                                         for (ctx, o, lay), gk in zip(calls, grads)], 1) for k in range(K)], 1)
+            return torch.cat([p.handler.ids(ctx) for ctx, _, _ in calls], 1), gs.double()
         if p.vector:                                 # one column: a = 1, g = the block's gradient (B, K, 1, n)
             gs = torch.stack([sum(p.handler.vector(ctx, read_grad(o, gk[k], lay, B))
                                   for (ctx, o, lay), gk in zip(calls, grads)) for k in range(K)], 1)
@@ -347,8 +371,8 @@ class KronLayers:
 def source_layers(model: nn.Module, train_mode: bool = False) -> list[str]:
     """Names of the modules whose parameters SOURCE's curvature takes, for TracIn(model, ..., layers=...): the
     layers with Kronecker factors and the vector blocks (norms, grouped convolutions) whose weights no other
-    module shares. Left out: embeddings, tied weights (GPT-2's lm_head), recurrent layers, parameters no
-    handler covers."""
+    module shares (embeddings included). Left out: tied weights (GPT-2's wte and lm_head), recurrent layers,
+    parameters no handler covers."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     return [b.uses[0].name for b in plan_blocks(model, names, train_mode)
             if len(b.uses) == 1 and (b.kind == "vector" or b.kind == "kron" and b.uses[0].handler.kronecker)]
@@ -370,11 +394,24 @@ def _not_per_example(names: list[str], B: int) -> TracInError:
                        "curvature is undefined; leave it out with TracIn(..., layers=[...]).")
 
 
+def _one_hot_eigenvalues(ids: torch.Tensor, ga: torch.Tensor, V: int) -> torch.Tensor:
+    """sum_b sum_k (sum_{t: x_bt = v} ga_bkt)^2 as (out, V), for ids (B, T) (-1: skipped) and ga (B, K, T, out):
+    the eigenvalue correction of an Embedding (Q_A the identity), from the (example, token) pairs present."""
+    B, K, T, O = ga.shape
+    keep = ids >= 0
+    keys = (torch.arange(B, device=ids.device).unsqueeze(1) * V + ids)[keep]
+    pairs, which = torch.unique(keys, return_inverse=True)
+    sums = torch.zeros(len(pairs), K, O, dtype=ga.dtype, device=ga.device)
+    sums.index_add_(0, which, ga.permute(0, 2, 1, 3)[keep])                        # (pairs, K, out)
+    out = torch.zeros(O, V, dtype=ga.dtype, device=ga.device)
+    return out.index_add_(1, pairs % V, sums.pow(2).sum(1).T)
+
+
 def check_factor_memory(layers: KronLayers) -> None:
     """Refuse, naming the largest layers, when the factors A (in' x in'), S (out x out), their eigenvectors
     and Lambda (out x in') of all layers (float64) would not fit in half the device's free memory."""
-    sizes = sorted(((8 * (3 * (p.cols ** 2 + (p.out_dim if p.diagonal else p.out_dim ** 2)) + p.out_dim * p.cols), p)
-                    for p in layers.plans), key=lambda t: -t[0])
+    sizes = sorted(((8 * (3 * ((p.cols if p.one_hot else p.cols ** 2) + (p.out_dim if p.diagonal else p.out_dim ** 2))
+                          + p.out_dim * p.cols), p) for p in layers.plans), key=lambda t: -t[0])
     need, room = sum(n for n, _ in sizes), budget(layers.grads.device)
     if need > room:
         big = ", ".join(f"{p.name} ({p.out_dim} x {p.cols}: {n / 2**30:.2f} GiB)" for n, p in sizes[:3])
@@ -395,19 +432,22 @@ def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, cu
         raise TracInError("SOURCE needs the training loss; pass loss_fn=... to TracIn.")
     check_factor_memory(layers)
     dev = layers.grads.device
-    A = [torch.zeros(p.cols, p.cols, dtype=torch.float64, device=dev) for p in layers.plans]
+    A = [torch.zeros((p.cols,) * (1 if p.one_hot else 2), dtype=torch.float64, device=dev) for p in layers.plans]
     S = [torch.zeros((p.out_dim,) * (1 if p.diagonal else 2), dtype=torch.float64, device=dev) for p in layers.plans]
     n_total = 0
     for state in states:
         gen = torch.Generator().manual_seed(seed)
         for _, x, y in source.batches(batch_size):
             for j, (a, g) in enumerate(layers.capture(state, x, y, curvature, gen)):
-                A[j] += torch.einsum("bti,btj->ij", a, a) / a.shape[1]
+                if A[j].dim() == 1:                                       # one-hot ids: token counts
+                    A[j] += torch.bincount(a[a >= 0], minlength=A[j].shape[0]).double() / a.shape[1]
+                else:
+                    A[j] += torch.einsum("bti,btj->ij", a, a) / a.shape[1]
                 S[j] += g.pow(2).sum((0, 1, 2)) if S[j].dim() == 1 else torch.einsum("bkti,bktj->ij", g, g)
             n_total += tree.length(x)
     eigs = []
     for j in range(len(layers.plans)):
-        eA, QA = torch.linalg.eigh(A[j] / n_total)
+        eA, QA = (A[j] / n_total, None) if A[j].dim() == 1 else torch.linalg.eigh(A[j] / n_total)
         eS, QS = (S[j] / n_total, None) if S[j].dim() == 1 else torch.linalg.eigh(S[j] / n_total)
         eigs.append((eA.clamp_min(0), QA, eS.clamp_min(0), QS))
     lam = [torch.zeros(p.out_dim, p.cols, dtype=torch.float64, device=dev) for p in layers.plans]
@@ -416,7 +456,11 @@ def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, cu
         for _, x, y in source.batches(batch_size):
             for j, (a, g) in enumerate(layers.capture(state, x, y, curvature, gen)):
                 _, QA, _, QS = eigs[j]
-                ga, aa = (g if QS is None else g @ QS), a @ QA            # project first: Q_S^T g, Q_A^T a
+                ga = g if QS is None else g @ QS                          # Q_S^T g
+                if layers.plans[j].one_hot:                               # sum over positions of one token
+                    lam[j] += _one_hot_eigenvalues(a, ga, lam[j].shape[1])
+                    continue
+                aa = a @ QA                                               # Q_A^T a
                 if a.shape[1] == 1:                                       # rank one: square the factors
                     lam[j] += torch.einsum("bko,bi->oi", ga[:, :, 0].pow(2), aa[:, 0].pow(2))
                 else:                                                     # sum over positions first

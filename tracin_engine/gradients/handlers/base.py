@@ -96,6 +96,7 @@ class KronHandler(LayerHandler):
 
     kind = "kron"
     kronecker = True   # EK-FAC factors A = E[c c^T], S = E[r r^T] are meaningful
+    one_hot_rows = False   # rows are one-hot ids (Embedding): EK-FAC's factor on that side is a diagonal
     sparse_grad = False  # grad_into adds to few entries (Embedding): a tied block writes its dense uses first
 
     def shape(self) -> tuple[int, int]:

@@ -27,7 +27,8 @@ class EmbeddingHandler(KronHandler):
     rank_one_hint = False
     position_wise = True   # acts on each position alone: (T, B, ...) and (B k, ...) are regrouped (hooks.batch_layouts)
     sparse_grad = True  # grad_into touches only the rows of the tokens used: added after dense uses
-    kronecker = False   # A = E[one-hot one-hot^T] is a V x V diagonal: not worth an eigendecomposition
+    kronecker = True    # EK-FAC: S = E[c c^T] (D x D) and A = E[one-hot one-hot^T], a diagonal: token counts
+    one_hot_rows = True  # (methods/ekfac.py takes the ids, never the (V,) one-hots)
 
     @classmethod
     def unsupported(cls, module, train_mode):
@@ -98,6 +99,11 @@ class EmbeddingHandler(KronHandler):
 
     def positions(self, ctx, g):
         return ctx.shape[1]
+
+    def ids(self, ctx) -> torch.Tensor:
+        """(B, T) token ids, -1 where padding_idx (no gradient there)."""
+        p = self.module.padding_idx
+        return ctx if p is None else ctx.masked_fill(ctx == p, -1)
 
     def proj_rows(self, ctx, g, P):
         z = P[ctx]                                                                 # (B, T, k_r)
