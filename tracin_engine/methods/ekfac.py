@@ -391,7 +391,8 @@ def choose_curvature(curvature: str, layers: KronLayers, state: dict, source: Da
 def _not_per_example(names: list[str], B: int) -> TracInError:
     return TracInError(f"the output of layer(s) {sorted(names)} does not hold the batch's {B} examples one by one "
                        "(computed from something all examples share, such as a position table), so its per-example "
-                       "curvature is undefined; leave it out with TracIn(..., layers=[...]).")
+                       "curvature is undefined; leave it out: TracIn(model, ..., layers=[n for n in "
+                       f"te.source_layers(model) if n not in {sorted(names)}]).")
 
 
 def _one_hot_eigenvalues(ids: torch.Tensor, ga: torch.Tensor, V: int) -> torch.Tensor:
