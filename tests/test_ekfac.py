@@ -101,10 +101,36 @@ def _factors_rebuild_gradients(model, X, y):
     layers = KronLayers(gc)
     state = gc.prepare(model.state_dict())
     captured = layers.capture(state, X, y, "empirical")
-    mats = [torch.einsum("bkto,bti->boi", g, a) for a, g in captured]
+    mats = [_one_hot_matrix(a, g, p.cols) if p.one_hot else torch.einsum("bkto,bti->boi", g, a)
+            for p, (a, g) in zip(layers.plans, captured)]
     for m, r in zip(mats, layers.to_mats(gc.reference(state, X, y))):
         assert torch.allclose(m, r, atol=1e-10)
     return layers, captured
+
+
+def _one_hot_matrix(ids, g, V):
+    """sum_t g_t e_{x_t}^T (B, out, V) from an Embedding's captured ids (B, T) (-1: none) and g (B, 1, T, out)."""
+    M = torch.zeros(g.shape[0], g.shape[-1], V, dtype=g.dtype)
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1]):
+            if ids[b, t] >= 0:
+                M[b, :, ids[b, t]] += g[b, 0, t]
+    return M
+
+
+@pytest.mark.parametrize("kw", [dict(kind="LSTM"), dict(kind="GRU", layers=2, bidirectional=True),
+                                dict(kind="RNN", packed=True), dict(kind="LSTM", batch_first=False, init_state=True)])
+def test_captured_factors_of_recurrent_layers_rebuild_exact_per_example_gradients(kw):
+    """nn.LSTM / GRU / RNN: each (layer, direction, side) is a Kronecker block with the time steps as positions
+    (r_t the gate pre-activations' gradients, c_t the input or previous hidden state), through the hook
+    path's unrolled recurrence; packed sequences and sequence-first included."""
+    from models import Recurrent, token_batch
+
+    torch.manual_seed(0)
+    model = Recurrent(**kw).double()
+    layers, _ = _factors_rebuild_gradients(model, token_batch(5, 7, 20), torch.randint(0, 3, (5,)))
+    keys = [p.key for p in layers.plans if p.name == "rnn"]
+    assert keys[:2] == ["rnn.weight_ih_l0", "rnn.weight_hh_l0"] and len(set(keys)) == len(keys)
 
 
 def test_unsupported_layers_are_named():
@@ -343,11 +369,7 @@ def test_an_embedding_gets_token_counts_and_a_gradient_factor_with_exact_eigenva
     state = gc.prepare(model.state_dict())
     a, g = layers.capture(state, ids, y, "empirical")[0]
     assert torch.equal(a, ids.masked_fill(ids == 0, -1))
-    rebuilt = torch.zeros(6, 3, 7, dtype=torch.float64)
-    for b in range(6):
-        for t in range(4):
-            if a[b, t] >= 0:
-                rebuilt[b, :, a[b, t]] += g[b, 0, t]
+    rebuilt = _one_hot_matrix(a, g, 7)
     want = layers.to_mats(gc.reference(state, ids, y))[0]
     assert torch.allclose(rebuilt, want, atol=1e-12)
     _, curv = _fit(model, ids, y)

@@ -282,6 +282,21 @@ def test_source_with_an_embedding_matches_matrix_exponentials():
     assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12 * float(want.abs().max()))
 
 
+def test_source_with_an_lstm_matches_matrix_exponentials():
+    from models import Recurrent, token_batch
+
+    torch.manual_seed(0)
+    model = Recurrent("LSTM", vocab=12, dim=3, hidden=4).double()
+    ids, y = token_batch(6, 5, 12), torch.randint(0, 3, (6,))
+    items = [te.Checkpoint({k: v + 0.1 * c * torch.randn_like(v) for k, v in model.state_dict().items()}, 0.5, s,
+                           {"momentum": 0.5, "optimizer": "SGD"}) for c, s in enumerate((10, 20))]
+    ckpts = te.Checkpoints(items)
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
+    index = tracin.index((ids, y), method="source", progress=False, batch_size=4)
+    want = _matrix_exponential_reference(tracin, ckpts, ids, y, [((0, 1), 20, 0.5)])
+    assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12 * float(want.abs().max()))
+
+
 def model_numel(model):
     return sum(p.numel() for p in model.parameters())
 

@@ -74,6 +74,7 @@ class LayerPlan:
     handler: KronHandler | VectorHandler
     spans: tuple[tuple[int, int], ...] = ()   # vector: (offset, numel) per parameter, in the block's order
     one_hot: bool = False   # an Embedding (V, D), taken transposed: out = D (its gradients), in' = V (one-hot ids)
+    key: str = ""           # unique among the plans: the module's name, or name.weight for one of several parts
 
     @property
     def cols(self) -> int:
@@ -179,11 +180,14 @@ class KronLayers:
                 f"SOURCE's EK-FAC curvature supports layers with Kronecker factors (Linear, Conv1d, Conv2d with "
                 f"groups=1 and numeric zero padding, MultiheadAttention's input projection) and norm layers and "
                 f"grouped convolutions (their own curvature block), whose weight is trainable and not tied; "
-                f"unsupported layer(s) or parameters selected (recurrent layers, tied weights, "
+                f"unsupported layer(s) or parameters selected (recurrent cells stepped in a loop, tied weights, "
                 f"parameters no layer handler covers): {bad}. Fit the supported layers with "
                 "TracIn(model, ..., layers=te.source_layers(model)), or use method='tracin'.")
+        names = [p.name for p in self.plans]
+        for p in self.plans:                   # an RNN's parts share its module: rnn.weight_ih_l0, rnn.weight_hh_l0, ...
+            p.key = p.name if names.count(p.name) == 1 else f"{p.name}.{p.handler.param_locals()[0]}"
         self.num_params = grads.num_params
-        self.layouts: dict[str, int] = {}    # layer name -> how its calls hold the batch (hooks.batch_layouts)
+        self.layouts: dict[str, int] = {}    # plan key -> how its calls hold the batch (hooks.batch_layouts)
 
     # -- flat gradients <-> per-layer matrices ------------------------------------------------------
     def to_mats(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -206,7 +210,7 @@ class KronLayers:
         x, y = gc.batch(x, y)
         gc.check_args(y, "loss")
         params = {k: (v.detach().requires_grad_(True) if k in gc.shapes else v) for k, v in state.items()}
-        seen: dict[str, list] = {p.name: [] for p in self.plans}
+        seen: dict[str, list] = {p.key: [] for p in self.plans}
         B = tree.length(x)
 
         def record(p, i, o):                           # the call, and how it may hold the batch
@@ -215,7 +219,7 @@ class KronLayers:
             if shared:        # an output shared by the batch (position embeddings of ids (1, T)): a per-example
                 o = o.expand(B, *o.shape[1:]).clone()   # copy whose gradient is each example's own (as in hooks.py)
                 i = (i[0].expand(B, *i[0].shape[1:]), *i[1:])
-            seen[p.name].append((i, o, batch_layouts(p.handler, i, o, B)))
+            seen[p.key].append((i, o, batch_layouts(p.handler, i, o, B)))
             return o if shared else None
 
         handles = [p.handler.attach(lambda m, i, o, p=p: record(p, i, o)) for p in self.plans]
@@ -248,10 +252,10 @@ class KronLayers:
         for name, c in calls.items():
             grads[name] = [[g[pos + j] for g in per_k] for j in range(len(c))]
             pos += len(c)
-        return [self._factors(p, calls.get(p.name, []), grads.get(p.name, []), B, len(per_k)) for p in self.plans]
+        return [self._factors(p, calls.get(p.key, []), grads.get(p.key, []), B, len(per_k)) for p in self.plans]
 
-    def _plan(self, name: str) -> LayerPlan:
-        return next(p for p in self.plans if p.name == name)
+    def _plan(self, key: str) -> LayerPlan:
+        return next(p for p in self.plans if p.key == key)
 
     def _factors(self, p: LayerPlan, calls: list, grads: list, B: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(a (B, T, in'), g (B, K, T, out)) float64 of one layer from its calls (an Embedding: a = its ids (B, T),
@@ -371,8 +375,8 @@ class KronLayers:
 def source_layers(model: nn.Module, train_mode: bool = False) -> list[str]:
     """Names of the modules whose parameters SOURCE's curvature takes, for TracIn(model, ..., layers=...): the
     layers with Kronecker factors and the vector blocks (norms, grouped convolutions) whose weights no other
-    module shares (embeddings included). Left out: tied weights (GPT-2's wte and lm_head), recurrent layers,
-    parameters no handler covers."""
+    module shares (embeddings and nn.LSTM / GRU / RNN included). Left out: tied weights (GPT-2's wte and
+    lm_head), recurrent cells (nn.LSTMCell, ...), parameters no handler covers."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     return [b.uses[0].name for b in plan_blocks(model, names, train_mode)
             if len(b.uses) == 1 and (b.kind == "vector" or b.kind == "kron" and b.uses[0].handler.kronecker)]
@@ -415,7 +419,7 @@ def check_factor_memory(layers: KronLayers) -> None:
                           + p.out_dim * p.cols), p) for p in layers.plans), key=lambda t: -t[0])
     need, room = sum(n for n, _ in sizes), budget(layers.grads.device)
     if need > room:
-        big = ", ".join(f"{p.name} ({p.out_dim} x {p.cols}: {n / 2**30:.2f} GiB)" for n, p in sizes[:3])
+        big = ", ".join(f"{p.key} ({p.out_dim} x {p.cols}: {n / 2**30:.2f} GiB)" for n, p in sizes[:3])
         raise TracInError(f"SOURCE's EK-FAC factors need {need / 2**30:.1f} GiB (float64: each layer's (in x in) and "
                           f"(out x out) factors and eigenvectors), {room / 2**30:.1f} GiB can be used; the largest "
                           f"are {big}. Leave the largest out with TracIn(..., layers=[...]) (a language model's "

@@ -153,6 +153,7 @@ class RNNHandler(RecurrentPart):
     """One (layer, direction, side) of an RNN module: r_t = dgi_t or dgh_t (G H), c_t = x_t or h_prev_t."""
 
     rank_one_hint = False
+    kronecker = True   # EK-FAC: the time steps as positions (A = E[c c^T], S = E[sum_t r r^T]), as for a Linear
 
     @classmethod
     def unsupported(cls, module, train_mode):
