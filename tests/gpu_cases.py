@@ -127,6 +127,38 @@ def ideal_agreement(model_fn: Callable[[], torch.nn.Module], data, device_a="cpu
     return {"ideal_rel_err": rel_err(results[1], results[0]), "ideal_device": str(results[1].device)}
 
 
+def source_models() -> dict[str, Callable[[], tuple]]:
+    """SOURCE cases for source_agreement: name -> () -> (float64 model, data, loss_fn). A causal LM with
+    every layer (sampled curvature: label draws from CPU generators, the same on any device; an embedding,
+    RMSNorms as vector blocks) and an LSTM text model (exact curvature; recurrent and embedding blocks)."""
+    from models import Recurrent, hf_llama, token_batch
+
+    def lm():
+        torch.manual_seed(0)
+        return hf_llama(vocab=30, dim=16, depth=1, heads=2, seq=8).double(), token_batch(8, 8, 30), "causal_lm"
+
+    def lstm():
+        torch.manual_seed(0)
+        return Recurrent("LSTM", vocab=20, dim=4, hidden=5).double(), (token_batch(8, 6, 20),
+                                                                         torch.randint(0, 3, (8,))), F.cross_entropy
+    return {"llama_every_layer": lm, "lstm": lstm}
+
+
+def source_agreement(build: Callable[[], tuple], device_a: str = "cpu", device_b: str = "cuda") -> dict:
+    """SOURCE built on two devices from the same model and data: relative errors of the scores (training
+    examples on the first 3) and of the self-influence, and the curvature each used."""
+    out = {}
+    for dev in (device_a, device_b):
+        model, data, loss = build()
+        ckpts = te.Checkpoints([te.Checkpoint(model.state_dict(), 0.1, 20)])
+        index = te.TracIn(model, ckpts, loss_fn=loss, device=dev).index(data, method="source", progress=False,
+                                                                        batch_size=4)
+        test = tuple(d[:3] for d in data) if isinstance(data, tuple) else data[:3]
+        out[dev] = (index.influence(test), index.self_influence(), index.settings.curvature)
+    (sa, ia, ca), (sb, ib, cb) = out[device_a], out[device_b]
+    return {"scores_rel_err": rel_err(sb, sa), "self_rel_err": rel_err(ib, ia), "curvature": [ca, cb]}
+
+
 @contextmanager
 def counting_syncs(device: str):
     """Count synchronizing CUDA calls inside the block (torch.cuda.set_sync_debug_mode("warn"));

@@ -18,7 +18,8 @@ import tracin_engine as te
 from tracin_engine.devices import agreement_tolerance
 from tracin_engine.store.scoring import score_blocks
 
-from gpu_cases import agreement, counting_syncs, handler_agreement, ideal_agreement, store_agreement
+from gpu_cases import (agreement, counting_syncs, handler_agreement, ideal_agreement, source_agreement, source_models,
+                       store_agreement)
 from models import HANDLER_CASES
 from reference import pearson, rel_err
 
@@ -105,6 +106,16 @@ def test_source_on_cuda(mlp_run, small_digits, record_property):
     assert out["cuda"][0].device.type == "cpu"
     assert err < 1e-4  # float64 curvature and gradients: eigen-decompositions differ in the last bits
     assert rel_err(out["cuda"][1], out["cpu"][1]) < 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(source_models()))
+def test_source_with_every_layer_on_cuda(name, record_property):
+    """SOURCE's new paths on CUDA (eighth session): sampled curvature, embeddings, vector blocks, LSTM blocks."""
+    r = source_agreement(source_models()[name])
+    for k, v in r.items():
+        record_property(k, v)
+    assert r["curvature"][0] == r["curvature"][1]
+    assert r["scores_rel_err"] < 1e-4 and r["self_rel_err"] < 1e-4   # float64; eigenbases differ in the last bits
 
 
 def test_clustering_on_cuda_reuses_resident_features(cnn_run, data, record_property):

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from gpu_cases import agreement, counting_syncs, handler_agreement, ideal_agreement, store_agreement
+from gpu_cases import (agreement, counting_syncs, handler_agreement, ideal_agreement, source_agreement, source_models,
+                       store_agreement)
 from models import HANDLER_CASES
 
 
@@ -71,6 +72,16 @@ def test_gpu_check_script_reports_json_without_a_gpu(tmp_path):
     names = {c["name"] for c in report["tests"]["cases"]}
     assert "test_nccl_single_rank" in names and "test_cuda_agrees_with_cpu[vmap-factored-tf32_on]" in names
     assert "test_rerank_on_cuda_returns_the_cpu_exact_scores" in names
+    assert "test_source_with_every_layer_on_cuda[llama_every_layer]" in names
     assert "test_layer_handlers_on_cuda[hf_gpt2_tied]" in names and "test_factored_routes_on_cuda[dense-vit]" in names
     if not torch.cuda.is_available():
-        assert report["cuda"] is False and report["tests"]["skipped"] == len(names) == 56
+        assert report["cuda"] is False and report["tests"]["skipped"] == len(names) == 58
+
+
+@pytest.mark.parametrize("name", sorted(source_models()))
+def test_source_agreement_on_cpu(name):
+    """source_agreement's logic CPU vs CPU: the same draws and factors give the same scores."""
+    pytest.importorskip("transformers")
+    r = source_agreement(source_models()[name], "cpu", "cpu")
+    assert r["scores_rel_err"] == 0 and r["self_rel_err"] == 0
+    assert r["curvature"] == (["mc", "mc"] if name.startswith("llama") else ["gn", "gn"])
