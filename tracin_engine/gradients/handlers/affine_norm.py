@@ -112,6 +112,9 @@ class AffineNormHandler(VectorHandler):
                 ours = y0 + sum(m * own[n].reshape(shape) for n, m in mult.items())
                 check_same_output(self.module, ours, output, "an elementwise-affine scale")
                 self.verified = True
+                u = mult[self.scale]
+                if output.dtype == torch.float64 and bool(u.ne(0).any()) and bool((u.float().double() == u).all()):
+                    self.computes_in = torch.float32   # a float64 model whose norm computes in float32 (Gemma)
         return d, {n: self._view(m, d) for n, m in mult.items()}
 
     @staticmethod

@@ -51,6 +51,7 @@ class LayerHandler:
     def __init__(self, module: nn.Module):
         self.module = module
         self.kwargs: dict = {}   # the keyword arguments of the module's latest call in the hook pass
+        self.computes_in: torch.dtype | None = None   # float32 where a float64 model's layer computes in it
 
     @classmethod
     def unsupported(cls, module: nn.Module, train_mode: bool) -> str | None:
