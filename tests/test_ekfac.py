@@ -174,10 +174,10 @@ def test_a_norm_layer_gets_its_exact_gauss_newton_block_or_its_diagonal(monkeypa
     """A vector block (LayerNorm's weight and bias, 10 numbers) is one column: A = 1, S = E[sum_k v v^T] with
     v = J^T u_k, sum_k u_k u_k^T = H_out: the exact Gauss-Newton block of those parameters on any batch
     ("gn"); longer than VECTOR_DENSE, its diagonal."""
-    from tracin_engine.methods import ekfac
+    from tracin_engine.methods import curvature_blocks
 
     if not dense:
-        monkeypatch.setattr(ekfac, "VECTOR_DENSE", 4)
+        monkeypatch.setattr(curvature_blocks, "VECTOR_DENSE", 4)
     torch.manual_seed(0)
     model = _Normed().double()
     X, y = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))

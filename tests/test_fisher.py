@@ -13,7 +13,7 @@ from tracin_engine.data import as_source
 from tracin_engine.errors import TracInError
 from tracin_engine.gradients.per_example import GradientComputer
 from tracin_engine.losses import IGNORE, resolve_loss
-from tracin_engine.methods import ekfac
+from tracin_engine.methods import ekfac, output_curvature
 from tracin_engine.methods.ekfac import KronLayers, fit_ekfac
 
 from models import CausalLM
@@ -107,7 +107,7 @@ def test_sampled_labels_give_the_gauss_newton_output_factors_of_a_language_model
 
     exact = S(layers.capture(state, ids, None, "gn"))
     empirical = S(layers.capture(state, ids, None, "empirical"))
-    monkeypatch.setattr(ekfac, "hessian", None)                      # "mc" must not form the output Hessian
+    monkeypatch.setattr(output_curvature, "hessian", None)           # "mc" must not form the output Hessian
     sampled = S(layers.capture(state, ids.repeat(reps, 1), None, "mc", torch.Generator().manual_seed(0)), reps)
     for e, m, f in zip(exact, sampled, empirical):
         rel = ((m - e).norm() / e.norm()).item()
@@ -121,7 +121,7 @@ def test_auto_curvature_is_exact_for_few_outputs_and_sampled_for_many(monkeypatc
     state = layers.grads.prepare(layers.grads.model.state_dict())
     assert layers.output_size(state, source) == 6 * 12
     assert ekfac.choose_curvature("auto", layers, state, source) == "mc"
-    monkeypatch.setattr(ekfac, "GN_OUTPUTS", 72)
+    monkeypatch.setattr(output_curvature, "GN_OUTPUTS", 72)
     assert ekfac.choose_curvature("auto", layers, state, source) == "gn"
     with pytest.raises(TracInError, match="curvature must be one of"):
         ekfac.choose_curvature("fisher", layers, state, source)
@@ -150,7 +150,7 @@ def test_a_hessian_that_cannot_fit_is_refused_before_it_is_formed(monkeypatch):
     def custom(out, y):                                                   # a causal LM loss the engine cannot name
         return F.cross_entropy(out[0, :-1], y[0, 1:])
 
-    monkeypatch.setattr(ekfac, "budget", lambda device: 2**20)           # 1 MiB: one 320 x 320 float64 Hessian
+    monkeypatch.setattr(output_curvature, "budget", lambda device: 2**20)   # 1 MiB: one 320 x 320 float64 Hessian
     gc = GradientComputer(model, custom, device="cpu", layers=["blocks.0.mlp.2"])
     layers = KronLayers(gc)
     state = gc.prepare(model.state_dict())

@@ -18,134 +18,32 @@ a factor of the output Hessian, H_out = U U^T), is approximated per layer by
     EK-FAC: (Q_S (x) Q_A) diag(Lambda) (Q_S (x) Q_A)^T,  Lambda_ij = E_n[sum_k (Q_S^T G_nk Q_A)_ij^2]
 with Q_A, Q_S the eigenvectors of A, S averaged over the checkpoints (George et al. 2018). The
 eigenvalue correction is the best diagonal in that basis (Frobenius), so EK-FAC is never farther
-from the block than K-FAC. curvature="gn" uses the exact output-Hessian factor (one backward pass
-per output dimension), "mc" one Gaussian sample u = U eps (unbiased), "empirical" the true-label
-loss gradient (the empirical Fisher). For softmax cross-entropy "gn" is the true Fisher: the
-expectation over labels drawn from the model's predictive distribution, computed exactly rather
-than sampled (H_out = diag(p) - p p^T). For the named losses (losses.py: classification, token
-losses, regression) "mc" draws u from the predictive distribution (Loss.fisher_sample: one sampled
-label per position), so its cost does not grow with the number of outputs (a language model's T x V
-logits); for a custom loss both "gn" and "mc" form H_out (O x O per example) by autograd, and are
-refused with a clear error when it would not fit in memory. "auto" (SOURCE's default) is "gn" for
-models with at most GN_OUTPUTS outputs per example, else "mc".
+from the block than K-FAC. The pseudo-gradients u_nk come from output_curvature.py (curvature "gn":
+the exact output-Hessian factor, for softmax cross-entropy the true Fisher computed exactly; "mc": one
+label per position drawn from the model, unbiased; "empirical": the true labels' gradient; "auto":
+"gn" for few outputs, else "mc"). The layers' matrices and curvatures: curvature_blocks.py.
+Embeddings are taken transposed (token counts: a diagonal factor), recurrent layers with the time
+steps as positions, a layer called several times with its calls' positions side by side.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import grad, hessian, vmap
 
 from .. import inputs as tree
 from ..data import DataSource
 from ..errors import TracInError
 from ..gradients.per_example import GradientComputer, model_mode
-from ..gradients.handlers import KronHandler, VectorHandler
 from ..gradients.hooks import FOLDED, batch_layouts, layouts_on_fewer, probe_batch_ok, read_grad, record_call
 from ..gradients.layers import plan_blocks
-from ..memory import budget, rows_that_fit
+from ..memory import budget
+from .curvature_blocks import LayerCurvature, LayerPlan
+from .output_curvature import output_factors, resolve_curvature
 
-CURVATURES = ("auto", "gn", "mc", "empirical")
-VECTOR_DENSE = 1024   # a vector block (norm layer) up to this many numbers gets its exact (n x n) curvature block
-GN_OUTPUTS = 32   # curvature="auto": the exact output Hessian (one backward pass per output) up to this many outputs
-
-
-@dataclass
-class LayerPlan:
-    """One layer's parameters as a matrix G (out, in') per example, and where they sit in the flat gradient.
-
-    kron (Linear, Conv1d/2d): the weight (out, in) in the handler's layout, the bias as the last column.
-    vector (norm layers, grouped convolutions: handlers.VectorHandler): the block's n numbers as one
-    column (out = n, in' = 1, `spans` the (offset, numel) of each parameter); its curvature is then the
-    exact (n x n) second moment of its pseudo-gradients, or for n > VECTOR_DENSE its diagonal.
-    """
-
-    name: str
-    module: nn.Module
-    out_dim: int
-    in_dim: int          # in_features, or C k k for Conv2d (without the bias column); 1 for a vector block
-    has_bias: bool
-    w_off: int
-    b_off: int | None
-    handler: KronHandler | VectorHandler
-    spans: tuple[tuple[int, int], ...] = ()   # vector: (offset, numel) per parameter, in the block's order
-    one_hot: bool = False   # an Embedding (V, D), taken transposed: out = D (its gradients), in' = V (one-hot ids)
-    key: str = ""           # unique among the plans: the module's name, or name.weight for one of several parts
-
-    @property
-    def cols(self) -> int:
-        return self.in_dim + self.has_bias
-
-    @property
-    def vector(self) -> bool:
-        return bool(self.spans)
-
-    @property
-    def diagonal(self) -> bool:
-        """A vector block too long for an (n x n) factor: its curvature is diagonal."""
-        return self.vector and self.out_dim > VECTOR_DENSE
-
-    def mat(self, flat: torch.Tensor) -> torch.Tensor:
-        """flat (B, P) -> this layer's (B, out, in')."""
-        if self.vector:
-            return torch.cat([flat[:, o:o + n] for o, n in self.spans], 1).unsqueeze(2)
-        if self.one_hot:
-            return self.handler.from_params(flat[:, self.w_off:self.w_off + self.out_dim * self.in_dim]).transpose(1, 2)
-        W = self.handler.from_params(flat[:, self.w_off:self.w_off + self.out_dim * self.in_dim])
-        if self.has_bias:
-            W = torch.cat([W, flat[:, self.b_off:self.b_off + self.out_dim].unsqueeze(2)], 2)
-        return W
-
-    def put(self, flat: torch.Tensor, M: torch.Tensor) -> None:
-        """Write this layer's (B, out, in') into flat (B, P) (the inverse of mat)."""
-        if self.vector:
-            start = 0
-            for o, n in self.spans:
-                flat[:, o:o + n] = M[:, start:start + n, 0]
-                start += n
-            return
-        W = M.transpose(1, 2) if self.one_hot else M[:, :, :self.in_dim]
-        flat[:, self.w_off:self.w_off + self.out_dim * self.in_dim] = self.handler.to_params(W)
-        if self.has_bias:
-            flat[:, self.b_off:self.b_off + self.out_dim] = M[:, :, -1]
-
-
-@dataclass
-class LayerCurvature:
-    """EK-FAC of one layer: H ~ (Q_S (x) Q_A) diag(lam.flatten()) (Q_S (x) Q_A)^T, float64.
-
-    QA (in', in'), QS (out, out), either None for the identity (a diagonal factor: a long vector block's S, an
-    Embedding's token counts A), lam (out, in'); eig_A (in',) and eig_S (out,) give K-FAC (eig_S[i] * eig_A[j]
-    in place of lam[i, j]).
-    """
-
-    QA: torch.Tensor | None
-    QS: torch.Tensor | None
-    lam: torch.Tensor
-    eig_A: torch.Tensor
-    eig_S: torch.Tensor
-
-    def rotate(self, G: torch.Tensor) -> torch.Tensor:
-        """Q_S^T G Q_A for G (..., out, in'): the eigenbasis coordinates."""
-        G = G if self.QS is None else self.QS.T @ G
-        return G if self.QA is None else G @ self.QA
-
-    def unrotate(self, T: torch.Tensor) -> torch.Tensor:
-        """Q_S T Q_A^T: back from the eigenbasis."""
-        T = T if self.QS is None else self.QS @ T
-        return T if self.QA is None else T @ self.QA.T
-
-    def dense(self, kfac: bool = False) -> torch.Tensor:
-        """The (out in', out in') matrix in row-major vec(G) order (for tests and small layers)."""
-        def full(Q, eig):
-            return torch.eye(len(eig), dtype=eig.dtype, device=eig.device) if Q is None else Q.contiguous()
-        Q = torch.kron(full(self.QS, self.eig_S), full(self.QA, self.eig_A))
-        d = torch.outer(self.eig_S, self.eig_A) if kfac else self.lam
-        return Q @ torch.diag(d.flatten()) @ Q.T
 
 
 class KronLayers:
@@ -241,7 +139,7 @@ class KronLayers:
         bad = [name for name, c in calls.items() if not all(probe_batch_ok(pr, lay, B) for _, pr, lay in c)]
         if bad:
             raise _not_per_example(bad, B)
-        U = self._output_factors(out.detach(), y, curvature, generator)          # (B, K, O)
+        U = output_factors(gc.loss_fn, out.detach(), y, curvature, generator)          # (B, K, O)
         outs = [pr for c in calls.values() for _, pr, _ in c]
         per_k = []
         for k in range(U.shape[1]):
@@ -321,48 +219,6 @@ class KronLayers:
             raise _not_per_example(shared, B)
         return found
 
-    def _output_factors(self, out: torch.Tensor, y: torch.Tensor | None, curvature: str,
-                        generator: torch.Generator | None) -> torch.Tensor:
-        """U (B, K, O) with sum_k u_k u_k^T = H_out ("gn"), a sample of it ("mc"), or grad l ("empirical")."""
-        loss_fn = self.grads.loss_fn
-        shape = out.shape[1:]
-
-        def one(o, t):
-            return loss_fn(o.reshape(shape).unsqueeze(0), t.unsqueeze(0)).reshape(())
-
-        flat = out.reshape(out.shape[0], -1)
-        if curvature == "mc":
-            u = loss_fn.fisher_sample(out, y, generator)
-            if u is not None:
-                return u.reshape(flat.shape).unsqueeze(1)
-        if y is not None and y.is_floating_point():
-            y = y.to(torch.float64 if curvature != "empirical" else flat.dtype)
-        if curvature == "empirical":
-            return vmap(grad(lambda o, t: one(o, t)))(flat, y).unsqueeze(1)
-        O = flat.shape[1]
-        per_example = 4 * 8 * O * O                          # H, its symmetric part, eigenvectors, L (float64)
-        if per_example > budget(out.device):
-            raise TracInError(
-                f"curvature={curvature!r} with loss_fn={loss_fn.name!r} forms the Hessian of the loss in the model's "
-                f"{O} outputs per example ({per_example / 2**30:.1f} GiB for one example; "
-                f"{budget(out.device) / 2**30:.1f} GiB can be used). " + (
-                    "Use curvature='mc' (or 'auto'), which samples one label per position instead."
-                    if loss_fn.name != "custom" else
-                    "Pass a named loss_fn ('classification', 'causal_lm', 'masked_lm', 'token_classification', "
-                    "'seq2seq', 'regression') with curvature='mc', which samples labels instead, or use "
-                    "curvature='empirical' (the true labels' gradients)."))
-        rows = rows_that_fit(per_example, out.device, maximum=flat.shape[0])
-        parts = []
-        for s in range(0, flat.shape[0], rows):
-            H = vmap(hessian(lambda o, t: one(o, t)))(flat[s:s + rows].double(), None if y is None else y[s:s + rows])
-            ev, V = torch.linalg.eigh((H + H.transpose(1, 2)) / 2)                  # (b, O, O)
-            parts.append(V * ev.clamp_min(0).sqrt().unsqueeze(1))                   # H = L L^T
-        L = torch.cat(parts)
-        if curvature == "gn":
-            return L.transpose(1, 2)
-        eps = torch.randn(flat.shape[0], flat.shape[1], 1, dtype=L.dtype, generator=generator)
-        return (L @ eps.to(L.device)).transpose(1, 2)
-
     def output_size(self, state: dict, source: DataSource) -> int:
         """O, the number of outputs per example (one no-grad forward pass over the first example)."""
         gc = self.grads
@@ -383,13 +239,8 @@ def source_layers(model: nn.Module, train_mode: bool = False) -> list[str]:
 
 
 def choose_curvature(curvature: str, layers: KronLayers, state: dict, source: DataSource) -> str:
-    """The curvature to fit: `curvature` itself, or for "auto" "gn" when the model has at most GN_OUTPUTS
-    outputs per example (exact, one backward pass per output), else "mc" (one sampled label per position)."""
-    if curvature not in CURVATURES:
-        raise TracInError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
-    if curvature != "auto":
-        return curvature
-    return "gn" if layers.output_size(state, source) <= GN_OUTPUTS else "mc"
+    """The curvature to fit (output_curvature.resolve_curvature; "auto" counts the model's outputs per example)."""
+    return resolve_curvature(curvature, lambda: layers.output_size(state, source))
 
 
 def _not_per_example(names: list[str], B: int) -> TracInError:
