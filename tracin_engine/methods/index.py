@@ -113,6 +113,10 @@ class GradientIndex:
         self.check_projection()
         return self.tracin.features(test_data, target=target, batch_fn=batch_fn, out_device=out_device)
 
+    def row_layout(self) -> list | None:
+        """The featurizer's row layout the stored rows were written in (Layout.to_dict()), to adopt."""
+        return self.store.metadata.get("layout")
+
     def check_projection(self) -> None:
         """Give a TracIn that has not settled its factored allocation the stored one; TracInError when its
         allocation is another (another index was loaded into the same TracIn): test features would not
@@ -120,7 +124,7 @@ class GradientIndex:
         stored = self.store.metadata.get("projection_allocation")
         fz = self.tracin.featurizer
         if stored is not None and fz.needs_calibration:     # a fresh TracIn: take the stored allocation
-            fz.adopt_projection(self.store.metadata.get("layout"), stored)
+            fz.adopt_projection(self.row_layout(), stored)
         now = fz.allocation
         if stored is not None and now is not None and [list(a) for a in stored] != now:
             raise TracInError("this index's rows were projected with another factored allocation than its "

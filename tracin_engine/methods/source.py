@@ -173,6 +173,10 @@ class SourceIndex(GradientIndex):
                 f"curvature={self.settings.curvature!r}, "
                 f"dim={self.store.dim}, proj_dim={self.tracin.proj_dim})")
 
+    def row_layout(self) -> list | None:
+        """None: SOURCE's rows are v(z) projected from flat vectors, in no layout of the featurizer's."""
+        return None
+
     @property
     def learning_rates(self) -> torch.Tensor:
         return torch.ones(1, dtype=torch.float64)
