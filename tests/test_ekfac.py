@@ -134,12 +134,36 @@ def test_captured_factors_of_recurrent_layers_rebuild_exact_per_example_gradient
 
 
 def test_unsupported_layers_are_named():
-    from models import CausalLM
+    from models import Stepped
 
-    model = CausalLM(vocab=10, dim=4, depth=1, seq=4)             # wte and lm_head share one weight
-    gc = GradientComputer(model, "causal_lm", device="cpu")
-    with pytest.raises(TracInError, match=r"'wte \(Embedding\)', 'lm_head \(Linear\)'"):
+    model = Stepped("LSTMCell")                                     # a cell stepped in a Python loop
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    with pytest.raises(TracInError, match=r"'cell \(LSTMCell\)', 'cell \(LSTMCell\)'.*te.source_layers"):
         KronLayers(gc)
+
+
+class _TiedBag(nn.Module):
+    """Token ids -> mean embedding -> scores against the same embedding (a tied output layer over V classes)."""
+
+    def __init__(self, V=6, D=3):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(V, D), nn.Linear(D, V, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids).mean(1)))
+
+
+def test_a_tied_weight_is_one_block_with_its_exact_gauss_newton_curvature():
+    """wte / lm_head sharing a weight: one vector block, its per-example gradient summed over both modules
+    (rebuilds the exact gradients), its curvature the exact Gauss-Newton block (18 numbers: dense)."""
+    torch.manual_seed(0)
+    model = _TiedBag().double()
+    ids, y = torch.tensor([[1, 2, 2], [3, 0, 5], [4, 4, 1], [5, 2, 0]]), torch.tensor([2, 0, 4, 1])
+    layers, _ = _factors_rebuild_gradients(model, ids, y)
+    assert len(layers.plans) == 1 and len(layers.plans[0].tied) == 2 and len(layers.taps) == 2
+    _, (curv,) = _fit(model, ids, y)
+    assert torch.allclose(curv.dense(), _exact_gn_block(model, ["emb.weight"], ids, y), atol=1e-12, rtol=1e-9)
 
 
 class _Normed(nn.Module):

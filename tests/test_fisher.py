@@ -195,9 +195,10 @@ def test_source_on_a_transformers_llama_takes_every_layer():
     assert torch.allclose(torch.diagonal(scores[:, :3]).double(), index.self_influence()[:3], rtol=1e-6)
 
 
-def test_source_layers_leave_out_tied_weights():
-    """GPT-2: the tied wte / lm_head is refused by name and left out by source_layers; its position
-    embedding (looked up with ids (1, T) that every example shares) gets per-example copies of its output."""
+def test_source_on_a_transformers_gpt2_takes_its_tied_embedding_and_positions():
+    """GPT-2 with every layer: the tied wte / lm_head is one block (its two uses' gradients summed; 480
+    numbers: its exact block, beyond 1,024 its diagonal), the position embedding (ids (1, T) every example
+    shares) gets per-example copies of its output."""
     pytest.importorskip("transformers")
     from models import hf_gpt2, token_batch
 
@@ -205,12 +206,13 @@ def test_source_layers_leave_out_tied_weights():
     model = hf_gpt2(vocab=30, dim=16, depth=1, heads=2, seq=8).double()
     ids = token_batch(6, 8, 30)
     ckpts = te.Checkpoints([te.Checkpoint(model.state_dict(), 0.1, 20)])
-    with pytest.raises(TracInError, match=r"wte \(Embedding\)', 'model.lm_head \(Linear\).*te.source_layers"):
-        te.TracIn(model, ckpts, loss_fn="causal_lm").index(ids, method="source", progress=False)
     names = te.source_layers(model)
-    assert not any(n.endswith(("wte", "lm_head")) for n in names) and any(n.endswith("wpe") for n in names)
-    assert {n.rsplit(".", 1)[-1] for n in names} == {"wpe", "ln_1", "c_attn", "c_proj", "ln_2", "c_fc", "ln_f"}
-    tracin = te.TracIn(model, ckpts, loss_fn="causal_lm", layers=names)
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"wte", "lm_head", "wpe", "ln_1", "c_attn", "c_proj", "ln_2",
+                                                     "c_fc", "ln_f"}
+    tracin = te.TracIn(model, ckpts, loss_fn="causal_lm")
+    layers = KronLayers(tracin.featurizer.grads)
+    tied = [p for p in layers.plans if p.tied]
+    assert len(tied) == 1 and tied[0].out_dim == 30 * 16 and tied[0].diagonal is False
     index = tracin.index(ids, method="source", progress=False, batch_size=3)
     assert torch.isfinite(index.influence(ids[:2])).all()
 

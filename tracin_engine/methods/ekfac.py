@@ -64,6 +64,11 @@ class KronLayers:
                 spans = tuple((offsets[n], int(np.prod(grads.shapes[n]))) for n in b.params)
                 self.plans.append(LayerPlan(b.uses[0].name, h.module, b.n, 1, False, spans[0][0], None, h, spans))
                 continue
+            if b.kind == "kron" and len(b.uses) > 1:   # tied: one vector block, its uses' gradients summed
+                spans = tuple((offsets[n], int(np.prod(grads.shapes[n]))) for n in b.params)
+                self.plans.append(LayerPlan(b.uses[0].name, h.module, b.numel, 1, False, spans[0][0], None, h, spans,
+                                            tied=tuple(u.handler for u in b.uses)))
+                continue
             if b.kind != "kron" or len(b.uses) != 1 or not h.kronecker:
                 bad += [f"{u.name or '<model>'} ({type(u.handler.module).__name__})" for u in b.uses] or b.params
                 continue
@@ -77,13 +82,16 @@ class KronLayers:
             raise TracInError(
                 f"SOURCE's EK-FAC curvature supports layers with Kronecker factors (Linear, Conv1d, Conv2d with "
                 f"groups=1 and numeric zero padding, MultiheadAttention's input projection) and norm layers and "
-                f"grouped convolutions (their own curvature block), whose weight is trainable and not tied; "
-                f"unsupported layer(s) or parameters selected (recurrent cells stepped in a loop, tied weights, "
+                f"grouped convolutions and tied weights (their own curvature block), whose weight is trainable; "
+                f"unsupported layer(s) or parameters selected (recurrent cells stepped in a loop, "
                 f"parameters no layer handler covers): {bad}. Fit the supported layers with "
                 "TracIn(model, ..., layers=te.source_layers(model)), or use method='tracin'.")
         names = [p.name for p in self.plans]
         for p in self.plans:                   # an RNN's parts share its module: rnn.weight_ih_l0, rnn.weight_hh_l0, ...
             p.key = p.name if names.count(p.name) == 1 else f"{p.name}.{p.handler.param_locals()[0]}"
+        # taps: the handlers whose calls are recorded, one per plan, one per module using a tied weight
+        self.taps = {(p.key if not p.tied else f"{p.key}@{j}"): (p, h)
+                     for p in self.plans for j, h in enumerate(p.tied or (p.handler,))}
         self.num_params = grads.num_params
         self.layouts: dict[str, int] = {}    # plan key -> how its calls hold the batch (hooks.batch_layouts)
 
@@ -108,19 +116,19 @@ class KronLayers:
         x, y = gc.batch(x, y)
         gc.check_args(y, "loss")
         params = {k: (v.detach().requires_grad_(True) if k in gc.shapes else v) for k, v in state.items()}
-        seen: dict[str, list] = {p.key: [] for p in self.plans}
+        seen: dict[str, list] = {key: [] for key in self.taps}
         B = tree.length(x)
 
-        def record(p, i, o):                           # the call, and how it may hold the batch
+        def record(key, h, i, o):                      # the call, and how it may hold the batch
             shared = B > 1 and isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == 1 and i and \
                 isinstance(i[0], torch.Tensor) and i[0].dim() and i[0].shape[0] == 1
             if shared:        # an output shared by the batch (position embeddings of ids (1, T)): a per-example
                 o = o.expand(B, *o.shape[1:]).clone()   # copy whose gradient is each example's own (as in hooks.py)
                 i = (i[0].expand(B, *i[0].shape[1:]), *i[1:])
-            seen[p.key].append((i, o, batch_layouts(p.handler, i, o, B)))
+            seen[key].append((i, o, batch_layouts(h, i, o, B)))
             return o if shared else None
 
-        handles = [p.handler.attach(lambda m, i, o, p=p: record(p, i, o)) for p in self.plans]
+        handles = [h.attach(lambda m, i, o, key=key, h=h: record(key, h, i, o)) for key, (_, h) in self.taps.items()]
         try:
             with model_mode(gc.model, gc.train_mode), torch.enable_grad():
                 out = gc.forward(params, x, y)
@@ -134,7 +142,7 @@ class KronLayers:
         if mixed:
             raise TracInError(f"layer(s) {sorted(mixed)} hold the batch one way in one call and another way in "
                               "another (batch-first, sequence-first, folded); leave them out with layers=[...].")
-        calls = {name: [record_call(self._plan(name).handler, i, o, layouts[name], B) for i, o, _ in c]
+        calls = {name: [record_call(self.taps[name][1], i, o, layouts[name], B) for i, o, _ in c]
                  for name, c in ran.items()}
         bad = [name for name, c in calls.items() if not all(probe_batch_ok(pr, lay, B) for _, pr, lay in c)]
         if bad:
@@ -150,10 +158,26 @@ class KronLayers:
         for name, c in calls.items():
             grads[name] = [[g[pos + j] for g in per_k] for j in range(len(c))]
             pos += len(c)
-        return [self._factors(p, calls.get(p.key, []), grads.get(p.key, []), B, len(per_k)) for p in self.plans]
+        out = []
+        for p in self.plans:
+            taps = [(h, calls.get(key, []), grads.get(key, [])) for key, (q, h) in self.taps.items() if q is p]
+            out.append(self._tied(p, taps, B, len(per_k)) if p.tied else
+                       self._factors(p, taps[0][1], taps[0][2], B, len(per_k)))
+        return out
 
-    def _plan(self, key: str) -> LayerPlan:
-        return next(p for p in self.plans if p.key == key)
+    def _tied(self, p: LayerPlan, taps: list, B: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A tied weight as one column: g (B, K, 1, n) its per-example gradient summed over the modules using it
+        (each handler's grad_into, as the hook path's block rows), a = 1."""
+        dev = self.grads.device
+        gs = torch.zeros(B, K, p.out_dim, dtype=torch.float64, device=dev)
+        for k in range(K):
+            for h, calls, grads in taps:
+                for (ctx, o, lay), gk in zip(calls, grads):
+                    g = read_grad(o, gk[k], lay, B)
+                    part = torch.zeros(B, p.out_dim, dtype=g.dtype, device=dev)
+                    h.grad_into(ctx, g, part, accumulate=True)
+                    gs[:, k] += part.double()
+        return torch.ones(B, 1, 1, dtype=torch.float64, device=dev), gs.unsqueeze(2)
 
     def _factors(self, p: LayerPlan, calls: list, grads: list, B: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(a (B, T, in'), g (B, K, T, out)) float64 of one layer from its calls (an Embedding: a = its ids (B, T),
@@ -196,7 +220,7 @@ class KronLayers:
             elif len(options) == 1 and options[0] != FOLDED:
                 found[name] = self.layouts[name] = options[0]
             else:
-                pending[name] = self._plan(name).handler
+                pending[name] = self.taps[name][1]
         if pending and B < 3:
             raise TracInError(f"cannot tell how layer(s) {sorted(pending)} hold a batch of {B} examples (batch-first, "
                               "sequence-first or folded into positions); fit with batches of at least 3 examples.")
@@ -230,12 +254,13 @@ class KronLayers:
 
 def source_layers(model: nn.Module, train_mode: bool = False) -> list[str]:
     """Names of the modules whose parameters SOURCE's curvature takes, for TracIn(model, ..., layers=...): the
-    layers with Kronecker factors and the vector blocks (norms, grouped convolutions) whose weights no other
-    module shares (embeddings and nn.LSTM / GRU / RNN included). Left out: tied weights (GPT-2's wte and
-    lm_head), recurrent cells (nn.LSTMCell, ...), parameters no handler covers."""
+    layers with Kronecker factors and the vector blocks (norms, grouped convolutions, tied weights);
+    embeddings and nn.LSTM / GRU / RNN included. Left out: recurrent cells (nn.LSTMCell, ...) and
+    parameters no handler covers."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    return [b.uses[0].name for b in plan_blocks(model, names, train_mode)
-            if len(b.uses) == 1 and (b.kind == "vector" or b.kind == "kron" and b.uses[0].handler.kronecker)]
+    return [u.name for b in plan_blocks(model, names, train_mode)
+            if b.kind == "vector" or b.kind == "kron" and (len(b.uses) > 1 or b.uses[0].handler.kronecker)
+            for u in b.uses]
 
 
 def choose_curvature(curvature: str, layers: KronLayers, state: dict, source: DataSource) -> str:
