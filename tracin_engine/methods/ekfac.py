@@ -258,9 +258,10 @@ def source_layers(model: nn.Module, train_mode: bool = False) -> list[str]:
     embeddings and nn.LSTM / GRU / RNN included. Left out: recurrent cells (nn.LSTMCell, ...) and
     parameters no handler covers."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    return [u.name for b in plan_blocks(model, names, train_mode)
-            if b.kind == "vector" or b.kind == "kron" and (len(b.uses) > 1 or b.uses[0].handler.kronecker)
-            for u in b.uses]
+    owners = [n.rpartition(".")[0] for b in plan_blocks(model, names, train_mode)
+              if b.kind == "vector" or b.kind == "kron" and (len(b.uses) > 1 or b.uses[0].handler.kronecker)
+              for n in b.params]                    # the modules owning the parameters (a tied weight: its first)
+    return list(dict.fromkeys(owners))
 
 
 def choose_curvature(curvature: str, layers: KronLayers, state: dict, source: DataSource) -> str:
