@@ -9,6 +9,7 @@ from torch import nn
 from torch.func import hessian
 
 from tracin_engine.data import as_source
+from tracin_engine import source_layers as te_source_layers
 from tracin_engine.methods.ekfac import KronLayers, fit_ekfac
 from tracin_engine.errors import TracInError
 from tracin_engine.gradients.per_example import GradientComputer
@@ -133,13 +134,35 @@ def test_captured_factors_of_recurrent_layers_rebuild_exact_per_example_gradient
     assert keys[:2] == ["rnn.weight_ih_l0", "rnn.weight_hh_l0"] and len(set(keys)) == len(keys)
 
 
-def test_unsupported_layers_are_named():
-    from models import Stepped
+class _Raw(nn.Module):
+    """A parameter no layer handler covers (used directly in forward, like a ViT's cls_token)."""
 
-    model = Stepped("LSTMCell")                                     # a cell stepped in a Python loop
-    gc = GradientComputer(model, F.cross_entropy, device="cpu")
-    with pytest.raises(TracInError, match=r"'cell \(LSTMCell\)', 'cell \(LSTMCell\)'.*te.source_layers"):
+    def __init__(self):
+        super().__init__()
+        self.gain, self.fc = nn.Parameter(torch.ones(3, 3)), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x @ self.gain)
+
+
+def test_unsupported_layers_are_named():
+    gc = GradientComputer(_Raw(), F.cross_entropy, device="cpu")
+    with pytest.raises(TracInError, match=r"\['gain'\].*te.source_layers"):
         KronLayers(gc)
+    assert te_source_layers(_Raw()) == ["fc"]
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell"])
+def test_a_cell_stepped_in_a_loop_has_its_calls_as_positions(kind):
+    """nn.LSTMCell / GRUCell called once per step by the model's own loop: each call is recorded when it runs
+    (the replaced forward keeps only its latest call), the calls side by side; exact per-example gradients."""
+    from models import Stepped, token_batch
+
+    torch.manual_seed(0)
+    layers, captured = _factors_rebuild_gradients(Stepped(kind).double(), token_batch(5, 7, 20),
+                                                  torch.randint(0, 3, (5,)))
+    assert [p.key for p in layers.plans if p.name == "cell"] == ["cell.weight_ih", "cell.weight_hh"]
+    assert captured[1][0].shape[1] == 7                              # seven calls: seven positions
 
 
 class _TiedBag(nn.Module):

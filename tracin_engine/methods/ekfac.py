@@ -38,7 +38,7 @@ from .. import inputs as tree
 from ..data import DataSource
 from ..errors import TracInError
 from ..gradients.per_example import GradientComputer, model_mode
-from ..gradients.hooks import FOLDED, batch_layouts, layouts_on_fewer, probe_batch_ok, read_grad, record_call
+from ..gradients.hooks import BATCH_FIRST, FOLDED, batch_layouts, layouts_on_fewer, probe_batch_ok, read_grad, record_call
 from ..gradients.layers import plan_blocks
 from ..memory import budget
 from .curvature_blocks import LayerCurvature, LayerPlan
@@ -83,9 +83,8 @@ class KronLayers:
                 f"SOURCE's EK-FAC curvature supports layers with Kronecker factors (Linear, Conv1d, Conv2d with "
                 f"groups=1 and numeric zero padding, MultiheadAttention's input projection) and norm layers and "
                 f"grouped convolutions and tied weights (their own curvature block), whose weight is trainable; "
-                f"unsupported layer(s) or parameters selected (recurrent cells stepped in a loop, "
-                f"parameters no layer handler covers): {bad}. Fit the supported layers with "
-                "TracIn(model, ..., layers=te.source_layers(model)), or use method='tracin'.")
+                f"unsupported parameters selected (no layer handler covers them): {bad}. Fit the supported "
+                "layers with TracIn(model, ..., layers=te.source_layers(model)), or use method='tracin'.")
         names = [p.name for p in self.plans]
         for p in self.plans:                   # an RNN's parts share its module: rnn.weight_ih_l0, rnn.weight_hh_l0, ...
             p.key = p.name if names.count(p.name) == 1 else f"{p.name}.{p.handler.param_locals()[0]}"
@@ -125,7 +124,10 @@ class KronLayers:
             if shared:        # an output shared by the batch (position embeddings of ids (1, T)): a per-example
                 o = o.expand(B, *o.shape[1:]).clone()   # copy whose gradient is each example's own (as in hooks.py)
                 i = (i[0].expand(B, *i[0].shape[1:]), *i[1:])
-            seen[key].append((i, o, batch_layouts(h, i, o, B)))
+            options = batch_layouts(h, i, o, B)
+            # batch-first for sure: recorded now (a replaced forward keeps only its latest call's (ctx, probe))
+            now = record_call(h, i, o, BATCH_FIRST, B) if options == (BATCH_FIRST,) else None
+            seen[key].append((i, o, options, now))
             return o if shared else None
 
         handles = [h.attach(lambda m, i, o, key=key, h=h: record(key, h, i, o)) for key, (_, h) in self.taps.items()]
@@ -137,12 +139,13 @@ class KronLayers:
                 h.remove()
         gc.check_outputs(out, y, "loss")
         ran = {name: c for name, c in seen.items() if c}
-        layouts = self._layouts(state, inputs, targets, {name: c[0] for name, c in ran.items()}, B)
-        mixed = [name for name, c in ran.items() if any(layouts[name] not in options for _, _, options in c[1:])]
+        layouts = self._layouts(state, inputs, targets, {name: c[0][:3] for name, c in ran.items()}, B)
+        mixed = [name for name, c in ran.items() if any(layouts[name] not in options for _, _, options, _ in c[1:])]
         if mixed:
             raise TracInError(f"layer(s) {sorted(mixed)} hold the batch one way in one call and another way in "
                               "another (batch-first, sequence-first, folded); leave them out with layers=[...].")
-        calls = {name: [record_call(self.taps[name][1], i, o, layouts[name], B) for i, o, _ in c]
+        calls = {name: [now if now is not None and layouts[name] == BATCH_FIRST else
+                        record_call(self.taps[name][1], i, o, layouts[name], B) for i, o, _, now in c]
                  for name, c in ran.items()}
         bad = [name for name, c in calls.items() if not all(probe_batch_ok(pr, lay, B) for _, pr, lay in c)]
         if bad:
@@ -255,8 +258,7 @@ class KronLayers:
 def source_layers(model: nn.Module, train_mode: bool = False) -> list[str]:
     """Names of the modules whose parameters SOURCE's curvature takes, for TracIn(model, ..., layers=...): the
     layers with Kronecker factors and the vector blocks (norms, grouped convolutions, tied weights);
-    embeddings and nn.LSTM / GRU / RNN included. Left out: recurrent cells (nn.LSTMCell, ...) and
-    parameters no handler covers."""
+    embeddings, nn.LSTM / GRU / RNN and their cells included. Left out: parameters no handler covers."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     owners = [n.rpartition(".")[0] for b in plan_blocks(model, names, train_mode)
               if b.kind == "vector" or b.kind == "kron" and (len(b.uses) > 1 or b.uses[0].handler.kronecker)

@@ -142,7 +142,7 @@ def cell_step(mode: str, gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c:
 class RecurrentPart(ReplacedPart):
     """One weight of a recurrent module (rnn.py, rnn_cell.py): r = the gradient of its pre-activation."""
 
-    kronecker = False   # Kronecker factors of recurrent weights are not what SOURCE's EK-FAC assumes
+    kronecker = True    # EK-FAC: the time steps (or a cell's calls) as positions, as for a Linear on a sequence
 
     @property
     def has_bias(self) -> bool:
@@ -153,7 +153,6 @@ class RNNHandler(RecurrentPart):
     """One (layer, direction, side) of an RNN module: r_t = dgi_t or dgh_t (G H), c_t = x_t or h_prev_t."""
 
     rank_one_hint = False
-    kronecker = True   # EK-FAC: the time steps as positions (A = E[c c^T], S = E[sum_t r r^T]), as for a Linear
 
     @classmethod
     def unsupported(cls, module, train_mode):
