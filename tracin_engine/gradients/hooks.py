@@ -182,16 +182,11 @@ class HookFeaturizer:
                 except Exception as exc:                     # a layer computing something its handler cannot
                     raise Unsupported(f"the handler of layer {u.name!r} ({type(m).__name__}) cannot take its "
                                       f"input ({type(exc).__name__}: {exc})") from exc
-                if B > 1 and isinstance(o, torch.Tensor) and o.shape[0] == 1 and isinstance(ctx, torch.Tensor) \
-                        and ctx.shape[0] == 1:
-                    # an output shared by the batch (position embeddings of ids (1, T)): a per-example copy
-                    # whose gradient is each example's own; it broadcasts downstream as before
-                    o = o.expand(B, *o.shape[1:]).clone()
-                    ctx = ctx.expand(B, *ctx.shape[1:])
-                    seen[id(u)].append((ctx, o, 0))
-                    return o
+                copy = per_example_copy(ctx, o, B)
+                if copy is not None:
+                    ctx, o = copy
                 seen[id(u)].append((ctx, o, 0))
-                return None
+                return None if copy is None else o
             return record
 
         if self.broadcast is None and self.lead is None:
@@ -605,6 +600,16 @@ def layouts_on_fewer(grads: GradientComputer, state: dict, inputs: Any, targets:
         for h in handles:
             h.remove()
     return shapes
+
+
+def per_example_copy(x: Any, output: Any, B: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x, output) expanded to B examples when both have leading size 1 and B > 1: an output shared by the batch
+    (position embeddings of ids (1, T)), replaced by a per-example copy whose gradient is each example's own (it
+    broadcasts downstream as before); else None."""
+    if B > 1 and isinstance(output, torch.Tensor) and output.dim() and output.shape[0] == 1 \
+            and isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1:
+        return x.expand(B, *x.shape[1:]), output.expand(B, *output.shape[1:]).clone()
+    return None
 
 
 def record_call(handler: Any, inputs: tuple, output: Any, layout: int, B: int) -> tuple[Any, Any, int]:

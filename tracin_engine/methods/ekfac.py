@@ -38,7 +38,8 @@ from .. import inputs as tree
 from ..data import DataSource
 from ..errors import TracInError
 from ..gradients.per_example import GradientComputer, model_mode
-from ..gradients.hooks import BATCH_FIRST, FOLDED, batch_layouts, layouts_on_fewer, probe_batch_ok, read_grad, record_call
+from ..gradients.hooks import (BATCH_FIRST, FOLDED, batch_layouts, layouts_on_fewer, per_example_copy, probe_batch_ok,
+                               read_grad, record_call)
 from ..gradients.layers import plan_blocks
 from ..memory import budget
 from .curvature_blocks import LayerCurvature, LayerPlan
@@ -60,14 +61,11 @@ class KronLayers:
         bad = []
         for b in plan_blocks(grads.model, grads.param_names, grads.train_mode):
             h = b.uses[0].handler if b.uses else None
-            if b.kind == "vector" and len(b.uses) == 1:
-                spans = tuple((offsets[n], int(np.prod(grads.shapes[n]))) for n in b.params)
-                self.plans.append(LayerPlan(b.uses[0].name, h.module, b.n, 1, False, spans[0][0], None, h, spans))
-                continue
-            if b.kind == "kron" and len(b.uses) > 1:   # tied: one vector block, its uses' gradients summed
+            tied = b.kind == "kron" and len(b.uses) > 1     # one vector block, its uses' gradients summed
+            if tied or b.kind == "vector" and len(b.uses) == 1:
                 spans = tuple((offsets[n], int(np.prod(grads.shapes[n]))) for n in b.params)
                 self.plans.append(LayerPlan(b.uses[0].name, h.module, b.numel, 1, False, spans[0][0], None, h, spans,
-                                            tied=tuple(u.handler for u in b.uses)))
+                                            tied=tuple(u.handler for u in b.uses) if tied else ()))
                 continue
             if b.kind != "kron" or len(b.uses) != 1 or not h.kronecker:
                 bad += [f"{u.name or '<model>'} ({type(u.handler.module).__name__})" for u in b.uses] or b.params
@@ -119,16 +117,14 @@ class KronLayers:
         B = tree.length(x)
 
         def record(key, h, i, o):                      # the call, and how it may hold the batch
-            shared = B > 1 and isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == 1 and i and \
-                isinstance(i[0], torch.Tensor) and i[0].dim() and i[0].shape[0] == 1
-            if shared:        # an output shared by the batch (position embeddings of ids (1, T)): a per-example
-                o = o.expand(B, *o.shape[1:]).clone()   # copy whose gradient is each example's own (as in hooks.py)
-                i = (i[0].expand(B, *i[0].shape[1:]), *i[1:])
+            copy = per_example_copy(i[0] if i else None, o, B)   # an output shared by the batch: per-example copies
+            if copy is not None:
+                i, o = (copy[0], *i[1:]), copy[1]
             options = batch_layouts(h, i, o, B)
             # batch-first for sure: recorded now (a replaced forward keeps only its latest call's (ctx, probe))
             now = record_call(h, i, o, BATCH_FIRST, B) if options == (BATCH_FIRST,) else None
             seen[key].append((i, o, options, now))
-            return o if shared else None
+            return None if copy is None else o
 
         handles = [h.attach(lambda m, i, o, key=key, h=h: record(key, h, i, o)) for key, (_, h) in self.taps.items()]
         try:
@@ -161,25 +157,27 @@ class KronLayers:
         for name, c in calls.items():
             grads[name] = [[g[pos + j] for g in per_k] for j in range(len(c))]
             pos += len(c)
-        out = []
+        factors = []
         for p in self.plans:
             taps = [(h, calls.get(key, []), grads.get(key, [])) for key, (q, h) in self.taps.items() if q is p]
-            out.append(self._tied(p, taps, B, len(per_k)) if p.tied else
-                       self._factors(p, taps[0][1], taps[0][2], B, len(per_k)))
-        return out
+            factors.append(self._tied(p, taps, B, len(per_k)) if p.tied else
+                           self._factors(p, taps[0][1], taps[0][2], B, len(per_k)))
+        return factors
 
     def _tied(self, p: LayerPlan, taps: list, B: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A tied weight as one column: g (B, K, 1, n) its per-example gradient summed over the modules using it
         (each handler's grad_into, as the hook path's block rows), a = 1."""
         dev = self.grads.device
         gs = torch.zeros(B, K, p.out_dim, dtype=torch.float64, device=dev)
+        uses = [(h, c, gk) for h, calls, grads in taps for c, gk in zip(calls, grads)]
         for k in range(K):
-            for h, calls, grads in taps:
-                for (ctx, o, lay), gk in zip(calls, grads):
-                    g = read_grad(o, gk[k], lay, B)
-                    part = torch.zeros(B, p.out_dim, dtype=g.dtype, device=dev)
-                    h.grad_into(ctx, g, part, accumulate=True)
-                    gs[:, k] += part.double()
+            sums = None                                   # every use's gradient added in place (grad_into)
+            for h, (ctx, o, lay), gk in uses:
+                g = read_grad(o, gk[k], lay, B)
+                sums = torch.zeros(B, p.out_dim, dtype=g.dtype, device=dev) if sums is None else sums
+                h.grad_into(ctx, g, sums, accumulate=True)
+            if sums is not None:
+                gs[:, k] = sums
         return torch.ones(B, 1, 1, dtype=torch.float64, device=dev), gs.unsqueeze(2)
 
     def _factors(self, p: LayerPlan, calls: list, grads: list, B: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:

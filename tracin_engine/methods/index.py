@@ -38,6 +38,13 @@ from .rerank import exact_influence_per_checkpoint, rerank_top_k
 
 
 
+def adopt_stored_allocation(featurizer: Any, metadata: dict, layout: list | None) -> None:
+    """A fresh TracIn (its factored projection not calibrated yet) takes a store's allocation (and row layout)."""
+    stored = metadata.get("projection_allocation")
+    if stored is not None and featurizer.needs_calibration:
+        featurizer.adopt_projection(layout, stored)
+
+
 class GradientIndex:
     """Stored training features (one FeatureStore) plus the TracIn that made them (for queries).
 
@@ -123,8 +130,7 @@ class GradientIndex:
         match the stored rows."""
         stored = self.store.metadata.get("projection_allocation")
         fz = self.tracin.featurizer
-        if stored is not None and fz.needs_calibration:     # a fresh TracIn: take the stored allocation
-            fz.adopt_projection(self.row_layout(), stored)
+        adopt_stored_allocation(fz, self.store.metadata, self.row_layout())
         now = fz.allocation
         if stored is not None and now is not None and [list(a) for a in stored] != now:
             raise TracInError("this index's rows were projected with another factored allocation than its "

@@ -42,7 +42,7 @@ from ..errors import TracInError
 from ..settings import IndexSettings, SourceSettings
 from ..gradients.featurize import check_finite, progress_bar
 from ..gradients.per_example import Target
-from .index import GradientIndex
+from .index import GradientIndex, adopt_stored_allocation
 from ..store.layout import Layout
 from ..gradients.factored import FactoredProjection
 from ..gradients.handlers import Unsupported
@@ -253,9 +253,7 @@ class SourceIndex(GradientIndex):
         if store.metadata.get("method") != "source" or not (Path(path) / _SELF_FILE).exists():
             raise TracInError(f"{path} does not hold a SOURCE index; use GradientIndex.load for TracIn indexes.")
         settings = IndexSettings.from_metadata(store.metadata).source
-        stored = store.metadata.get("projection_allocation")
-        if stored is not None and tracin.featurizer.needs_calibration:     # a fresh TracIn: the stored shares
-            tracin.featurizer.adopt_projection(None, stored)
+        adopt_stored_allocation(tracin.featurizer, store.metadata, None)     # rows in no featurizer layout
         meta = tracin.settings().with_method(settings, Layout.dense_of(store.dim).to_dict()).to_metadata()
         compare_metadata(store.metadata, meta, Path(path))
         self_file = Path(path) / _SELF_FILE
@@ -274,7 +272,7 @@ def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: S
 
     Cost: 2 curvature passes per checkpoint (each one backward per output dimension with
     curvature="gn", one with "mc" and "empirical"), plus one gradient per example per checkpoint.
-    curvature "auto": "gn" for models with at most ekfac.GN_OUTPUTS outputs per example, else "mc".
+    curvature "auto": "gn" for models with at most output_curvature.GN_OUTPUTS outputs per example, else "mc".
     batch_size None: what fits in the device's free memory (about 8 float64 copies of a flat gradient
     per example), at most 256; the EK-FAC passes and every batch run under the out-of-memory policy
     (memory.Backoff: a failed batch is split in halves and computed again).
