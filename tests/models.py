@@ -109,6 +109,36 @@ class ViT(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
+class SumsScale(nn.Module):
+    """A (1, 3) parameter not broadcast over the batch (summed first): per-example copies would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(1, 3))
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x) * self.scale.sum()
+
+
+class ChannelScaled(nn.Module):
+    """ConvNeXt's pattern: a 1-D layer scale owned by a block with sublayers, on (B, T, C) ('gamma'), and one
+    used otherwise (a diagonal matrix: 'mix'; no per-example copy reproduces it)."""
+
+    def __init__(self, diag=False):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.gamma = nn.Parameter(torch.randn(4))
+        self.mix = nn.Parameter(torch.randn(4)) if diag else None
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x)) * self.gamma                                       # (B, T, 4)
+        if self.mix is not None:
+            h = h @ torch.diag(self.mix)
+        return self.head(h.mean(1))
+
+
 class Encoder(nn.Module):
     """Token ids (B, T), 0 = padding; logits (B, classes) from token 0."""
 

@@ -145,9 +145,72 @@ class _Raw(nn.Module):
         return self.fc(x @ self.gain)
 
 
-def test_unsupported_layers_are_named():
+class _Shifted(nn.Module):
+    """A (1, 4) shift broadcast over the batch, as a ViT's pos_embed: per-example copies act per example."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.shift, self.fc2 = nn.Linear(3, 4), nn.Parameter(torch.randn(1, 4)), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x) + self.shift))
+
+
+def _generic_cases():
+    from models import ChannelScaled, SumsScale, ViT
+
+    return {   # model, X, y, whether per-example copies give the per-example gradients (broadcast.py)
+        "vit": lambda: (ViT(dim=4, classes=3).double(), torch.randn(5, 3, 8, 8, dtype=torch.float64), True),
+        "layer_scale": lambda: (ChannelScaled().double(), torch.randn(5, 6, 3, dtype=torch.float64), True),
+        "summed": lambda: (SumsScale().double(), torch.randn(5, 3, dtype=torch.float64), False),
+        "matrix": lambda: (_Raw().double(), torch.randn(5, 3, dtype=torch.float64), False),
+        "diagonal": lambda: (ChannelScaled(True).double(), torch.randn(5, 6, 3, dtype=torch.float64), False),
+    }
+
+
+@pytest.mark.parametrize("case", ["vit", "layer_scale", "summed", "matrix", "diagonal"])
+def test_parameters_without_a_handler_are_one_block_with_exact_pseudo_gradients(case):
+    """Parameters no layer handler covers (cls_token / pos_embed, a layer scale, a raw matrix) form one vector
+    block; their per-example pseudo-gradients come from per-example copies in the batched pass where the model
+    broadcasts them (checked against the loop on the first batch, then relied on), else from the loop. Either
+    way the captured factors rebuild the exact per-example gradients, batch after batch."""
+    torch.manual_seed(0)
+    model, X, broadcast = _generic_cases()[case]()
+    y = torch.randint(0, 2, (5,))
+    layers, _ = _factors_rebuild_gradients(model, X, y)
+    (gp,) = [p for p in layers.plans if p.generic]
+    assert gp is layers.plans[-1] and gp.vector and gp.key.startswith("<no handler")
+    assert layers.generic.broadcast is broadcast and gp.key not in layers.taps
+    gc = layers.grads
+    state = gc.prepare(model.state_dict())
+    again = layers.capture(state, X[1:], y[1:], "empirical")[-1][1]           # the settled path
+    assert torch.allclose(again[:, 0, 0], gp.mat(gc.reference(state, X[1:], y[1:]))[:, :, 0], atol=1e-10)
+
+
+@pytest.mark.parametrize("model_cls", [_Shifted, "summed"])
+def test_parameters_without_a_handler_get_their_exact_gauss_newton_block(model_cls):
+    """With "gn" (K = 3 pseudo-gradients per example) the block's curvature is the exact Gauss-Newton block
+    of those parameters, by copies (_Shifted) or by the loop (a scale summed before use)."""
+    from models import SumsScale
+
+    torch.manual_seed(0)
+    model = (SumsScale() if model_cls == "summed" else model_cls()).double()
+    X, y = torch.randn(9, 3, dtype=torch.float64), torch.randint(0, 2, (9,))
+    layers, curv = _fit(model, X, y)
+    name = "scale" if model_cls == "summed" else "shift"
+    assert layers.plans[-1].generic and layers.generic.broadcast is (model_cls is _Shifted)
+    assert torch.allclose(curv[-1].dense(), _exact_gn_block(model, [name], X, y), atol=1e-12, rtol=1e-9)
+
+
+def test_unsupported_layers_are_named(monkeypatch):
+    """Parameters without a handler beyond GENERIC_LIMIT numbers are refused by name and size; source_layers
+    leaves them out."""
+    from tracin_engine.methods import ekfac
+
+    monkeypatch.setattr(ekfac, "GENERIC_LIMIT", 8)
     gc = GradientComputer(_Raw(), F.cross_entropy, device="cpu")
-    with pytest.raises(TracInError, match=r"\['gain'\].*te.source_layers"):
+    with pytest.raises(TracInError, match=r"gain \(3, 3\) = 9 \(9 numbers without a layer handler; limit 8\).*"
+                                          r"te.source_layers"):
         KronLayers(gc)
     assert te_source_layers(_Raw()) == ["fc"]
 

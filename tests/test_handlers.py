@@ -18,6 +18,7 @@ from tracin_engine.gradients.hooks import HookFeaturizer
 from tracin_engine.gradients.per_example import GradientComputer
 
 from models import HANDLER_CASES as MODELS
+from models import ChannelScaled, SumsScale
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -77,36 +78,6 @@ def test_tied_weights_sum_over_uses_and_last_layer_is_the_head():
     assert [u.name for u in tracin.featurizer.hooks.blocks[0].uses] == ["wte", "lm_head"]
     state = gc.prepare(model.state_dict())
     assert torch.allclose(tracin.featurizer(state, x, y), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
-
-
-class SumsScale(nn.Module):
-    """A (1, 3) parameter not broadcast over the batch (summed first): per-example copies would be wrong."""
-
-    def __init__(self):
-        super().__init__()
-        self.scale = nn.Parameter(torch.randn(1, 3))
-        self.fc = nn.Linear(3, 2)
-
-    def forward(self, x):
-        return self.fc(x) * self.scale.sum()
-
-
-class ChannelScaled(nn.Module):
-    """ConvNeXt's pattern: a 1-D layer scale owned by a block with sublayers, on (B, T, C) ('gamma'), and one
-    used otherwise (a diagonal matrix: 'mix'; no per-example copy reproduces it)."""
-
-    def __init__(self, diag=False):
-        super().__init__()
-        self.fc = nn.Linear(3, 4)
-        self.gamma = nn.Parameter(torch.randn(4))
-        self.mix = nn.Parameter(torch.randn(4)) if diag else None
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x):
-        h = torch.tanh(self.fc(x)) * self.gamma                                       # (B, T, 4)
-        if self.mix is not None:
-            h = h @ torch.diag(self.mix)
-        return self.head(h.mean(1))
 
 
 @pytest.mark.parametrize("make,broadcast,names", [

@@ -175,15 +175,17 @@ def test_segment_products_match_matrix_exponential(norm):
     assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["resnet", "grouped"])
-def test_source_takes_norm_layers_and_grouped_convolutions_without_layers(kind):
-    """A ResNet with BatchNorm (eval mode) and a model of grouped convolutions run SOURCE with every layer
-    selected: the norms and grouped convolutions get their own curvature blocks (VectorHandler)."""
-    from models import Grouped, ResNet
+@pytest.mark.parametrize("kind", ["resnet", "grouped", "vit"])
+def test_source_takes_every_layer_without_layers(kind):
+    """A ResNet with BatchNorm (eval mode), a model of grouped convolutions and a ViT run SOURCE with every
+    parameter selected: the norms and grouped convolutions get their own curvature blocks (VectorHandler), the
+    ViT's cls_token and pos_embed (no layer handler) one block together (generic_curvature.py)."""
+    from models import Grouped, ResNet, ViT
 
     torch.manual_seed(0)
-    model = (ResNet(width=2, blocks=(1, 1), classes=3) if kind == "resnet" else Grouped()).double().eval()
-    X = torch.randn(10, 3 if kind == "resnet" else 4, 8, 8, dtype=torch.float64)
+    model = {"resnet": lambda: ResNet(width=2, blocks=(1, 1), classes=3), "grouped": Grouped,
+             "vit": lambda: ViT(dim=4, classes=3)}[kind]().double().eval()
+    X = torch.randn(10, 4 if kind == "grouped" else 3, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 3, (10,))
     items = []
     for c, (step, lr) in enumerate([(10, 0.5), (20, 0.5)]):
@@ -195,6 +197,7 @@ def test_source_takes_norm_layers_and_grouped_convolutions_without_layers(kind):
     index = tracin.index((X, y), method="source", progress=False, batch_size=5)
     layers = KronLayers(tracin.featurizer.grads)
     assert any(p.vector for p in layers.plans) and sum(p.out_dim * p.cols for p in layers.plans) == layers.num_params
+    assert any(p.generic for p in layers.plans) is (kind == "vit")
     want = _matrix_exponential_reference(tracin, ckpts, X, y, [((0, 1), 20, 0.5)])
     assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12 * float(want.abs().max()))
 

@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_map
 from .. import inputs as tree
 from ..buffers import empty_output
 from ..devices import TF32_UNIT_ROUNDOFF, tf32_enabled
+from .broadcast import agrees, broadcast_copy, find_lead
 from .handlers import SharedInput, Unsupported
 from .layers import GENERIC_LIMIT, Block, Use, generic_sizes, plan_blocks
 from .per_example import GradientComputer, Target, model_mode, output_sq_norms
@@ -69,7 +70,7 @@ class HookFeaturizer:
         # broadcast over the batch: substituted by a per-example copy (B, ...) in the batched pass, their
         # gradients are per example. So are 1-D ones used as elementwise scales or shifts (ConvNeXt's layer
         # scale on (B, H, W, C)), as copies (B, 1, .., 1, C) with `lead` ones, found on the first batch
-        # (_find_lead). Checked against vmap on the first batch (None: not yet known).
+        # (broadcast.find_lead). Checked against vmap on the first batch (None: not yet known).
         self.broadcast: bool | None = None if self.generic is not None and all(
             grads.shapes[n][:1] == (1,) or len(grads.shapes[n]) == 1 for n in self.generic.params) else False
         self.lead: int | None = None
@@ -190,7 +191,7 @@ class HookFeaturizer:
             return record
 
         if self.broadcast is None and self.lead is None:
-            self.lead = self._find_lead(states[-1], x, y, target)
+            self.lead = find_lead(gc, self.generic.params, states[-1], x, y, target)
             if self.lead is None:
                 self.broadcast = False                 # no copy shape reproduces the model: vmap instead
         self.guessed, self.folded_rows = {}, {}
@@ -202,7 +203,8 @@ class HookFeaturizer:
             with model_mode(gc.model, gc.train_mode), torch.enable_grad():
                 for state in states:
                     params = {k: (v.detach().requires_grad_(True) if k in names else v) for k, v in state.items()}
-                    copies = {k: self._copy(params[k].detach(), B).requires_grad_(True) for k in bcast}
+                    copies = {k: broadcast_copy(params[k].detach(), B, self.lead or 0).requires_grad_(True)
+                              for k in bcast}
                     out = gc.forward({**params, **copies}, x, y)
                     losses.append(gc.checked_objectives(out, y, target))
                     model_outs.append(out)
@@ -367,46 +369,6 @@ class HookFeaturizer:
                 bg = h.bias_grad(ctx, g)
                 out[:, nw:].copy_(bg) if j == 0 else out[:, nw:].add_(bg)
 
-    def _copy(self, p: torch.Tensor, B: int) -> torch.Tensor:
-        """A per-example copy of generic parameter p: (B, ...) for a leading size 1, else (B, 1 x lead, *p.shape)."""
-        view = p if p.shape[:1] == (1,) else p.reshape((1,) * (1 + (self.lead or 0)) + tuple(p.shape))
-        return view.expand(B, *view.shape[1:]).clone()
-
-    def _find_lead(self, state: dict, x: Any, y: torch.Tensor | None, target: Target) -> int | None:
-        """How many ones between the batch and a 1-D generic parameter make per-example copies that act
-        per example (0 without 1-D ones); None when no count up to 3 does. Tested with copies that differ
-        by example (the parameters + 0.5 + 0.1 b: a layer scale starts near 1e-6, and equal copies broadcast
-        wrongly would go unseen): the batched objectives of the first and last examples must equal their
-        own forward passes with those values."""
-        gc = self.grads
-        names = self.generic.params
-        if all(gc.shapes[n][:1] == (1,) for n in names):
-            return 0
-        B = tree.length(x)
-        varied = {n: state[n] + 0.5 for n in names}
-        step = torch.arange(B, device=gc.device)
-        with torch.no_grad(), model_mode(gc.model, gc.train_mode):
-            alone = {}
-            for b in sorted({0, B - 1}):
-                yb = None if y is None else y[b:b + 1]
-                alone[b] = gc.objectives(gc.forward({**state, **{n: varied[n] + 0.1 * b for n in names}},
-                                                    tree.take(x, b, b + 1), yb), yb, target)
-            for lead in range(4):
-                self.lead = lead
-                copies = {}
-                for n in names:
-                    c = self._copy(varied[n], B)
-                    copies[n] = c + 0.1 * step.reshape(B, *(1,) * (c.dim() - 1)).to(c.dtype)
-                try:
-                    got = gc.objectives(gc.forward({**state, **copies}, x, y), y, target)
-                except Exception:
-                    continue
-                if all(bool(torch.isfinite(a).all()) and got[b:b + 1].shape == a.shape
-                       and bool(torch.allclose(got[b:b + 1], a, rtol=1e-4, atol=1e-6)) for b, a in alone.items()):
-                    return lead
-        self.lead = None
-        return None
-
     def _generic(self, state: dict, x: torch.Tensor, y: torch.Tensor | None, target: Target, copies: dict,
                  per_copy: dict) -> torch.Tensor:
         """(B, n) exact per-example gradients of the generic block: from the per-example copies when the
@@ -419,8 +381,7 @@ class HookFeaturizer:
                 return got
         ref = self.grads.per_example_subset(state, x, y, target, names)
         if copies and self.broadcast is None:
-            tol = 1e-9 if ref.dtype == torch.float64 else 1e-4
-            self.broadcast = bool(torch.allclose(got, ref, rtol=tol, atol=tol * float(ref.abs().max()) + 1e-30))
+            self.broadcast = agrees(got, ref)
         return ref
 
     def generic_rows(self, i: int, b: Block, flat: torch.Tensor, out: torch.Tensor) -> None:

@@ -24,7 +24,8 @@ class LayerPlan:
 
     kron (Linear, Conv1d/2d): the weight (out, in) in the handler's layout, the bias as the last column.
     vector (norm layers, grouped convolutions: handlers.VectorHandler; a tied weight, its gradient summed
-    over the modules that use it): the block's n numbers as one column (out = n, in' = 1, `spans` the
+    over the modules that use it; the parameters no handler covers, generic_curvature.py): the block's n
+    numbers as one column (out = n, in' = 1, `spans` the
     (offset, numel) of each parameter); its curvature is then the exact (n x n) second moment of its
     pseudo-gradients, or for n > VECTOR_DENSE its diagonal.
     """
@@ -36,11 +37,12 @@ class LayerPlan:
     has_bias: bool
     w_off: int
     b_off: int | None
-    handler: KronHandler | VectorHandler
+    handler: KronHandler | VectorHandler | None
     spans: tuple[tuple[int, int], ...] = ()   # vector: (offset, numel) per parameter, in the block's order
     one_hot: bool = False   # an Embedding (V, D), taken transposed: out = D (its gradients), in' = V (one-hot ids)
     key: str = ""           # unique among the plans: the module's name, or name.weight for one of several parts
     tied: tuple = ()        # a weight several modules use (GPT-2's wte and lm_head): their handlers; a vector block
+    generic: bool = False   # the parameters no handler covers (module: the model, handler None); a vector block
 
     @property
     def cols(self) -> int:

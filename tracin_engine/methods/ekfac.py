@@ -1,6 +1,7 @@
 """EK-FAC curvature of the layers whose handlers give Kronecker factors, fitted over a group of checkpoints.
 
-Vector blocks (norm layers, grouped convolutions) are one column each (in' = 1, a = 1): their factor S is
+Vector blocks (norm layers, grouped convolutions, tied weights, and the parameters no handler covers,
+such as a ViT's cls_token: generic_curvature.py) are one column each (in' = 1, a = 1): their factor S is
 the exact second moment of their pseudo-gradients (the Gauss-Newton block with "gn"), or its diagonal
 for blocks of more than VECTOR_DENSE numbers.
 
@@ -40,16 +41,18 @@ from ..errors import TracInError
 from ..gradients.per_example import GradientComputer, model_mode
 from ..gradients.hooks import (BATCH_FIRST, FOLDED, batch_layouts, layouts_on_fewer, per_example_copy, probe_batch_ok,
                                read_grad, record_call)
-from ..gradients.layers import plan_blocks
+from ..gradients.layers import GENERIC_LIMIT, generic_sizes, plan_blocks
 from ..memory import budget
 from .curvature_blocks import LayerCurvature, LayerPlan
+from .generic_curvature import GenericPseudoGradients
 from .output_curvature import output_factors, resolve_curvature
 
 
 
 class KronLayers:
-    """The selected parameters of `grads` as layers with Kronecker factors (Linear, Conv) and vector blocks
-    (norm layers, grouped convolutions); raises naming the unsupported ones."""
+    """The selected parameters of `grads` as layers with Kronecker factors (Linear, Conv, Embedding, recurrent
+    layers) and vector blocks (norm layers, grouped convolutions, tied weights, the parameters no handler
+    covers up to GENERIC_LIMIT numbers); raises naming the unsupported ones."""
 
     def __init__(self, grads: GradientComputer):
         self.grads = grads
@@ -58,8 +61,19 @@ class KronLayers:
             offsets[n] = pos
             pos += int(np.prod(grads.shapes[n]))
         self.plans: list[LayerPlan] = []
+        self.generic: GenericPseudoGradients | None = None
         bad = []
         for b in plan_blocks(grads.model, grads.param_names, grads.train_mode):
+            if b.kind == "generic":                  # cls_token, pos_embed, a layer scale: one vector block
+                if b.n > GENERIC_LIMIT:
+                    bad.append(f"{generic_sizes(grads.model, b)} ({b.n} numbers without a layer handler; limit "
+                               f"{GENERIC_LIMIT})")
+                    continue
+                spans = tuple((offsets[n], int(np.prod(grads.shapes[n]))) for n in b.params)
+                self.plans.append(LayerPlan("", grads.model, b.n, 1, False, spans[0][0], None, None, spans,
+                                            key=f"<no handler: {', '.join(b.params)}>", generic=True))
+                self.generic = GenericPseudoGradients(grads, b.params)
+                continue
             h = b.uses[0].handler if b.uses else None
             tied = b.kind == "kron" and len(b.uses) > 1     # one vector block, its uses' gradients summed
             if tied or b.kind == "vector" and len(b.uses) == 1:
@@ -78,17 +92,18 @@ class KronLayers:
                                         offsets[b.params[1]] if b.has_bias else None, h))
         if bad:
             raise TracInError(
-                f"SOURCE's EK-FAC curvature supports layers with Kronecker factors (Linear, Conv1d, Conv2d with "
-                f"groups=1 and numeric zero padding, MultiheadAttention's input projection) and norm layers and "
-                f"grouped convolutions and tied weights (their own curvature block), whose weight is trainable; "
-                f"unsupported parameters selected (no layer handler covers them): {bad}. Fit the supported "
-                "layers with TracIn(model, ..., layers=te.source_layers(model)), or use method='tracin'.")
+                f"SOURCE's EK-FAC curvature supports layers with Kronecker factors (Linear, Conv1d, Conv2d, "
+                f"Embedding, recurrent layers), vector blocks (norm layers, grouped convolutions, tied weights) "
+                f"and up to {GENERIC_LIMIT} numbers of parameters no layer handler covers; unsupported "
+                f"parameters selected: {bad}. Fit the supported layers with TracIn(model, ..., "
+                "layers=te.source_layers(model)), or use method='tracin'.")
         names = [p.name for p in self.plans]
         for p in self.plans:                   # an RNN's parts share its module: rnn.weight_ih_l0, rnn.weight_hh_l0, ...
-            p.key = p.name if names.count(p.name) == 1 else f"{p.name}.{p.handler.param_locals()[0]}"
+            if not p.generic:
+                p.key = p.name if names.count(p.name) == 1 else f"{p.name}.{p.handler.param_locals()[0]}"
         # taps: the handlers whose calls are recorded, one per plan, one per module using a tied weight
         self.taps = {(p.key if not p.tied else f"{p.key}@{j}"): (p, h)
-                     for p in self.plans for j, h in enumerate(p.tied or (p.handler,))}
+                     for p in self.plans if not p.generic for j, h in enumerate(p.tied or (p.handler,))}
         self.num_params = grads.num_params
         self.layouts: dict[str, int] = {}    # plan key -> how its calls hold the batch (hooks.batch_layouts)
 
@@ -115,6 +130,10 @@ class KronLayers:
         params = {k: (v.detach().requires_grad_(True) if k in gc.shapes else v) for k, v in state.items()}
         seen: dict[str, list] = {key: [] for key in self.taps}
         B = tree.length(x)
+        gen = self.generic
+        copies = gen.copies(state, x, y) if gen is not None else {}    # per-example copies (broadcast.py)
+        trying = bool(copies) and gen.broadcast is None
+        draws = generator.get_state() if trying and generator is not None else None
 
         def record(key, h, i, o):                      # the call, and how it may hold the batch
             copy = per_example_copy(i[0] if i else None, o, B)   # an output shared by the batch: per-example copies
@@ -129,10 +148,17 @@ class KronLayers:
         handles = [h.attach(lambda m, i, o, key=key, h=h: record(key, h, i, o)) for key, (_, h) in self.taps.items()]
         try:
             with model_mode(gc.model, gc.train_mode), torch.enable_grad():
-                out = gc.forward(params, x, y)
+                out = gc.forward({**params, **copies}, x, y)
+        except Exception:
+            if not trying:
+                raise
+            out = None                                 # the model does not take the copies: the loop instead
         finally:
             for h in handles:
                 h.remove()
+        if out is None:
+            gen.broadcast = False
+            return self.capture(state, inputs, targets, curvature, generator)
         gc.check_outputs(out, y, "loss")
         ran = {name: c for name, c in seen.items() if c}
         layouts = self._layouts(state, inputs, targets, {name: c[0][:3] for name, c in ran.items()}, B)
@@ -150,15 +176,28 @@ class KronLayers:
         outs = [pr for c in calls.values() for _, pr, _ in c]
         per_k = []
         for k in range(U.shape[1]):
-            g = torch.autograd.grad(out, outs, grad_outputs=U[:, k].reshape(out.shape).to(out.dtype),
+            g = torch.autograd.grad(out, outs + list(copies.values()),
+                                    grad_outputs=U[:, k].reshape(out.shape).to(out.dtype),
                                     retain_graph=k + 1 < U.shape[1], allow_unused=True)
             per_k.append(g)
+        if gen is not None:                                # the generic block's pseudo-gradients (B, K, n)
+            got = gen.from_copies([g[len(outs):] for g in per_k], copies) if copies else None
+            if got is None or trying:
+                ref = gen.reference(state, x, y, U)
+                if trying and not gen.settle(got, ref):   # copies act otherwise: this pass may be wrong, redo it
+                    if draws is not None:
+                        generator.set_state(draws)
+                    return self.capture(state, inputs, targets, curvature, generator)
+                got = ref
         grads, pos = {}, 0                                 # per layer, per call: its output gradient for each k
         for name, c in calls.items():
             grads[name] = [[g[pos + j] for g in per_k] for j in range(len(c))]
             pos += len(c)
         factors = []
         for p in self.plans:
+            if p.generic:                                  # one column: a = 1, g (B, K, 1, n)
+                factors.append((torch.ones(B, 1, 1, dtype=torch.float64, device=got.device), got.double().unsqueeze(2)))
+                continue
             taps = [(h, calls.get(key, []), grads.get(key, [])) for key, (q, h) in self.taps.items() if q is p]
             factors.append(self._tied(p, taps, B, len(per_k)) if p.tied else
                            self._factors(p, taps[0][1], taps[0][2], B, len(per_k)))
@@ -256,7 +295,9 @@ class KronLayers:
 def source_layers(model: nn.Module, train_mode: bool = False) -> list[str]:
     """Names of the modules whose parameters SOURCE's curvature takes, for TracIn(model, ..., layers=...): the
     layers with Kronecker factors and the vector blocks (norms, grouped convolutions, tied weights);
-    embeddings, nn.LSTM / GRU / RNN and their cells included. Left out: parameters no handler covers."""
+    embeddings, nn.LSTM / GRU / RNN and their cells included. Left out: parameters no handler covers (which
+    SOURCE also takes, as one vector block, up to GENERIC_LIMIT numbers), so this names what to select
+    when leaving out a layer SOURCE refuses (one whose output all examples share)."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     owners = [n.rpartition(".")[0] for b in plan_blocks(model, names, train_mode)
               if b.kind == "vector" or b.kind == "kron" and (len(b.uses) > 1 or b.uses[0].handler.kronecker)
