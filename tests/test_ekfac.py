@@ -405,17 +405,21 @@ class _SharedPositions(nn.Module):
 
 
 @pytest.mark.parametrize("B", [4, 3])           # T = 8: read as folded (8 = 2 x 4), or as 8 examples (8 != 3)
-def test_a_layer_on_what_all_examples_share_is_refused(B):
+def test_a_layer_on_what_all_examples_share_joins_the_generic_block(B):
+    """A layer whose output all examples share (BART's decoder positions) has no per-example factors: on the
+    first capture it joins the block of parameters without a handler (pseudo-gradients by the per-example loop),
+    and the captured factors rebuild the exact per-example gradients. After the plans are settled, or for a
+    tied weight's use, it is refused by name with the source_layers filter that leaves it out."""
     torch.manual_seed(0)
     model = _SharedPositions(8).double()
-    gc = GradientComputer(model, F.cross_entropy, device="cpu")
-    layers = KronLayers(gc)
-    with pytest.raises(TracInError, match=r"layer\(s\) \['pos'\] does not hold the batch's"):
-        layers.capture(gc.prepare(model.state_dict()), torch.randn(B, 8, 4, dtype=torch.float64),
-                       torch.randint(0, 3, (B,)), "empirical")
-    gc = GradientComputer(model, F.cross_entropy, device="cpu", layers=["fc"])
-    KronLayers(gc).capture(gc.prepare(model.state_dict()), torch.randn(B, 8, 4, dtype=torch.float64),
-                           torch.randint(0, 3, (B,)), "empirical")   # left out: fine
+    X, y = torch.randn(B, 8, 4, dtype=torch.float64), torch.randint(0, 3, (B,))
+    layers, _ = _factors_rebuild_gradients(model, X, y)
+    assert layers.exclude == {"pos"} and [p.key for p in layers.plans] == ["fc", "<no handler: pos.weight, pos.bias>"]
+    assert layers.settled and layers.generic.broadcast is False
+    late = KronLayers(layers.grads)
+    late.settled = True                          # as if a first batch had settled the plans
+    with pytest.raises(TracInError, match=r"layer\(s\) \['pos'\] does not hold the batch's.*te.source_layers"):
+        late.capture(late.grads.prepare(model.state_dict()), X, y, "empirical")
 
 
 class _Siamese(nn.Module):
@@ -490,3 +494,21 @@ def test_an_embedding_gets_token_counts_and_a_gradient_factor_with_exact_eigenva
     Q = torch.kron(c.QS.contiguous(), torch.eye(7, dtype=torch.float64))
     assert torch.allclose(torch.diagonal(Q.T @ exact[perm][:, perm] @ Q), c.lam.flatten(), atol=1e-12)
     assert c.lam[:, 0].abs().max() == 0                                            # padding row: no curvature
+
+
+def test_bart_with_every_layer_rebuilds_exact_per_example_gradients():
+    """transformers' BART: its decoder's learned positions are looked up once for the batch ((1, T, D) from
+    (B, T) ids) and join the generic block; the shared token embedding is a tied block; every block's captured
+    factors rebuild the exact per-example gradients (float64 loop)."""
+    T = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    cfg = T.BartConfig(vocab_size=30, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16,
+                       max_position_embeddings=16, num_labels=3)
+    model = T.BartForSequenceClassification(cfg).double().eval()
+    ids = torch.randint(3, 30, (4, 6))
+    ids[:, -1] = cfg.eos_token_id
+    layers, _ = _factors_rebuild_gradients(model, {"input_ids": ids}, torch.randint(0, 3, (4,)))
+    assert layers.exclude == {"model.decoder.embed_positions"}
+    assert "model.decoder.embed_positions.weight" in layers.plans[-1].key and any(p.tied for p in layers.plans)

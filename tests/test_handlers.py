@@ -671,6 +671,12 @@ def test_batch_layouts_are_told_from_shapes_only_where_they_can_tell():
     for shape, want in (((5, 1), (FO,)), ((1, 5), (BF,)), ((5,), (FO,))):     # one example: all its positions
         assert batch_layouts(lin, (torch.zeros(*shape, 4),), torch.zeros(*shape, 2), 1) == want, shape
     assert batch_layouts(conv, (torch.zeros(5, B, 4),), torch.zeros(5, B, 2), B) == (BF,)
+    # a Linear on a (T, in) table with in == out == B: its features are not a batch (sequence-first needs
+    # (T, B, features)); an Embedding's (T, B) ids with a (T, B, D) output are sequence-first
+    sq = handler_for(nn.Linear(B, B))(nn.Linear(B, B))
+    assert batch_layouts(sq, (torch.zeros(5, B),), torch.zeros(5, B), B) == (BF,)
+    emb = handler_for(nn.Embedding(9, 2))(nn.Embedding(9, 2))
+    assert batch_layouts(emb, (torch.zeros(5, B, dtype=torch.long),), torch.zeros(5, B, 2), B) == (SF,)
 
 
 def test_first_batch_check_tolerance_follows_dtype_and_tf32(monkeypatch):

@@ -149,11 +149,11 @@ def _matrix_exponential_reference(tracin, ckpts, X, y, segments):
     gc = tracin.featurizer.grads
     layers = KronLayers(gc)
     P = gc.num_params
-    to_layer = [m.reshape(P, -1) for m in layers.to_mats(torch.eye(P, dtype=torch.float64))]
     v = torch.zeros(P, len(X), dtype=torch.float64)
     for seg, steps, lr in segments:
         states = [gc.prepare(ckpts.load(c)) for c in seg]
         curv = fit_ekfac(layers, states, as_source((X, y)), "gn", batch_size=5)
+        to_layer = [m.reshape(P, -1) for m in layers.to_mats(torch.eye(P, dtype=torch.float64))]   # plans settled
         H = sum(T @ cv.dense() @ T.T for T, cv in zip(to_layer, curv))            # flat parameter order
         c = lr * steps / (1 - 0.5)
         S = torch.linalg.matrix_exp(-c * H)
@@ -297,6 +297,22 @@ def test_source_with_an_lstm_matches_matrix_exponentials():
     tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
     index = tracin.index((ids, y), method="source", progress=False, batch_size=4)
     want = _matrix_exponential_reference(tracin, ckpts, ids, y, [((0, 1), 20, 0.5)])
+    assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12 * float(want.abs().max()))
+
+
+def test_source_with_a_layer_on_shared_positions_matches_matrix_exponentials():
+    """A Linear on a position table all examples share (no per-example factors) joins the generic block."""
+    from test_ekfac import _SharedPositions
+
+    torch.manual_seed(0)
+    model = _SharedPositions(6).double()
+    X, y = torch.randn(10, 6, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    items = [te.Checkpoint({k: v + 0.1 * c * torch.randn_like(v) for k, v in model.state_dict().items()}, 0.5, s,
+                           {"momentum": 0.5, "optimizer": "SGD"}) for c, s in enumerate((10, 20))]
+    ckpts = te.Checkpoints(items)
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
+    index = tracin.index((X, y), method="source", progress=False, batch_size=4)
+    want = _matrix_exponential_reference(tracin, ckpts, X, y, [((0, 1), 20, 0.5)])
     assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12 * float(want.abs().max()))
 
 

@@ -530,7 +530,9 @@ def batch_layouts(handler: Any, inputs: tuple, output: Any, B: int) -> tuple[int
     n = output.shape[0]
     if B == 1:
         return (FOLDED,)
-    second = x.dim() >= 2 and output.dim() >= 2 and x.shape[1] == output.shape[1] == B
+    # (T, B, features...): the output keeps a feature dimension after the two (a (T, B) output would be
+    # features read as the batch: a Linear on a (T, in) table with in == B)
+    second = x.dim() >= 2 and output.dim() >= 3 and x.shape[1] == output.shape[1] == B
     if n == B:
         return (BATCH_FIRST, SEQUENCE_FIRST) if second else (BATCH_FIRST,)
     if n % B == 0:

@@ -29,7 +29,7 @@ steps as positions, a layer called several times with its calls' positions side 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import torch
@@ -54,8 +54,17 @@ class KronLayers:
     layers) and vector blocks (norm layers, grouped convolutions, tied weights, the parameters no handler
     covers up to GENERIC_LIMIT numbers); raises naming the unsupported ones."""
 
-    def __init__(self, grads: GradientComputer):
+    def __init__(self, grads: GradientComputer, exclude: Collection[str] = ()):
         self.grads = grads
+        self.num_params = grads.num_params
+        self.layouts: dict[str, int] = {}    # plan key -> how its calls hold the batch (hooks.batch_layouts)
+        self.settled = False                 # a capture ran: the plans are final (fit_ekfac sizes its sums)
+        self._plan(frozenset(exclude))
+
+    def _plan(self, exclude: frozenset[str]) -> None:
+        """The plans; the modules in `exclude` (their output does not hold the batch) join the generic block."""
+        grads = self.grads
+        self.exclude = exclude
         offsets, pos = {}, 0
         for n in grads.param_names:
             offsets[n] = pos
@@ -63,7 +72,7 @@ class KronLayers:
         self.plans: list[LayerPlan] = []
         self.generic: GenericPseudoGradients | None = None
         bad = []
-        for b in plan_blocks(grads.model, grads.param_names, grads.train_mode):
+        for b in plan_blocks(grads.model, grads.param_names, grads.train_mode, exclude=exclude):
             if b.kind == "generic":                  # cls_token, pos_embed, a layer scale: one vector block
                 if b.n > GENERIC_LIMIT:
                     bad.append(f"{generic_sizes(grads.model, b)} ({b.n} numbers without a layer handler; limit "
@@ -104,8 +113,6 @@ class KronLayers:
         # taps: the handlers whose calls are recorded, one per plan, one per module using a tied weight
         self.taps = {(p.key if not p.tied else f"{p.key}@{j}"): (p, h)
                      for p in self.plans if not p.generic for j, h in enumerate(p.tied or (p.handler,))}
-        self.num_params = grads.num_params
-        self.layouts: dict[str, int] = {}    # plan key -> how its calls hold the batch (hooks.batch_layouts)
 
     # -- flat gradients <-> per-layer matrices ------------------------------------------------------
     def to_mats(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -161,7 +168,10 @@ class KronLayers:
             return self.capture(state, inputs, targets, curvature, generator)
         gc.check_outputs(out, y, "loss")
         ran = {name: c for name, c in seen.items() if c}
-        layouts = self._layouts(state, inputs, targets, {name: c[0][:3] for name, c in ran.items()}, B)
+        try:
+            layouts = self._layouts(state, inputs, targets, {name: c[0][:3] for name, c in ran.items()}, B)
+        except _NotPerExample as exc:
+            return self._leave_out(exc.names, B, lambda: self.capture(state, inputs, targets, curvature, generator))
         mixed = [name for name, c in ran.items() if any(layouts[name] not in options for _, _, options, _ in c[1:])]
         if mixed:
             raise TracInError(f"layer(s) {sorted(mixed)} hold the batch one way in one call and another way in "
@@ -171,7 +181,7 @@ class KronLayers:
                  for name, c in ran.items()}
         bad = [name for name, c in calls.items() if not all(probe_batch_ok(pr, lay, B) for _, pr, lay in c)]
         if bad:
-            raise _not_per_example(bad, B)
+            return self._leave_out(bad, B, lambda: self.capture(state, inputs, targets, curvature, generator))
         U = output_factors(gc.loss_fn, out.detach(), y, curvature, generator)          # (B, K, O)
         outs = [pr for c in calls.values() for _, pr, _ in c]
         per_k = []
@@ -201,7 +211,18 @@ class KronLayers:
             taps = [(h, calls.get(key, []), grads.get(key, [])) for key, (q, h) in self.taps.items() if q is p]
             factors.append(self._tied(p, taps, B, len(per_k)) if p.tied else
                            self._factors(p, taps[0][1], taps[0][2], B, len(per_k)))
+        self.settled = True
         return factors
+
+    def _leave_out(self, keys: list[str], B: int, redo):
+        """Layers whose output does not hold the batch (BART's decoder positions: a (1, T, D) table lookup from
+        (B, T) ids) join the generic block, whose pseudo-gradients do not need their outputs per example; then
+        `redo` the capture. Only before the first capture has settled the plans; a tied weight's use is refused."""
+        mods = {self.taps[k][0].name for k in keys}
+        if self.settled or any(self.taps[k][0].tied for k in keys) or "" in mods:
+            raise _not_per_example(keys, B)
+        self._plan(self.exclude | mods)
+        return redo()
 
     def _tied(self, p: LayerPlan, taps: list, B: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A tied weight as one column: g (B, K, 1, n) its per-example gradient summed over the modules using it
@@ -280,7 +301,7 @@ class KronLayers:
                               f"or folded into positions) from batches of {B} and {B - 1} examples; fit with another "
                               "batch size (batch_size=...).")
         if shared:
-            raise _not_per_example(shared, B)
+            raise _NotPerExample(shared)
         return found
 
     def output_size(self, state: dict, source: DataSource) -> int:
@@ -308,6 +329,14 @@ def source_layers(model: nn.Module, train_mode: bool = False) -> list[str]:
 def choose_curvature(curvature: str, layers: KronLayers, state: dict, source: DataSource) -> str:
     """The curvature to fit (output_curvature.resolve_curvature; "auto" counts the model's outputs per example)."""
     return resolve_curvature(curvature, lambda: layers.output_size(state, source))
+
+
+class _NotPerExample(Exception):
+    """Layers (plan keys) whose output does not hold the batch's examples one by one."""
+
+    def __init__(self, names: list[str]):
+        super().__init__(names)
+        self.names = names
 
 
 def _not_per_example(names: list[str], B: int) -> TracInError:
@@ -355,13 +384,18 @@ def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, cu
         raise TracInError("SOURCE needs the training loss; pass loss_fn=... to TracIn.")
     check_factor_memory(layers)
     dev = layers.grads.device
-    A = [torch.zeros((p.cols,) * (1 if p.one_hot else 2), dtype=torch.float64, device=dev) for p in layers.plans]
-    S = [torch.zeros((p.out_dim,) * (1 if p.diagonal else 2), dtype=torch.float64, device=dev) for p in layers.plans]
+    A = S = None                                     # sized after the first capture (it may move layers: _leave_out)
     n_total = 0
     for state in states:
         gen = torch.Generator().manual_seed(seed)
         for _, x, y in source.batches(batch_size):
-            for j, (a, g) in enumerate(layers.capture(state, x, y, curvature, gen)):
+            captured = layers.capture(state, x, y, curvature, gen)
+            if A is None:
+                A = [torch.zeros((p.cols,) * (1 if p.one_hot else 2), dtype=torch.float64, device=dev)
+                     for p in layers.plans]
+                S = [torch.zeros((p.out_dim,) * (1 if p.diagonal else 2), dtype=torch.float64, device=dev)
+                     for p in layers.plans]
+            for j, (a, g) in enumerate(captured):
                 if A[j].dim() == 1:                                       # one-hot ids: token counts
                     A[j] += torch.bincount(a[a >= 0], minlength=A[j].shape[0]).double() / a.shape[1]
                 else:
