@@ -18,7 +18,7 @@ from tracin_engine.gradients.hooks import HookFeaturizer
 from tracin_engine.gradients.per_example import GradientComputer
 
 from models import HANDLER_CASES as MODELS
-from models import ChannelScaled, SumsScale
+from models import ChannelLayerNorm2d, ChannelScaled, SumsScale
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -691,3 +691,38 @@ def test_first_batch_check_tolerance_follows_dtype_and_tf32(monkeypatch):
     assert hooks.check_tolerance(cuda_like) == 64 * 2.0 ** -11
     monkeypatch.setattr(hooks, "tf32_enabled", lambda: False)
     assert hooks.check_tolerance(cuda_like) == 2e-3
+
+
+class _SquareChannelsFirst(nn.Module):
+    """A channels-first LayerNorm subclass on (B, C, H, W) with W == C: the last dimension and the channels
+    both have the scale's size (ConvNeXt's stem norm with 8 channels on an 8 x 8 grid)."""
+
+    def __init__(self, C=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, C, 1)
+        self.norm = ChannelLayerNorm2d(C)
+        self.head = nn.Linear(C, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x)).mean((2, 3)))
+
+
+def test_a_channels_first_norm_on_a_square_grid_is_told_by_a_probe():
+    """The probed norm tries distinct scales 1..C to tell which dimension its scale runs along (before, the
+    last was taken, and the sum check sent the whole model to vmap); exact on the hook path."""
+    from tracin_engine.gradients.handlers.affine_norm import AffineNormHandler
+
+    torch.manual_seed(0)
+    model = _SquareChannelsFirst().double()
+    with torch.no_grad():
+        model.norm.weight.copy_(torch.randn(4))                 # not all ones: a wrong dimension would show
+    x, y = torch.randn(5, 3, 6, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    hf = HookFeaturizer(gc)
+    state = gc.prepare(model.state_dict())
+    assert torch.allclose(hf.expand(hf(state, x, y)), gc.reference(state, x, y), rtol=1e-9, atol=1e-12)
+    (h,) = [u.handler for b in hf.blocks for u in b.uses if u.name == "norm"]
+    assert isinstance(h, AffineNormHandler) and h.along == 1
+    tracin = te.TracIn(model, te.Checkpoints.from_state_dicts([model.state_dict()], [1.0]), loss_fn=F.cross_entropy)
+    tracin.features((x, y))
+    assert tracin.featurizer.mode == "hooks"

@@ -75,17 +75,35 @@ class AffineNormHandler(VectorHandler):
         super().__init__(module)
         self.verified = False
         self.scale, self.shift = _roles(module)
+        self.along: int | None = None    # the dimension found by _told where the last and dim 1 both fit
 
-    def _dim(self, y: torch.Tensor, D: int) -> int:
-        """The output dimension the parameters run along: the last, else the channels (dim 1)."""
+    def _dim(self, y: torch.Tensor, D: int, told) -> int:
+        """The output dimension the parameters run along: the last or the channels (dim 1), whichever has their
+        size; where both have it (a channels-first norm on a C x H x C grid) `told()` decides, once."""
         if y.dim() < 2:
             raise Unsupported(f"{type(self.module).__name__}: a {y.dim()}-D output has no position dimension")
-        if y.shape[-1] == D:
-            return y.dim() - 1
-        if y.shape[1] == D:
-            return 1
-        raise Unsupported(f"{type(self.module).__name__}: an output of shape {tuple(y.shape)} has no dimension "
-                          f"of its parameters' size {D}")
+        fits = [d for d in dict.fromkeys((y.dim() - 1, 1)) if y.shape[d] == D]
+        if not fits:
+            raise Unsupported(f"{type(self.module).__name__}: an output of shape {tuple(y.shape)} has no "
+                              f"dimension of its parameters' size {D}")
+        if len(fits) == 1:
+            return fits[0]
+        if self.along is None:
+            self.along = told(fits)
+        return self.along
+
+    @staticmethod
+    def _along(at, y0: torch.Tensor, u: torch.Tensor, w: torch.Tensor, fits: list[int]) -> int:
+        """Which of the dimensions `fits` the scale runs along: the one where distinct scales 1..D (a probe of
+        the layer's own forward) give y0 + u * scale."""
+        ramp = torch.arange(1, w.numel() + 1, dtype=w.dtype, device=w.device)
+        y = at(ramp, 0.0)
+        for d in fits:
+            shape = [1] * y.dim()
+            shape[d] = -1
+            if torch.allclose(y0 + u * ramp.reshape(shape), y, rtol=1e-4, atol=1e-5 * float(y.abs().max()) + 1e-12):
+                return d
+        raise Unsupported("the scale runs along neither dimension of its size (last or channels)")
 
     def capture(self, inputs, output):
         if not isinstance(output, torch.Tensor):
@@ -93,8 +111,8 @@ class AffineNormHandler(VectorHandler):
         own = dict(self.module.named_parameters(recurse=False))
         w = own[self.scale]
         with torch.no_grad():
-            def at(wv: float, bv: float) -> torch.Tensor:
-                sub = {self.scale: torch.full_like(w, wv)}
+            def at(wv: float | torch.Tensor, bv: float) -> torch.Tensor:
+                sub = {self.scale: torch.full_like(w, wv) if isinstance(wv, float) else wv}
                 if self.shift:
                     sub[self.shift] = torch.full_like(w, bv)
                 return forward_with(self.module, sub, inputs, self.kwargs)
@@ -105,7 +123,7 @@ class AffineNormHandler(VectorHandler):
                     mult[self.shift] = at(0.0, 1.0) - y0
             except Exception as e:             # (a regrouped input the layer's own forward does not take)
                 raise Unsupported(f"{type(self.module).__name__}: probing its scale failed ({e})") from e
-            d = self._dim(output, w.numel())
+            d = self._dim(output, w.numel(), lambda fits: self._along(at, y0, mult[self.scale], w, fits))
             if not self.verified:
                 shape = [1] * output.dim()
                 shape[d] = -1
