@@ -130,8 +130,9 @@ def ideal_agreement(model_fn: Callable[[], torch.nn.Module], data, device_a="cpu
 def source_models() -> dict[str, Callable[[], tuple]]:
     """SOURCE cases for source_agreement: name -> () -> (float64 model, data, loss_fn). A causal LM with
     every layer (sampled curvature: label draws from CPU generators, the same on any device; an embedding,
-    RMSNorms as vector blocks) and an LSTM text model (exact curvature; recurrent and embedding blocks)."""
-    from models import Recurrent, hf_llama, token_batch
+    RMSNorms as vector blocks), an LSTM text model (exact curvature; recurrent and embedding blocks), a ViT
+    (parameters without a handler) and a Linear on a table the batch shares (moved to the generic block)."""
+    from models import Recurrent, SharedTable, ViT, hf_llama, token_batch
 
     def lm():
         torch.manual_seed(0)
@@ -141,7 +142,16 @@ def source_models() -> dict[str, Callable[[], tuple]]:
         torch.manual_seed(0)
         return Recurrent("LSTM", vocab=20, dim=4, hidden=5).double(), (token_batch(8, 6, 20),
                                                                          torch.randint(0, 3, (8,))), F.cross_entropy
-    return {"llama_every_layer": lm, "lstm": lstm}
+    def vit():     # cls_token / pos_embed: the generic block, pseudo-gradients from per-example copies
+        torch.manual_seed(0)
+        return ViT(dim=4, classes=3).double().eval(), (torch.randn(8, 3, 8, 8, dtype=torch.float64),
+                                                       torch.randint(0, 3, (8,))), F.cross_entropy
+
+    def shared():  # a Linear on a table the batch shares: moved to the generic block, the per-example loop
+        torch.manual_seed(0)
+        return SharedTable(6).double(), (torch.randn(8, 6, 4, dtype=torch.float64),
+                                         torch.randint(0, 3, (8,))), F.cross_entropy
+    return {"llama_every_layer": lm, "lstm": lstm, "vit_every_parameter": vit, "shared_table": shared}
 
 
 def source_agreement(build: Callable[[], tuple], device_a: str = "cpu", device_b: str = "cuda") -> dict:

@@ -139,6 +139,19 @@ class ChannelScaled(nn.Module):
         return self.head(h.mean(1))
 
 
+class SharedTable(nn.Module):
+    """A Linear on a position table that every example shares, added to each example's inputs."""
+
+    def __init__(self, T: int):
+        super().__init__()
+        self.register_buffer("table", torch.randn(T, 4, dtype=torch.float64))
+        self.pos = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):                       # x (B, T, 4)
+        return self.fc((x + self.pos(self.table)).mean(1))
+
+
 class Encoder(nn.Module):
     """Token ids (B, T), 0 = padding; logits (B, classes) from token 0."""
 

@@ -14,6 +14,8 @@ from tracin_engine.methods.ekfac import KronLayers, fit_ekfac
 from tracin_engine.errors import TracInError
 from tracin_engine.gradients.per_example import GradientComputer
 
+from models import SharedTable
+
 
 def _linear(d_in=5, d_out=3, seed=0):
     torch.manual_seed(seed)
@@ -391,19 +393,6 @@ def test_captured_factors_of_a_layer_on_a_folded_batch_are_per_example():
     assert layers.layouts["fc1"] == 2 and captured[0][0].shape[:2] == (5, 4)    # FOLDED: (B, T, in + 1)
 
 
-class _SharedPositions(nn.Module):
-    """A Linear on a position table that every example shares, added to each example's inputs."""
-
-    def __init__(self, T: int):
-        super().__init__()
-        self.register_buffer("table", torch.randn(T, 4, dtype=torch.float64))
-        self.pos = nn.Linear(4, 4)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):                       # x (B, T, 4)
-        return self.fc((x + self.pos(self.table)).mean(1))
-
-
 @pytest.mark.parametrize("B", [4, 3])           # T = 8: read as folded (8 = 2 x 4), or as 8 examples (8 != 3)
 def test_a_layer_on_what_all_examples_share_joins_the_generic_block(B):
     """A layer whose output all examples share (BART's decoder positions) has no per-example factors: on the
@@ -411,7 +400,7 @@ def test_a_layer_on_what_all_examples_share_joins_the_generic_block(B):
     and the captured factors rebuild the exact per-example gradients. After the plans are settled, or for a
     tied weight's use, it is refused by name with the source_layers filter that leaves it out."""
     torch.manual_seed(0)
-    model = _SharedPositions(8).double()
+    model = SharedTable(8).double()
     X, y = torch.randn(B, 8, 4, dtype=torch.float64), torch.randint(0, 3, (B,))
     layers, _ = _factors_rebuild_gradients(model, X, y)
     assert layers.exclude == {"pos"} and [p.key for p in layers.plans] == ["fc", "<no handler: pos.weight, pos.bias>"]

@@ -302,10 +302,10 @@ def test_source_with_an_lstm_matches_matrix_exponentials():
 
 def test_source_with_a_layer_on_shared_positions_matches_matrix_exponentials():
     """A Linear on a position table all examples share (no per-example factors) joins the generic block."""
-    from test_ekfac import _SharedPositions
+    from models import SharedTable
 
     torch.manual_seed(0)
-    model = _SharedPositions(6).double()
+    model = SharedTable(6).double()
     X, y = torch.randn(10, 6, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
     items = [te.Checkpoint({k: v + 0.1 * c * torch.randn_like(v) for k, v in model.state_dict().items()}, 0.5, s,
                            {"momentum": 0.5, "optimizer": "SGD"}) for c, s in enumerate((10, 20))]
