@@ -66,6 +66,25 @@ def test_eigenvalue_correction_beats_kfac_on_a_batch():
     assert torch.allclose(torch.diagonal(Q.T @ exact @ Q), curv.lam.flatten(), atol=1e-10)
 
 
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_a_diagonal_factor_gives_the_exact_gauss_newton_diagonal_in_its_basis(side):
+    """A factor kept as its diagonal (check_factor_memory, when the full one cannot fit) has the identity as its
+    eigenbasis; the eigenvalue correction is still the exact Gauss-Newton diagonal in the basis Q_S (x) Q_A."""
+    model = _linear(6, 4, seed=1)
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(30, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (30,), generator=g)
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    layers = KronLayers(gc)
+    setattr(layers.plans[0], f"diag_{side}", True)
+    (curv,) = fit_ekfac(layers, [gc.prepare(model.state_dict())], as_source((X, y)), "gn", batch_size=7)
+    assert (curv.QA is None) is (side == "in") and (curv.QS is None) is (side == "out")
+    eye = torch.eye(4 if side == "out" else 7, dtype=torch.float64)
+    Q = torch.kron(eye, curv.QA.contiguous()) if side == "out" else torch.kron(curv.QS.contiguous(), eye)
+    exact = _exact_gn_linear(model, X, y)
+    assert torch.allclose(torch.diagonal(Q.T @ exact @ Q), curv.lam.flatten(), atol=1e-10)
+    assert torch.allclose(curv.dense(), Q @ torch.diag(curv.lam.flatten()) @ Q.T, atol=1e-12)
+
+
 def test_mc_curvature_is_unbiased_estimate_of_gn():
     model = _linear(4, 3, seed=2)
     X = torch.randn(300, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,13 +164,27 @@ def test_a_hessian_that_cannot_fit_is_refused_before_it_is_formed(monkeypatch):
         fit_ekfac(KronLayers(named), [state], as_source(ids), "gn", batch_size=6)
 
 
-def test_factors_that_cannot_fit_are_refused_naming_the_largest_layer(monkeypatch):
+def test_factors_that_cannot_fit_are_made_diagonal_then_refused_naming_the_largest_layer(monkeypatch):
+    """Factors that do not fit: the largest square ones are kept as diagonals (one warning naming them) until
+    the rest fits; when even all-diagonal factors cannot fit, refused naming the largest layers."""
     torch.manual_seed(0)
     model = CausalLM(vocab=40, dim=8, depth=1, seq=8).double()
     gc = GradientComputer(model, "causal_lm", device="cpu", layers=_block_linears(model))
-    ekfac.check_factor_memory(KronLayers(gc))                             # 0.1 MB: fits
-    monkeypatch.setattr(ekfac, "budget", lambda device: 10_000)
-    with pytest.raises(TracInError, match=r"factors need .* the largest are blocks.0.mlp.2 \(8 x 33"):
+    layers = KronLayers(gc)
+    full = sum(p.factor_bytes for p in layers.plans)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ekfac.check_factor_memory(layers)                                 # fits: nothing changes
+    assert not any(p.diag_in or p.diag_out for p in layers.plans)
+    monkeypatch.setattr(ekfac, "budget", lambda device: full - 1)
+    with pytest.warns(UserWarning, match=r"diagonal factors for blocks.0.mlp.2 \(33 inputs\)"):
+        ekfac.check_factor_memory(layers)
+    assert [(p.key, p.diag_in, p.diag_out) for p in layers.plans if p.diag_in or p.diag_out] == \
+        [("blocks.0.mlp.2", True, False)]                                 # its 33 x 33 A was the largest square
+    assert sum(p.factor_bytes for p in layers.plans) <= full - 1
+    monkeypatch.setattr(ekfac, "budget", lambda device: 2_000)
+    with pytest.raises(TracInError, match=r"factors need 9.7 KiB even with diagonal factors .* 2.0 KiB can be used; "
+                                          r"the largest are blocks.0.mlp.0 \(32 x 9"):
         ekfac.check_factor_memory(KronLayers(gc))
 
 

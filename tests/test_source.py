@@ -202,6 +202,21 @@ def test_source_takes_every_layer_without_layers(kind):
     assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12 * float(want.abs().max()))
 
 
+def test_source_with_diagonal_factors_matches_matrix_exponentials(monkeypatch):
+    """A factor too large for memory is kept as its diagonal (identity eigenbasis on that side); SOURCE's
+    rotations take it (source_update) and equal direct matrix exponentials of that EK-FAC matrix."""
+    from tracin_engine.methods import ekfac
+
+    model, ckpts, X, y = _tiny_run()
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
+    full = sum(p.factor_bytes for p in KronLayers(tracin.featurizer.grads).plans)
+    monkeypatch.setattr(ekfac, "budget", lambda device: full - 1)
+    with pytest.warns(UserWarning, match=r"diagonal factors for 3 \(5 inputs\)"):
+        index = tracin.index((X, y), method="source", segments=2, progress=False, batch_size=5)
+    want = _matrix_exponential_reference(tracin, ckpts, X, y, [((0, 1), 10, 0.5), ((2, 3), 20, 0.3)])
+    assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12)
+
+
 def test_spectral_functions_are_stable():
     s = torch.tensor([0.0, 1e-300, 1e-12, 1.0, 1e6], dtype=torch.float64)
     decay, gain = spectral(s, 50.0)

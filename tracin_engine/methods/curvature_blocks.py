@@ -43,6 +43,8 @@ class LayerPlan:
     key: str = ""           # unique among the plans: the module's name, or name.weight for one of several parts
     tied: tuple = ()        # a weight several modules use (GPT-2's wte and lm_head): their handlers; a vector block
     generic: bool = False   # the parameters no handler covers (module: the model, handler None); a vector block
+    diag_in: bool = False   # A kept as its diagonal (QA the identity): an (in' x in') factor that cannot fit
+    diag_out: bool = False  # S kept as its diagonal (QS the identity): a vocabulary's (V x V) factor that cannot fit
 
     @property
     def cols(self) -> int:
@@ -54,8 +56,21 @@ class LayerPlan:
 
     @property
     def diagonal(self) -> bool:
-        """A vector block too long for an (n x n) factor: its curvature is diagonal."""
-        return self.vector and self.out_dim > VECTOR_DENSE
+        """S is kept as its diagonal: a vector block too long for an (n x n) factor, or diag_out."""
+        return self.diag_out or self.vector and self.out_dim > VECTOR_DENSE
+
+    @property
+    def a_diagonal(self) -> bool:
+        """A is kept as its diagonal: an Embedding's token counts, or diag_in."""
+        return self.one_hot or self.diag_in
+
+    @property
+    def factor_bytes(self) -> int:
+        """float64 bytes of this layer's curvature: A and S, their eigenvectors and the eigendecomposition's
+        workspace (3 of each), and Lambda (out x in')."""
+        a = self.cols if self.a_diagonal else self.cols ** 2
+        s = self.out_dim if self.diagonal else self.out_dim ** 2
+        return 8 * (3 * (a + s) + self.out_dim * self.cols)
 
     def mat(self, flat: torch.Tensor) -> torch.Tensor:
         """flat (B, P) -> this layer's (B, out, in')."""

@@ -29,6 +29,7 @@ steps as positions, a layer called several times with its calls' positions side 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Collection, Sequence
 
 import numpy as np
@@ -360,17 +361,43 @@ def _one_hot_eigenvalues(ids: torch.Tensor, ga: torch.Tensor, V: int) -> torch.T
 
 
 def check_factor_memory(layers: KronLayers) -> None:
-    """Refuse, naming the largest layers, when the factors A (in' x in'), S (out x out), their eigenvectors
-    and Lambda (out x in') of all layers (float64) would not fit in half the device's free memory."""
-    sizes = sorted(((8 * (3 * ((p.cols if p.one_hot else p.cols ** 2) + (p.out_dim if p.diagonal else p.out_dim ** 2))
-                          + p.out_dim * p.cols), p) for p in layers.plans), key=lambda t: -t[0])
-    need, room = sum(n for n, _ in sizes), budget(layers.grads.device)
+    """Make the factors fit in half the device's free memory: where A (in' x in') and S (out x out), their
+    eigenvectors and Lambda (out x in') of all layers (float64) would not, the largest square factors are kept
+    as their diagonals (the eigenbasis on that side is then the identity: a language model's output layer over
+    a vocabulary of 32,000 gets a diagonal S of 32,000 numbers instead of 8 GB), with one warning naming them;
+    refuses, naming the largest layers, when even that does not fit."""
+    room = budget(layers.grads.device)
+    need = sum(p.factor_bytes for p in layers.plans)
+    first, shrunk = need, []
+    while need > room:
+        square = [(p.out_dim ** 2, p, "out") for p in layers.plans if not p.vector and not p.diagonal] + \
+                 [(p.cols ** 2, p, "in") for p in layers.plans if not p.vector and not p.a_diagonal]
+        if not square:
+            break
+        _, p, side = max(square, key=lambda t: t[0])
+        setattr(p, f"diag_{side}", True)
+        shrunk.append(f"{p.key} ({p.out_dim if side == 'out' else p.cols} {side}puts)")
+        need = sum(q.factor_bytes for q in layers.plans)
     if need > room:
-        big = ", ".join(f"{p.key} ({p.out_dim} x {p.cols}: {n / 2**30:.2f} GiB)" for n, p in sizes[:3])
-        raise TracInError(f"SOURCE's EK-FAC factors need {need / 2**30:.1f} GiB (float64: each layer's (in x in) and "
-                          f"(out x out) factors and eigenvectors), {room / 2**30:.1f} GiB can be used; the largest "
-                          f"are {big}. Leave the largest out with TracIn(..., layers=[...]) (a language model's "
-                          "output layer over its vocabulary, above all).")
+        sizes = sorted(((p.factor_bytes, p) for p in layers.plans), key=lambda t: -t[0])
+        big = ", ".join(f"{p.key} ({p.out_dim} x {p.cols}: {_bytes(n)})" for n, p in sizes[:3])
+        raise TracInError(f"SOURCE's EK-FAC factors need {_bytes(need)} even with diagonal factors (float64: "
+                          f"each layer's (in x in) and (out x out) factors, eigenvectors and eigenvalues), "
+                          f"{_bytes(room)} can be used; the largest are {big}. Leave the largest out with "
+                          "TracIn(..., layers=[...]) (a language model's output layer over its vocabulary, above all).")
+    if shrunk:
+        warnings.warn(f"SOURCE's EK-FAC factors would need {_bytes(first)}, {_bytes(room)} can be used: diagonal "
+                      f"factors for {', '.join(shrunk)} (their eigenbasis on that side is the identity), "
+                      f"{_bytes(need)}. Leave those layers out (layers=[...]) for the full "
+                      "factors of the rest, or run on a machine with more memory.", stacklevel=3)
+
+
+def _bytes(n: float) -> str:
+    """'2.5 GiB', '340.0 MiB', '6.8 KiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, curvature: str = "auto",
@@ -391,13 +418,16 @@ def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, cu
         for _, x, y in source.batches(batch_size):
             captured = layers.capture(state, x, y, curvature, gen)
             if A is None:
-                A = [torch.zeros((p.cols,) * (1 if p.one_hot else 2), dtype=torch.float64, device=dev)
+                check_factor_memory(layers)              # (again: the capture may have re-planned)
+                A = [torch.zeros((p.cols,) * (1 if p.a_diagonal else 2), dtype=torch.float64, device=dev)
                      for p in layers.plans]
                 S = [torch.zeros((p.out_dim,) * (1 if p.diagonal else 2), dtype=torch.float64, device=dev)
                      for p in layers.plans]
             for j, (a, g) in enumerate(captured):
-                if A[j].dim() == 1:                                       # one-hot ids: token counts
+                if layers.plans[j].one_hot:                               # one-hot ids: token counts
                     A[j] += torch.bincount(a[a >= 0], minlength=A[j].shape[0]).double() / a.shape[1]
+                elif A[j].dim() == 1:                                     # a diagonal A
+                    A[j] += a.pow(2).sum((0, 1)) / a.shape[1]
                 else:
                     A[j] += torch.einsum("bti,btj->ij", a, a) / a.shape[1]
                 S[j] += g.pow(2).sum((0, 1, 2)) if S[j].dim() == 1 else torch.einsum("bkti,bktj->ij", g, g)
@@ -417,7 +447,7 @@ def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, cu
                 if layers.plans[j].one_hot:                               # sum over positions of one token
                     lam[j] += _one_hot_eigenvalues(a, ga, lam[j].shape[1])
                     continue
-                aa = a @ QA                                               # Q_A^T a
+                aa = a if QA is None else a @ QA                          # Q_A^T a
                 if a.shape[1] == 1:                                       # rank one: square the factors
                     lam[j] += torch.einsum("bko,bi->oi", ga[:, :, 0].pow(2), aa[:, 0].pow(2))
                 else:                                                     # sum over positions first
