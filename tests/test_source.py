@@ -282,6 +282,20 @@ def test_steps_learning_rates_and_momentum_come_from_the_recorder(tmp_path):
     assert index.settings.horizons == pytest.approx([0.1 * 4 / 0.5, 0.05 * 4 / 0.5])
 
 
+def _jittered_checkpoints(model) -> te.Checkpoints:
+    """Two checkpoints (steps 10, 20; learning rate 0.5, momentum 0.5): the weights plus 0.1 c noise."""
+    return te.Checkpoints([te.Checkpoint({k: v + 0.1 * c * torch.randn_like(v) for k, v in model.state_dict().items()},
+                                         0.5, s, {"momentum": 0.5, "optimizer": "SGD"}) for c, s in enumerate((10, 20))])
+
+
+def _assert_source_matches_matrix_exponentials(model, X, y, segments, batch_size):
+    ckpts = _jittered_checkpoints(model)
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
+    index = tracin.index((X, y), method="source", segments=len(segments), progress=False, batch_size=batch_size)
+    want = _matrix_exponential_reference(tracin, ckpts, X, y, segments)
+    assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12 * float(want.abs().max()))
+
+
 def test_source_with_an_embedding_matches_matrix_exponentials():
     import sys
 
@@ -289,15 +303,8 @@ def test_source_with_an_embedding_matches_matrix_exponentials():
     from test_ekfac import _Bag, _bag_data
 
     torch.manual_seed(0)
-    model = _Bag().double()
     ids, y = _bag_data()
-    items = [te.Checkpoint({k: v + 0.1 * c * torch.randn_like(v) for k, v in model.state_dict().items()}, 0.5, s,
-                           {"momentum": 0.5, "optimizer": "SGD"}) for c, s in enumerate((10, 20))]
-    ckpts = te.Checkpoints(items)
-    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
-    index = tracin.index((ids, y), method="source", segments=2, progress=False, batch_size=5)
-    want = _matrix_exponential_reference(tracin, ckpts, ids, y, [((0,), 10, 0.5), ((1,), 10, 0.5)])
-    assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12 * float(want.abs().max()))
+    _assert_source_matches_matrix_exponentials(_Bag().double(), ids, y, [((0,), 10, 0.5), ((1,), 10, 0.5)], 5)
 
 
 def test_source_with_an_lstm_matches_matrix_exponentials():
@@ -305,14 +312,8 @@ def test_source_with_an_lstm_matches_matrix_exponentials():
 
     torch.manual_seed(0)
     model = Recurrent("LSTM", vocab=12, dim=3, hidden=4).double()
-    ids, y = token_batch(6, 5, 12), torch.randint(0, 3, (6,))
-    items = [te.Checkpoint({k: v + 0.1 * c * torch.randn_like(v) for k, v in model.state_dict().items()}, 0.5, s,
-                           {"momentum": 0.5, "optimizer": "SGD"}) for c, s in enumerate((10, 20))]
-    ckpts = te.Checkpoints(items)
-    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
-    index = tracin.index((ids, y), method="source", progress=False, batch_size=4)
-    want = _matrix_exponential_reference(tracin, ckpts, ids, y, [((0, 1), 20, 0.5)])
-    assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12 * float(want.abs().max()))
+    _assert_source_matches_matrix_exponentials(model, token_batch(6, 5, 12), torch.randint(0, 3, (6,)),
+                                               [((0, 1), 20, 0.5)], 4)
 
 
 def test_source_with_a_layer_on_shared_positions_matches_matrix_exponentials():
@@ -321,14 +322,8 @@ def test_source_with_a_layer_on_shared_positions_matches_matrix_exponentials():
 
     torch.manual_seed(0)
     model = SharedTable(6).double()
-    X, y = torch.randn(10, 6, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
-    items = [te.Checkpoint({k: v + 0.1 * c * torch.randn_like(v) for k, v in model.state_dict().items()}, 0.5, s,
-                           {"momentum": 0.5, "optimizer": "SGD"}) for c, s in enumerate((10, 20))]
-    ckpts = te.Checkpoints(items)
-    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
-    index = tracin.index((X, y), method="source", progress=False, batch_size=4)
-    want = _matrix_exponential_reference(tracin, ckpts, X, y, [((0, 1), 20, 0.5)])
-    assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12 * float(want.abs().max()))
+    _assert_source_matches_matrix_exponentials(model, torch.randn(10, 6, 4, dtype=torch.float64),
+                                               torch.randint(0, 3, (10,)), [((0, 1), 20, 0.5)], 4)
 
 
 def model_numel(model):
