@@ -17,6 +17,7 @@ The fast path is torch.func.vmap over torch.func.grad; `reference` is a slow loo
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -31,6 +32,7 @@ from ..memory import budget, is_oom
 from .calls import OutputFn, call_model
 
 Target = Any  # "loss" | "prediction" | Callable[[Tensor (1, ...)], Tensor (one value)]
+_SLOW_RULE = "There is a performance drop because we have not yet implemented the batching rule"
 
 
 class VmapFailed(TracInError):
@@ -263,7 +265,9 @@ class GradientComputer:
         with model_mode(self.model, self.train_mode):
             for s in range(0, B, chunk):
                 try:
-                    g = fn(sel, tree.take(x, s, s + chunk), None if y is None else y[s:s + chunk])
+                    with warnings.catch_warnings():      # torch's note on its own missing batching rules (sdpa,
+                        warnings.filterwarnings("ignore", message=_SLOW_RULE)   # histc): nothing a user can act on
+                        g = fn(sel, tree.take(x, s, s + chunk), None if y is None else y[s:s + chunk])
                 except TracInError:
                     raise
                 except Exception as exc:  # noqa: BLE001
