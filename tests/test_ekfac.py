@@ -177,6 +177,15 @@ class _Shifted(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x) + self.shift))
 
 
+class _InPlace(_Raw):
+    """_Raw through an in-place add into a fresh buffer: torch.func vmap cannot run it (VmapFailed)."""
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 3, dtype=x.dtype)
+        h += x @ self.gain
+        return self.fc(h)
+
+
 def _generic_cases():
     from models import ChannelScaled, SumsScale, ViT
 
@@ -186,15 +195,22 @@ def _generic_cases():
         "summed": lambda: (SumsScale().double(), torch.randn(5, 3, dtype=torch.float64), False),
         "matrix": lambda: (_Raw().double(), torch.randn(5, 3, dtype=torch.float64), False),
         "diagonal": lambda: (ChannelScaled(True).double(), torch.randn(5, 6, 3, dtype=torch.float64), False),
+        "no_vmap": lambda: (_InPlace().double(), torch.randn(5, 3, dtype=torch.float64), False),
     }
 
 
-@pytest.mark.parametrize("case", ["vit", "layer_scale", "summed", "matrix", "diagonal"])
-def test_parameters_without_a_handler_are_one_block_with_exact_pseudo_gradients(case):
+@pytest.mark.parametrize("route", ["vmap", "loop"])
+@pytest.mark.parametrize("case", ["vit", "layer_scale", "summed", "matrix", "diagonal", "no_vmap"])
+def test_parameters_without_a_handler_are_one_block_with_exact_pseudo_gradients(case, route, monkeypatch):
     """Parameters no layer handler covers (cls_token / pos_embed, a layer scale, a raw matrix) form one vector
     block; their per-example pseudo-gradients come from per-example copies in the batched pass where the model
-    broadcasts them (checked against the loop on the first batch, then relied on), else from the loop. Either
-    way the captured factors rebuild the exact per-example gradients, batch after batch."""
+    broadcasts them (checked against the reference on the first batch, then relied on), else from the reference
+    (vmap of <f_b, u_bk>, or the loop over examples). Every way the captured factors rebuild the exact
+    per-example gradients, batch after batch."""
+    from tracin_engine.methods.generic_curvature import GenericPseudoGradients
+
+    if route == "loop":
+        monkeypatch.setattr(GenericPseudoGradients, "reference", GenericPseudoGradients.loop)
     torch.manual_seed(0)
     model, X, broadcast = _generic_cases()[case]()
     y = torch.randint(0, 2, (5,))
@@ -202,6 +218,8 @@ def test_parameters_without_a_handler_are_one_block_with_exact_pseudo_gradients(
     (gp,) = [p for p in layers.plans if p.generic]
     assert gp is layers.plans[-1] and gp.vector and gp.key.startswith("<no handler")
     assert layers.generic.broadcast is broadcast and gp.key not in layers.taps
+    if route == "vmap":
+        assert layers.generic.vmap is (case != "no_vmap")               # vmap where it runs, else the loop
     gc = layers.grads
     state = gc.prepare(model.state_dict())
     again = layers.capture(state, X[1:], y[1:], "empirical")[-1][1]           # the settled path

@@ -4,7 +4,7 @@ Example:
     >>> gen = GenericPseudoGradients(gc, ["cls_token", "pos_embed"])
     >>> copies = gen.copies(state, params, x, y)                      # put them in the capture's forward
     >>> G = gen.from_copies([grads_k for each k], copies)             # (B, K, n), or None: use reference()
-    >>> G = gen.reference(state, x, y, U)                             # (B, K, n): the per-example loop
+    >>> G = gen.reference(state, x, y, U)                             # (B, K, n): vmap, else a loop
 
 SOURCE's curvature takes such parameters as one vector block (curvature_blocks.LayerPlan, generic=True):
 a column of n numbers per example, its factor S the second moment of the pseudo-gradients
@@ -12,18 +12,21 @@ g_bk = J_b^T u_bk (J_b the Jacobian of example b's output with respect to them, 
 curvature's columns: output_curvature.py), exact (n x n) up to VECTOR_DENSE numbers, else its
 diagonal. Where the model broadcasts them over the batch (gradients/broadcast.py) the capture's own
 backward gives g_bk through per-example copies; that is checked once, on the first batch, against
-the per-example loop, which is used from then on when it disagrees.
+the per-example reference (torch.func vmap of the objective <f_b, u_bk>, else a loop over the examples),
+which is used from then on when it disagrees.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 import torch
 
 from .. import inputs as tree
 from ..gradients.broadcast import agrees, broadcast_copy, find_lead
-from ..gradients.per_example import GradientComputer, model_mode
+from ..gradients.per_example import GradientComputer, VmapFailed, model_mode
+from ..losses import Loss
 
 
 class GenericPseudoGradients:
@@ -34,6 +37,7 @@ class GenericPseudoGradients:
         self.names = list(names)
         self.lead: int | None = None
         self.broadcast: bool | None = None     # copies give the per-example gradients (None: not yet checked)
+        self.vmap = not grads.loss_fn.model_labels   # reference() by torch.func (False: it failed, or seq2seq)
 
     def copies(self, state: dict, x: Any, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Per-example copies (B, ...) of the parameters, requiring grad, to substitute in a batched forward;
@@ -62,8 +66,22 @@ class GenericPseudoGradients:
         return self.broadcast
 
     def reference(self, state: dict, x: Any, y: torch.Tensor | None, U: torch.Tensor) -> torch.Tensor:
-        """(B, K, n) float: g_bk = J_b^T u_bk, one example at a time (a forward each, K backward passes).
-        U (B, K, O): the output curvature's columns, O the numbers of one example's output."""
+        """(B, K, n) float: g_bk = J_b^T u_bk, the gradient of <f_b, u_bk> (f_b example b's output) in the
+        parameters. U (B, K, O): the output curvature's columns, O the numbers of one example's output. By
+        torch.func vmap over the examples (K passes), else (a model vmap cannot run, a seq2seq model whose
+        forward takes the labels) one example at a time."""
+        if self.vmap:
+            pseudo = copy.copy(self.grads)                 # the same model and state; objective <f_b, u_b>
+            pseudo.loss_fn = Loss(_inner)
+            try:
+                return torch.stack([pseudo.per_example(state, x, U[:, k], "loss", self.names)
+                                    for k in range(U.shape[1])], 1)
+            except VmapFailed:
+                self.vmap = False
+        return self.loop(state, x, y, U)
+
+    def loop(self, state: dict, x: Any, y: torch.Tensor | None, U: torch.Tensor) -> torch.Tensor:
+        """reference() one example at a time: a forward each, K backward passes."""
         gc = self.grads
         B, K = U.shape[:2]
         rows = []
@@ -84,3 +102,8 @@ class GenericPseudoGradients:
                                             for p, gi in zip(wrt, g)]))
                 rows.append(torch.stack(per_k))
         return torch.stack(rows)
+
+
+def _inner(out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """<f, u>: the objective whose gradient in the parameters is J^T u (one example's output f)."""
+    return (out * u.reshape(out.shape).to(out.dtype)).sum()
