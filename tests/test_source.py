@@ -202,6 +202,21 @@ def test_source_takes_every_layer_without_layers(kind):
     assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12 * float(want.abs().max()))
 
 
+def test_a_float32_model_fits_in_float32_and_agrees_with_float64():
+    """Per-batch products of a float32 model's fit run in float32 (sums over batches, eigendecompositions and
+    v(z) in float64): SOURCE of the same weights in float32 and float64 agree to float32 accuracy."""
+    model, ckpts, X, y = _tiny_run(norm=True)
+    got = {}
+    for dtype in (torch.float64, torch.float32):
+        cks = te.Checkpoints([te.Checkpoint({k: v.to(dtype) for k, v in ckpts.load(c).items()}, ckpts[c].learning_rate,
+                                            ckpts[c].step, dict(ckpts[c].extra)) for c in range(len(ckpts))])
+        tracin = te.TracIn(model.to(dtype), cks, loss_fn=F.cross_entropy, device="cpu")
+        got[dtype] = tracin.index((X.to(dtype), y), method="source", segments=2, progress=False,
+                                  batch_size=5).features(0).double()
+    err = (got[torch.float32] - got[torch.float64]).norm() / got[torch.float64].norm()
+    assert 0 < err < 1e-5, err                # float32 rounding, not a different computation
+
+
 def test_source_with_diagonal_factors_matches_matrix_exponentials(monkeypatch):
     """A factor too large for memory is kept as its diagonal (identity eigenbasis on that side); SOURCE's
     rotations take it (source_update) and equal direct matrix exponentials of that EK-FAC matrix."""

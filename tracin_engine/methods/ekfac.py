@@ -58,6 +58,8 @@ class KronLayers:
     def __init__(self, grads: GradientComputer, exclude: Collection[str] = ()):
         self.grads = grads
         self.num_params = grads.num_params
+        # per-batch products in float64 for a float64 model, else float32 (sums over batches: float64)
+        self.work = torch.float64 if grads.dtype == torch.float64 else torch.float32
         self.layouts: dict[str, int] = {}    # plan key -> how its calls hold the batch (hooks.batch_layouts)
         self.settled = False                 # a capture ran: the plans are final (fit_ekfac sizes its sums)
         self._plan(frozenset(exclude))
@@ -130,7 +132,8 @@ class KronLayers:
     # -- one batch: layer inputs and pseudo output gradients ----------------------------------------
     def capture(self, state: dict, x: Any, y: torch.Tensor | None, curvature: str,
                 generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (a (B, T, in'), g (B, K, T, out)) in float64: K pseudo-gradients per example."""
+        """Per layer (a (B, T, in'), g (B, K, T, out)) in `work` (float64 for a float64 model, else float32): K
+        pseudo-gradients per example."""
         gc = self.grads
         inputs, targets = x, y
         x, y = gc.batch(x, y)
@@ -207,7 +210,8 @@ class KronLayers:
         factors = []
         for p in self.plans:
             if p.generic:                                  # one column: a = 1, g (B, K, 1, n)
-                factors.append((torch.ones(B, 1, 1, dtype=torch.float64, device=got.device), got.double().unsqueeze(2)))
+                factors.append((torch.ones(B, 1, 1, dtype=self.work, device=got.device),
+                                got.to(self.work).unsqueeze(2)))
                 continue
             taps = [(h, calls.get(key, []), grads.get(key, [])) for key, (q, h) in self.taps.items() if q is p]
             factors.append(self._tied(p, taps, B, len(per_k)) if p.tied else
@@ -229,7 +233,7 @@ class KronLayers:
         """A tied weight as one column: g (B, K, 1, n) its per-example gradient summed over the modules using it
         (each handler's grad_into, as the hook path's block rows), a = 1."""
         dev = self.grads.device
-        gs = torch.zeros(B, K, p.out_dim, dtype=torch.float64, device=dev)
+        gs = torch.zeros(B, K, p.out_dim, dtype=self.work, device=dev)
         uses = [(h, c, gk) for h, calls, grads in taps for c, gk in zip(calls, grads)]
         for k in range(K):
             sums = None                                   # every use's gradient added in place (grad_into)
@@ -239,32 +243,32 @@ class KronLayers:
                 h.grad_into(ctx, g, sums, accumulate=True)
             if sums is not None:
                 gs[:, k] = sums
-        return torch.ones(B, 1, 1, dtype=torch.float64, device=dev), gs.unsqueeze(2)
+        return torch.ones(B, 1, 1, dtype=self.work, device=dev), gs.unsqueeze(2)
 
     def _factors(self, p: LayerPlan, calls: list, grads: list, B: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a (B, T, in'), g (B, K, T, out)) float64 of one layer from its calls (an Embedding: a = its ids (B, T),
+        """(a (B, T, in'), g (B, K, T, out)) in `work` of one layer from its calls (an Embedding: a = its ids (B, T),
         -1 where nothing is looked up, for the one-hots): a layer called several times
         (a shared encoder, a module in a loop) has the calls' positions side by side (their gradients add up:
         sum over calls and positions of g a^T); one that never ran, zeros (no gradient, no curvature)."""
         dev = self.grads.device
         if not calls:
             return (torch.full((B, 1), -1, dtype=torch.long, device=dev) if p.one_hot else
-                    torch.zeros(B, 1, p.cols, dtype=torch.float64, device=dev),
-                    torch.zeros(B, K, 1, p.out_dim, dtype=torch.float64, device=dev))
+                    torch.zeros(B, 1, p.cols, dtype=self.work, device=dev),
+                    torch.zeros(B, K, 1, p.out_dim, dtype=self.work, device=dev))
         if p.one_hot:                                # ids (B, T) for the one-hots (-1: padding), g = its c_t
             gs = torch.stack([torch.cat([p.handler.cols(ctx, read_grad(o, gk[k], lay, B))
                                          for (ctx, o, lay), gk in zip(calls, grads)], 1) for k in range(K)], 1)
-            return torch.cat([p.handler.ids(ctx) for ctx, _, _ in calls], 1), gs.double()
+            return torch.cat([p.handler.ids(ctx) for ctx, _, _ in calls], 1), gs.to(self.work)
         if p.vector:                                 # one column: a = 1, g = the block's gradient (B, K, 1, n)
             gs = torch.stack([sum(p.handler.vector(ctx, read_grad(o, gk[k], lay, B))
                                   for (ctx, o, lay), gk in zip(calls, grads)) for k in range(K)], 1)
-            return torch.ones(B, 1, 1, dtype=torch.float64, device=gs.device), gs.double().unsqueeze(2)
+            return torch.ones(B, 1, 1, dtype=self.work, device=gs.device), gs.to(self.work).unsqueeze(2)
         gs = torch.stack([torch.cat([p.handler.rows(ctx, read_grad(o, gk[k], lay, B))
                                      for (ctx, o, lay), gk in zip(calls, grads)], 1) for k in range(K)], 1)
         a = torch.cat([p.handler.cols(ctx, o) for ctx, o, _ in calls], 1)
         if p.has_bias:
             a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device)], 2)
-        return a.double(), gs.double()
+        return a.to(self.work), gs.to(self.work)
 
     def _layouts(self, state: dict, inputs: Any, targets: torch.Tensor | None, calls: dict[str, tuple],
                  B: int) -> dict[str, int]:
@@ -427,10 +431,10 @@ def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, cu
                 if layers.plans[j].one_hot:                               # one-hot ids: token counts
                     A[j] += torch.bincount(a[a >= 0], minlength=A[j].shape[0]).double() / a.shape[1]
                 elif A[j].dim() == 1:                                     # a diagonal A
-                    A[j] += a.pow(2).sum((0, 1)) / a.shape[1]
+                    A[j] += a.pow(2).sum((0, 1)).double() / a.shape[1]
                 else:
-                    A[j] += torch.einsum("bti,btj->ij", a, a) / a.shape[1]
-                S[j] += g.pow(2).sum((0, 1, 2)) if S[j].dim() == 1 else torch.einsum("bkti,bktj->ij", g, g)
+                    A[j] += torch.einsum("bti,btj->ij", a, a).double() / a.shape[1]
+                S[j] += (g.pow(2).sum((0, 1, 2)) if S[j].dim() == 1 else torch.einsum("bkti,bktj->ij", g, g)).double()
             n_total += tree.length(x)
     eigs = []
     for j in range(len(layers.plans)):
@@ -438,19 +442,20 @@ def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, cu
         eS, QS = (S[j] / n_total, None) if S[j].dim() == 1 else torch.linalg.eigh(S[j] / n_total)
         eigs.append((eA.clamp_min(0), QA, eS.clamp_min(0), QS))
     lam = [torch.zeros(p.out_dim, p.cols, dtype=torch.float64, device=dev) for p in layers.plans]
+    work = [tuple(None if Q is None else Q.to(layers.work) for Q in (QA, QS)) for _, QA, _, QS in eigs]
     for state in states:
         gen = torch.Generator().manual_seed(seed)
         for _, x, y in source.batches(batch_size):
             for j, (a, g) in enumerate(layers.capture(state, x, y, curvature, gen)):
-                _, QA, _, QS = eigs[j]
+                QA, QS = work[j]
                 ga = g if QS is None else g @ QS                          # Q_S^T g
                 if layers.plans[j].one_hot:                               # sum over positions of one token
-                    lam[j] += _one_hot_eigenvalues(a, ga, lam[j].shape[1])
+                    lam[j] += _one_hot_eigenvalues(a, ga, lam[j].shape[1]).double()
                     continue
                 aa = a if QA is None else a @ QA                          # Q_A^T a
                 if a.shape[1] == 1:                                       # rank one: square the factors
-                    lam[j] += torch.einsum("bko,bi->oi", ga[:, :, 0].pow(2), aa[:, 0].pow(2))
+                    lam[j] += torch.einsum("bko,bi->oi", ga[:, :, 0].pow(2), aa[:, 0].pow(2)).double()
                 else:                                                     # sum over positions first
-                    lam[j] += torch.einsum("bkto,bti->bkoi", ga, aa).pow(2).sum((0, 1))
+                    lam[j] += torch.einsum("bkto,bti->bkoi", ga, aa).square_().sum((0, 1)).double()
     return [LayerCurvature(QA, QS, lam[j] / n_total, eA, eS) for j, (eA, QA, eS, QS) in enumerate(eigs)]
 
