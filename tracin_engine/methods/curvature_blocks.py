@@ -99,7 +99,7 @@ class LayerPlan:
 
 @dataclass
 class LayerCurvature:
-    """EK-FAC of one layer: H ~ (Q_S (x) Q_A) diag(lam.flatten()) (Q_S (x) Q_A)^T, float64.
+    """EK-FAC of one layer: H ~ (Q_S (x) Q_A) diag(lam.flatten()) (Q_S (x) Q_A)^T, float64 as fitted (`to`).
 
     QA (in', in'), QS (out, out), either None for the identity (a diagonal factor: a long vector block's S, an
     Embedding's token counts A), lam (out, in'); eig_A (in',) and eig_S (out,) give K-FAC (eig_S[i] * eig_A[j]
@@ -111,6 +111,13 @@ class LayerCurvature:
     lam: torch.Tensor
     eig_A: torch.Tensor
     eig_S: torch.Tensor
+
+    def to(self, dtype: torch.dtype) -> "LayerCurvature":
+        """This curvature with its tensors in `dtype` (rotations of float32 gradients in float32)."""
+        if self.lam.dtype == dtype:
+            return self
+        return LayerCurvature(*(None if t is None else t.to(dtype)
+                                for t in (self.QA, self.QS, self.lam, self.eig_A, self.eig_S)))
 
     def rotate(self, G: torch.Tensor) -> torch.Tensor:
         """Q_S^T G Q_A for G (..., out, in'): the eigenbasis coordinates."""

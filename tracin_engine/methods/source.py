@@ -116,11 +116,13 @@ def spectral(lam: torch.Tensor, horizon: float) -> tuple[torch.Tensor, torch.Ten
 
 def source_update(layers: KronLayers, curv: list[LayerCurvature], horizon: float, v: torch.Tensor | None,
                   g: torch.Tensor, n_train: int) -> torch.Tensor:
-    """One Horner step v <- S_l v + r_l(g) on flat (B, P) float64 tensors (v None: 0)."""
+    """One Horner step v <- S_l v + r_l(g) on flat (B, P) tensors (v None: 0), in g's dtype (KronLayers.work:
+    float64 for a float64 model, else float32; the spectral factors computed in float64)."""
     vm = None if v is None else layers.to_mats(v)
     out = []
     for j, (c, G) in enumerate(zip(curv, layers.to_mats(g))):
-        decay, gain = spectral(c.lam, horizon)
+        decay, gain = (t.to(g.dtype) for t in spectral(c.lam, horizon))
+        c = c.to(g.dtype)
         t = gain * c.rotate(G) / n_train
         if vm is not None:
             t = t + decay * c.rotate(vm[j])
@@ -302,20 +304,22 @@ def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: S
     selfs = torch.zeros(n, dtype=torch.float64)
     last = len(tracin.checkpoints) - 1
 
+    work = [[c.to(layers.work) for c in cv] for cv in curv]          # the rotations in the model's precision
+
     def rows_of(x: torch.Tensor, y: torch.Tensor | None, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(stored rows f (B, dim), SOURCE(z, z) (B,)) of one micro-batch."""
         v, g_final = None, None
-        for seg, cv in zip(plan, curv):
+        for seg, cv in zip(plan, work):
             g_sum = 0
             for c in seg.checkpoints:
-                g = flat_gradients(tracin, tracin.state(c), x, y).double()
+                g = flat_gradients(tracin, tracin.state(c), x, y).to(layers.work)
                 check_finite(g, start, f"checkpoint {c}")
                 g_sum = g_sum + g
                 if c == last:
                     g_final = g
             v = source_update(layers, cv, seg.horizon, v, g_sum / len(seg.checkpoints), n)
         f = proj(v.to(accum_dtype(dtype))) if proj is not None else v
-        return f, (g_final * v).sum(1)
+        return f, (g_final.double() * v.double()).sum(1)
 
     def batch_rows(x: torch.Tensor, y: torch.Tensor | None, start: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [rows_of(tree.take(x, s, s + b), None if y is None else y[s:s + b], start + s)
