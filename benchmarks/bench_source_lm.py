@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import tracin_engine as te  # noqa: E402
 from tracin_engine.data import as_source  # noqa: E402
-from tracin_engine.methods.ekfac import KronLayers, choose_curvature, fit_ekfac  # noqa: E402
+from tracin_engine.methods.ekfac import KronLayers, choose_curvature  # noqa: E402
+from tracin_engine.methods.ekfac_fit import fit_ekfac  # noqa: E402
 from models import hf_gpt2, hf_llama  # noqa: E402
 
 

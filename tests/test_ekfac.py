@@ -10,7 +10,8 @@ from torch.func import hessian
 
 from tracin_engine.data import as_source
 from tracin_engine import source_layers as te_source_layers
-from tracin_engine.methods.ekfac import KronLayers, fit_ekfac
+from tracin_engine.methods.ekfac import KronLayers
+from tracin_engine.methods.ekfac_fit import fit_ekfac
 from tracin_engine.errors import TracInError
 from tracin_engine.gradients.per_example import GradientComputer
 

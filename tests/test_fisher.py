@@ -15,8 +15,9 @@ from tracin_engine.data import as_source
 from tracin_engine.errors import TracInError
 from tracin_engine.gradients.per_example import GradientComputer
 from tracin_engine.losses import IGNORE, resolve_loss
-from tracin_engine.methods import ekfac, output_curvature
-from tracin_engine.methods.ekfac import KronLayers, fit_ekfac
+from tracin_engine.methods import ekfac, ekfac_fit, output_curvature
+from tracin_engine.methods.ekfac import KronLayers
+from tracin_engine.methods.ekfac_fit import fit_ekfac
 
 from models import CausalLM
 
@@ -174,18 +175,18 @@ def test_factors_that_cannot_fit_are_made_diagonal_then_refused_naming_the_large
     full = sum(p.factor_bytes for p in layers.plans)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ekfac.check_factor_memory(layers)                                 # fits: nothing changes
+        ekfac_fit.check_factor_memory(layers)                                 # fits: nothing changes
     assert not any(p.diag_in or p.diag_out for p in layers.plans)
-    monkeypatch.setattr(ekfac, "budget", lambda device: full - 1)
+    monkeypatch.setattr(ekfac_fit, "budget", lambda device: full - 1)
     with pytest.warns(UserWarning, match=r"diagonal factors for blocks.0.mlp.2 \(33 inputs\)"):
-        ekfac.check_factor_memory(layers)
+        ekfac_fit.check_factor_memory(layers)
     assert [(p.key, p.diag_in, p.diag_out) for p in layers.plans if p.diag_in or p.diag_out] == \
         [("blocks.0.mlp.2", True, False)]                                 # its 33 x 33 A was the largest square
     assert sum(p.factor_bytes for p in layers.plans) <= full - 1
-    monkeypatch.setattr(ekfac, "budget", lambda device: 2_000)
+    monkeypatch.setattr(ekfac_fit, "budget", lambda device: 2_000)
     with pytest.raises(TracInError, match=r"factors need 9.7 KiB even with diagonal factors .* 2.0 KiB can be used; "
                                           r"the largest are blocks.0.mlp.0 \(32 x 9"):
-        ekfac.check_factor_memory(KronLayers(gc))
+        ekfac_fit.check_factor_memory(KronLayers(gc))
 
 
 def test_source_on_a_transformers_llama_takes_every_layer():

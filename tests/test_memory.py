@@ -214,10 +214,14 @@ def test_oom_in_source_batches_and_ekfac(mlp_run, data, monkeypatch):
     monkeypatch.setattr(source_mod, "fit_ekfac", flaky_fit)
     got = tracin.index(flat, method="source", progress=False, batch_size=16, steps=[10])
     assert fit_sizes[:2] == [16, 8]
-    assert torch.allclose(got.features(0), want.features(0), rtol=1e-6, atol=1e-9)
-    assert torch.allclose(got.self_influence(), want.self_influence(), rtol=1e-6, atol=1e-12)
+    # the same computation in other batch sizes: equal to float32 rounding (the fit's per-batch products run in
+    # the model's float32; a wrong halving would differ by far more)
+    def close(a, b):
+        return torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+    assert close(got.features(0), want.features(0))
+    assert close(got.self_influence(), want.self_influence())
     test_flat = (test[0].flatten(1), test[1])
-    assert torch.allclose(got.influence(test_flat), want.influence(test_flat), rtol=1e-6, atol=1e-9)
+    assert close(got.influence(test_flat), want.influence(test_flat))
 
 
 def test_oom_while_clustering_halves_the_block(cnn_index, monkeypatch):

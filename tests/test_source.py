@@ -11,7 +11,8 @@ from torch.func import grad, hessian, vmap
 
 import tracin_engine as te
 from tracin_engine.data import as_source
-from tracin_engine.methods.ekfac import KronLayers, fit_ekfac
+from tracin_engine.methods.ekfac import KronLayers
+from tracin_engine.methods.ekfac_fit import fit_ekfac
 from tracin_engine.methods.source import SourceIndex, spectral
 
 D, K, N, M = 3, 2, 200, 30
@@ -220,12 +221,12 @@ def test_a_float32_model_fits_in_float32_and_agrees_with_float64():
 def test_source_with_diagonal_factors_matches_matrix_exponentials(monkeypatch):
     """A factor too large for memory is kept as its diagonal (identity eigenbasis on that side); SOURCE's
     rotations take it (source_update) and equal direct matrix exponentials of that EK-FAC matrix."""
-    from tracin_engine.methods import ekfac
+    from tracin_engine.methods import ekfac_fit
 
     model, ckpts, X, y = _tiny_run()
     tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, device="cpu")
     full = sum(p.factor_bytes for p in KronLayers(tracin.featurizer.grads).plans)
-    monkeypatch.setattr(ekfac, "budget", lambda device: full - 1)
+    monkeypatch.setattr(ekfac_fit, "budget", lambda device: full - 1)
     with pytest.warns(UserWarning, match=r"diagonal factors for 3 \(5 inputs\)"):
         index = tracin.index((X, y), method="source", segments=2, progress=False, batch_size=5)
     with pytest.warns(UserWarning, match="diagonal factors"):                # the reference fits the same way

@@ -37,7 +37,9 @@ from .. import inputs as tree
 from ..data import BatchFn, as_source
 from ..devices import to_output
 from ..memory import Backoff, rows_that_fit
-from .ekfac import KronLayers, LayerCurvature, check_factor_memory, choose_curvature, fit_ekfac
+from .curvature_blocks import LayerCurvature
+from .ekfac import KronLayers, choose_curvature
+from .ekfac_fit import check_factor_memory, fit_ekfac
 from ..errors import TracInError
 from ..settings import IndexSettings, SourceSettings
 from ..gradients.featurize import check_finite, progress_bar
