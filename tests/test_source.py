@@ -234,6 +234,42 @@ def test_source_with_diagonal_factors_matches_matrix_exponentials(monkeypatch):
     assert torch.allclose(index.features(0), want, rtol=1e-7, atol=1e-12)
 
 
+def test_source_fits_in_ieee_and_computes_rows_under_the_tracin_tf32_policy(monkeypatch):
+    """On CUDA float32 products may use TF32: the curvature fit never does (tf32_mode(False)); the rows follow
+    the TracIn's policy (tf32=True here), as its own rows do. Checked by the modes active inside each call."""
+    from contextlib import contextmanager
+
+    from tracin_engine.methods import source as source_mod
+
+    active, seen = [], {}
+    real_mode, real_fit, real_grads = source_mod.tf32_mode, source_mod.fit_ekfac, source_mod.flat_gradients
+
+    @contextmanager
+    def mode(enabled):
+        active.append(enabled)
+        try:
+            with real_mode(enabled):
+                yield
+        finally:
+            active.pop()
+
+    def fit(*a, **k):
+        seen.setdefault("fit", list(active))
+        return real_fit(*a, **k)
+
+    def grads(*a, **k):
+        seen.setdefault("rows", list(active))
+        return real_grads(*a, **k)
+
+    monkeypatch.setattr(source_mod, "tf32_mode", mode)
+    monkeypatch.setattr(source_mod, "fit_ekfac", fit)
+    monkeypatch.setattr(source_mod, "flat_gradients", grads)
+    model, ckpts, X, y = _tiny_run()
+    tracin = te.TracIn(model, ckpts, loss_fn=F.cross_entropy, tf32=True)
+    tracin.index((X, y), method="source", segments=2, progress=False, batch_size=5)
+    assert seen == {"fit": [False], "rows": [True]}
+
+
 def test_spectral_functions_are_stable():
     s = torch.tensor([0.0, 1e-300, 1e-12, 1.0, 1e6], dtype=torch.float64)
     decay, gain = spectral(s, 50.0)

@@ -35,7 +35,7 @@ import torch
 
 from .. import inputs as tree
 from ..data import BatchFn, as_source
-from ..devices import to_output
+from ..devices import tf32_mode, to_output
 from ..memory import Backoff, rows_that_fit
 from .curvature_blocks import LayerCurvature
 from .ekfac import KronLayers, choose_curvature
@@ -296,7 +296,8 @@ def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: S
     fit_size = Backoff(bs, device, what="EK-FAC batch", advice="select fewer layers (layers=[...]).")
     for seg in plan:
         states = [tracin.state(c) for c in seg.checkpoints]
-        curv.append(fit_size.run(lambda b: fit_ekfac(layers, states, source, curvature, b, tracin.seed)))
+        with tf32_mode(False):                   # the curvature in IEEE float32 / float64 on CUDA, whatever the flags
+            curv.append(fit_size.run(lambda b: fit_ekfac(layers, states, source, curvature, b, tracin.seed)))
         bar.update(len(seg.checkpoints))
     bar.close()
     settings = SourceSettings(segments, tuple(s.steps for s in plan), curvature, tuple(s.horizon for s in plan))
@@ -330,7 +331,8 @@ def build_source_index(tracin: Any, train_data: Any, segments: int = 1, steps: S
 
     size = Backoff(bs, device, what="SOURCE batch", advice="select fewer layers (layers=[...]) or set proj_dim.")
     for start, x, y in source.batches(bs):
-        f, self_scores = size.run(lambda b: batch_rows(x, y, start, b))
+        with tf32_mode(tracin.tf32):             # the TracIn's policy, as for its own rows (IEEE for exact ones)
+            f, self_scores = size.run(lambda b: batch_rows(x, y, start, b))
         selfs[start:start + tree.length(x)] = self_scores.cpu()
         fs.write(0, start, f, f.double().pow(2).sum(1))
     fs.finish_writing()
