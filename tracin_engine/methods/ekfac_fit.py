@@ -132,4 +132,3 @@ def fit_ekfac(layers: KronLayers, states: Sequence[dict], source: DataSource, cu
                 else:                                                     # sum over positions first
                     lam[j] += torch.einsum("bkto,bti->bkoi", ga, aa).square_().sum((0, 1)).double()
     return [LayerCurvature(QA, QS, lam[j] / n_total, eA, eS) for j, (eA, QA, eS, QS) in enumerate(eigs)]
-
