@@ -16,6 +16,8 @@ installed, else the tests' own BERT/GPT-2-style modules):
             sequence 128, untied head; its RMSNorm class is known by structure: handlers/affine_norm.py)
     convnext  transformers ConvNextForImageClassification (widths 48/96/192/384, depths 2/2/2/2, patch 2,
             3x32x32, 10 classes: depthwise 7x7 convolutions, channels-first LayerNorm, layer scales)
+    mixtral transformers MixtralForCausalLM (4 layers, hidden 256, 8 experts of 512 with top-2 routing, sequence 128,
+            untied head; fused expert weights in transformers' default grouped_mm kernel: handlers/experts.py)
     opt     transformers OPTForCausalLM (4 layers, hidden 256, feed-forward 1024, sequence 128, tied head;
             positions counted from the mask, MLP on the batch folded into its positions)
 Per model, on the same batch (after a few SGD steps, so the checkpoint is not the initialization):
@@ -56,8 +58,8 @@ import tracin_engine as te
 from tracin_engine.devices import tf32_mode
 from tracin_engine.store.writer import non_finite_rows
 
-from models import (Attending, CausalLM, Encoder, HFImages, Recurrent, ResNet, ViT, hf_bert, hf_gpt2, hf_llama, hf_opt,
-                    lm_loss, token_batch)
+from models import (Attending, CausalLM, Encoder, HFImages, Recurrent, ResNet, ViT, hf_bert, hf_gpt2, hf_llama, hf_moe,
+                    hf_opt, lm_loss, token_batch)
 
 
 def _has_transformers() -> bool:
@@ -140,6 +142,14 @@ def build(name: str, small: bool, data: str = "random"):
         model = Attending("encoder", vocab, dim, 4, classes=4, layers=4, ff=4 * dim)
         return model, (ids, topic), F.cross_entropy, \
             f"nn.TransformerEncoder: 4 layers, hidden {dim}, 4 heads, seq {seq}, vocab {vocab}, padding mask"
+    if name == "mixtral":
+        if not hf:
+            raise SystemExit("--models mixtral needs transformers")
+        model = hf_moe("mixtral", vocab, dim, 4, 4, seq, experts=8, implementation="grouped_mm")
+        y = torch.cat([ids[:, 1:], torch.zeros(n, 1, dtype=torch.long)], 1)
+        y[y == 0] = -100
+        return model, (ids, y), lm_loss, f"transformers MixtralForCausalLM: 4 layers, hidden {dim}, 8 experts of " \
+            f"{2 * dim}, top 2, seq {seq}, vocab {vocab}, grouped_mm experts"
     if name in ("llama", "opt"):
         if not hf:
             raise SystemExit(f"--models {name} needs transformers")

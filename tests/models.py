@@ -381,6 +381,28 @@ def hf_opt(vocab: int = 30, dim: int = 16, depth: int = 1, heads: int = 2, seq: 
     return HFWrapper(OPTForCausalLM(cfg))
 
 
+def hf_moe(kind: str = "mixtral", vocab: int = 30, dim: int = 16, depth: int = 1, heads: int = 2, seq: int = 8,
+           experts: int = 4, implementation: str = "eager"):
+    """transformers MixtralForCausalLM / Qwen2MoeForCausalLM (a shared expert with its sigmoid gate) with `experts`
+    experts, 2 per token: fused expert weights gate_up_proj (E, 2I, D) and down_proj (E, D, I), routed by a
+    TopKRouter; experts_implementation "eager" (per-expert F.linear: any dtype) or "grouped_mm" (transformers'
+    default on CPU, float32 / half only)."""
+    import transformers as tr
+
+    common = dict(vocab_size=vocab, hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads,
+                  num_key_value_heads=max(1, heads // 2), max_position_embeddings=seq, num_experts_per_tok=2,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=1, attn_implementation="eager")
+    if kind == "mixtral":
+        cfg = tr.MixtralConfig(intermediate_size=2 * dim, num_local_experts=experts, **common)
+        model = tr.MixtralForCausalLM
+    else:
+        cfg = tr.Qwen2MoeConfig(intermediate_size=2 * dim, moe_intermediate_size=dim, shared_expert_intermediate_size=dim,
+                                num_experts=experts, **common)
+        model = tr.Qwen2MoeForCausalLM
+    cfg._experts_implementation = implementation
+    return HFWrapper(model(cfg))
+
+
 def token_batch(n: int, seq: int, vocab: int, pad: int = 0, seed: int = 0) -> torch.Tensor:
     """(n, seq) ids in 2..vocab-1 with repeated tokens and trailing padding (`pad`) of random length."""
     gen = torch.Generator().manual_seed(seed)
@@ -567,7 +589,8 @@ def _case_library(window=2):
 def _case_hf(kind):
     """Hugging Face models from small configs, float64: Llama (RMSNorm by structure, grouped-query
     attention), OPT (positions from the mask, its MLP on the batch folded into positions), Swin (windows
-    folded into the batch; 4 windows of 4 patches with 4 examples: (16, 4, C), told by a smaller pass)."""
+    folded into the batch; 4 windows of 4 patches with 4 examples: (16, 4, C), told by a smaller pass), Mixtral
+    and Qwen2-MoE (fused expert weights and their routers on the batch's tokens folded into rows)."""
     def build():
         import transformers as tr
         torch.manual_seed(0)
@@ -576,7 +599,7 @@ def _case_hf(kind):
                                 window_size=2, num_labels=3, attn_implementation="eager")
             return (HFImages(tr.SwinForImageClassification(cfg)).double(), torch.randn(4, 3, 8, 8, dtype=torch.float64),
                     torch.randint(0, 3, (4,)), F.cross_entropy)
-        m = (hf_llama if kind == "llama" else hf_opt)(seq=16)
+        m = hf_moe(kind, seq=16) if kind in ("mixtral", "qwen2_moe") else (hf_llama if kind == "llama" else hf_opt)(seq=16)
         ids = token_batch(3, 8, 30, pad=0)
         y = torch.cat([ids[:, 1:], torch.zeros(3, 1, dtype=torch.long)], 1)
         y[y == 0] = -100
@@ -648,4 +671,5 @@ HANDLER_CASES = {"resnet_bn": _case_resnet, "vit": _case_vit, "encoder_mask": _c
                  "torch_decoder_cross": _case_attention("decoder"), "mha_cross_qkv": _case_attention("cross"),
                  "grouped_conv": _case_grouped, "library_patterns": _case_library(), "library_patterns_ambiguous": _case_library(window=4),
                  "hf_bert": lambda: _case_encoder(True), "hf_gpt2_tied": lambda: _case_lm(True),
-                 "hf_llama": _case_hf("llama"), "hf_opt": _case_hf("opt"), "hf_swin": _case_hf("swin")}
+                 "hf_llama": _case_hf("llama"), "hf_opt": _case_hf("opt"), "hf_swin": _case_hf("swin"),
+                 "hf_mixtral": _case_hf("mixtral"), "hf_qwen2_moe": _case_hf("qwen2_moe")}

@@ -37,7 +37,8 @@ def test_handlers_exact_and_factored_match_the_float64_loop(name):
     Z = fp(state, x, y)
     assert fp.layout.dim <= 512
     assert torch.allclose(fp.expand(Z), G @ fp.matrix(), rtol=1e-8, atol=1e-11)
-    for path, want in ((hf, rows), (fp, Z)):   # into a reused buffer (featurization's): every entry written
+    for path in (hf, fp):       # into a reused buffer (featurization's): every entry written, the same numbers
+        want = path(state, x, y)   # (settled: the first batch took the generic block from vmap, later ones from copies)
         poisoned = torch.full_like(want, float("nan")).unsqueeze(0)
         got = path.many_with_outputs([state], x, y, rows_out=poisoned)[0]
         assert got is poisoned and torch.equal(got[0], want)
@@ -155,6 +156,19 @@ class DirectUse(nn.Module):
         return F.linear(h, self.emb.weight)
 
 
+class MixesBatch(nn.Module):
+    """Each example's output depends on the batch's mean (a layer mixing the examples, in eval mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        return self.head(h + 0.5 * h.mean(0, keepdim=True))
+
+
 class NoVmap(nn.Module):
     """.item() inside forward (torch.func cannot vmap it; the loop can) and a weight used outside its
     module (hooks cannot see that use)."""
@@ -192,25 +206,50 @@ def test_unused_layer_has_zero_gradients_on_the_hook_path():
         assert torch.allclose(hf.expand(rows), want, rtol=1e-9, atol=1e-12)
 
 
-def test_auto_fallbacks_warn_once_and_stay_exact():
+def test_a_weight_used_outside_its_layer_goes_generic_and_the_rest_stays_on_hooks():
+    """DirectUse's embedding matrix also serves as an output layer through F.linear: its block's per-example
+    sums miss that use, so the embedding alone takes the generic path (vmap restricted to it); exact, and the
+    factored projection runs too."""
     torch.manual_seed(0)
     model = DirectUse().double()
     ck = te.Checkpoints.from_state_dicts([model.state_dict()], [0.1])
     ids, y = torch.randint(0, 10, (6, 5)), torch.randint(0, 10, (6,))
-    # exact, hooks refused on the first batch (sums do not match) -> vmap, same scores as the loop
+    gc = GradientComputer(model, F.cross_entropy, device="cpu")
+    G = gc.reference(gc.prepare(model.state_dict()), ids, y)
     tracin = te.TracIn(model, ck, loss_fn=F.cross_entropy)
-    index = tracin.index((ids, y), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # no fallback warning: nothing left the hook path
+        index = tracin.index((ids, y), progress=False)
+    assert tracin.featurizer.mode == "hooks"
+    assert {p["layers"]: p["path"] for p in tracin.layer_paths()}["emb.weight"] == "generic: vmap"
+    assert torch.allclose(tracin.featurizer.hooks.expand(index.features(0)), G, rtol=1e-9, atol=1e-12)
+    proj = te.TracIn(model, ck, loss_fn=F.cross_entropy, proj_dim=16)
+    rows = proj.index((ids, y), progress=False).features(0)
+    assert proj.featurizer.projection_kind == "factored"
+    assert torch.allclose(proj.featurizer.projection.expand(rows), G @ proj.featurizer.projection.matrix(),
+                          rtol=1e-9, atol=1e-12)
+
+
+def test_auto_fallbacks_warn_once_and_stay_exact():
+    torch.manual_seed(0)
+    model = MixesBatch().double()
+    ck = te.Checkpoints.from_state_dicts([model.state_dict()], [0.1])
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    # exact, hooks refused on the first batch (example 0 alone differs) -> vmap, same scores as the loop
+    tracin = te.TracIn(model, ck, loss_fn=F.cross_entropy)
+    with pytest.warns(UserWarning, match="torch.func vmap"):
+        index = tracin.index((X, y), progress=False)
     assert tracin.featurizer.mode == "vmap"
     gc = tracin.featurizer.grads
-    G = gc.reference(gc.prepare(model.state_dict()), ids, y)
+    G = gc.reference(gc.prepare(model.state_dict()), X, y)
     assert torch.allclose(index.features(0), G, rtol=1e-9, atol=1e-12)
     # proj_dim set, projection="auto": factored refused -> the dense Gaussian projection, one warning
     with pytest.warns(UserWarning, match="dense Gaussian"):
         proj = te.TracIn(model, ck, loss_fn=F.cross_entropy, proj_dim=16)
-        proj.index((ids, y), progress=False)
+        proj.index((X, y), progress=False)
     assert proj.featurizer.projection_kind == "gaussian"
     with pytest.raises(te.TracInError, match="factored' cannot handle this model"):
-        te.TracIn(model, ck, loss_fn=F.cross_entropy, proj_dim=16, projection="factored").index((ids, y), progress=False)
+        te.TracIn(model, ck, loss_fn=F.cross_entropy, proj_dim=16, projection="factored").index((X, y), progress=False)
     # vmap fails -> the loop, with one warning, never an error naming per_example='loop'
     model = NoVmap().double()
     ck = te.Checkpoints.from_state_dicts([model.state_dict()], [0.1])

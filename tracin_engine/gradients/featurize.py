@@ -97,7 +97,7 @@ class Featurizer:
             try:
                 self._hook_path(state, x2, y2, target)
             except hooks.Unsupported as exc:
-                if isinstance(exc, hooks.SharedInput) and self._leave_generic(exc.modules):
+                if isinstance(exc, hooks.GenericLayers) and self._leave_generic(exc.modules):
                     return self.resolve(state, x, y, target)      # those layers generic, the rest on hooks
                 if self.mode == "factored":
                     if not self.auto_projection:
@@ -122,7 +122,8 @@ class Featurizer:
 
     def _leave_generic(self, modules: Collection[str]) -> bool:
         """Rebuild the hook path (and a factored projection) with `modules` on the generic path (their input
-        is shared by the batch: hooks.SharedInput); False when that cannot be done (then the usual fallback)."""
+        is shared by the batch, or a weight is also used outside them: hooks.GenericLayers); False when that
+        cannot be done (then the usual fallback)."""
         path = self._hook_path
         exclude = path.exclude | set(modules)
         if exclude == path.exclude:

@@ -14,10 +14,11 @@ no handler covers through the vmap/loop path restricted to them. This costs one 
 small per-layer products (the Opacus trick, with rank-one Linear gradients never materialized).
 
 The first batch settles the layout (which Linear layers see sequences, sequence-first or folded into
-the batch: batch_layouts) and checks that the
-per-example gradients add up to the batch gradient of every handled parameter; a parameter used
-outside its module (F.linear(x, self.emb.weight)) or a layer mixing examples fails that check
-(Unsupported), and the featurizer falls back to vmap.
+the batch: batch_layouts) and checks that the per-example gradients add up to the batch gradient of every
+handled parameter: a block whose weight is also used outside its module (F.linear(x, self.emb.weight))
+fails it, and its modules go generic (GenericLayers: the featurizer rebuilds this path without them);
+then that example 0's rows equal its own gradient: a layer mixing examples fails that (Unsupported), and
+the featurizer falls back to vmap.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from .. import inputs as tree
 from ..buffers import empty_output
 from ..devices import TF32_UNIT_ROUNDOFF, tf32_enabled
 from .broadcast import agrees, broadcast_copy, find_lead
-from .handlers import SharedInput, Unsupported
+from .handlers import GenericLayers, SharedInput, Unsupported
 from .layers import GENERIC_LIMIT, Block, Use, generic_sizes, plan_blocks
 from .per_example import GradientComputer, Target, model_mode, output_sq_norms
 from ..store.layout import Layout, Segment
 
-__all__ = ["HookFeaturizer", "SharedInput", "Unsupported", "batch_layouts", "build"]
+__all__ = ["GenericLayers", "HookFeaturizer", "SharedInput", "Unsupported", "batch_layouts", "build"]
 
 Contribution = tuple[Any, Any, torch.Tensor]   # (handler, captured ctx, output gradient g)
 
@@ -49,7 +50,7 @@ class HookFeaturizer:
 
     def __init__(self, grads: GradientComputer, generic_limit: int = GENERIC_LIMIT, exclude: Collection[str] = ()):
         self.grads = grads
-        self.exclude = frozenset(exclude)    # modules left to the generic path (their input is shared: SharedInput)
+        self.exclude = frozenset(exclude)    # modules left to the generic path (GenericLayers)
         self.blocks: list[Block] = plan_blocks(grads.model, grads.param_names, grads.train_mode, exclude=exclude)
         self.generic = next((b for b in self.blocks if b.kind == "generic"), None)
         if self.generic is not None and (self.generic.n > generic_limit or len(self.blocks) == 1):
@@ -186,6 +187,7 @@ class HookFeaturizer:
                 copy = per_example_copy(ctx, o, B)
                 if copy is not None:
                     ctx, o = copy
+                    copied.append(u.name)
                 seen[id(u)].append((ctx, o, 0))
                 return None if copy is None else o
             return record
@@ -195,6 +197,7 @@ class HookFeaturizer:
             if self.lead is None:
                 self.broadcast = False                 # no copy shape reproduces the model: vmap instead
         self.guessed, self.folded_rows = {}, {}
+        copied: list[str] = []                           # layers whose shared output took per-example copies
         handles = [u.handler.attach(hook(u)) for u in uses]
         model_outs, losses, plist, batched = [], [], [], []
         bcast = set(self.generic.params) if self.broadcast is not False and self.generic is not None else set()
@@ -210,7 +213,13 @@ class HookFeaturizer:
                     model_outs.append(out)
                     plist.append(params)
                     batched.append(copies)
-        except Exception:
+        except Exception as exc:
+            if copied and not isinstance(exc, Unsupported):
+                # the model needs that output's leading 1 (DeBERTa repeats its relative-position projections
+                # to the batch size): those layers go generic (the featurizer rebuilds the path)
+                raise SharedInput(f"the model fails when the output of {', '.join(sorted(set(copied)))}, which all "
+                                  f"examples share, is given per example ({type(exc).__name__}: {exc})",
+                                  sorted(set(copied))) from exc
             if not bcast or self.broadcast is not None:
                 raise
             self.broadcast = False                     # the model does not broadcast them: vmap instead
@@ -257,20 +266,24 @@ class HookFeaturizer:
         fits = (rows_out is not None and tuple(rows_out.shape) == shape and rows_out.dtype == dtype
                 and rows_out.device == gc.device and rows_out.is_contiguous())
         rows = rows_out if fits else empty_output(shape, dtype, gc.device)
-        for s in range(S):
-            for i, (b, seg) in enumerate(zip(self.blocks, self.segments)):
-                out = rows[s, :, seg.start:seg.start + seg.size]
-                if b.kind == "generic":
-                    self.generic_rows(i, b, self._generic(states[s], x, y, target, batched[s], per_copy), out)
-                    continue
-                contrib = []
-                for u in b.uses:
-                    k = len(calls[id(u)]) // S
-                    contrib += [(u.handler, ctx, g) for ctx, g in calls[id(u)][s * k:(s + 1) * k]]
-                if not contrib:
-                    out.zero_()
-                    continue
-                self.block_rows(i, b, contrib, out)
+        try:
+            for s in range(S):
+                for i, (b, seg) in enumerate(zip(self.blocks, self.segments)):
+                    out = rows[s, :, seg.start:seg.start + seg.size]
+                    if b.kind == "generic":
+                        self.generic_rows(i, b, self._generic(states[s], x, y, target, batched[s], per_copy), out)
+                        continue
+                    contrib = []
+                    for u in b.uses:
+                        k = len(calls[id(u)]) // S
+                        contrib += [(u.handler, ctx, g) for ctx, g in calls[id(u)][s * k:(s + 1) * k]]
+                    if not contrib:
+                        out.zero_()
+                        continue
+                    self.block_rows(i, b, contrib, out)
+        finally:
+            for u in uses:
+                u.handler.done()
         if check:
             full = grads[len(outs) + len(model_outs):len(grads) - len(copies)]
             self._check_sums(rows, full, handled, plist)
@@ -390,9 +403,10 @@ class HookFeaturizer:
 
     # -- checks and the slow expansion --------------------------------------------------------------
     def _check_sums(self, rows: torch.Tensor, full: tuple, handled: list[str], plist: list[dict]) -> None:
-        """sum_b of the per-example rows must equal the batch gradient, block by block."""
+        """sum_b of the per-example rows must equal the batch gradient, block by block; the blocks that do not
+        (a weight also used outside its layer's forward) go generic (GenericLayers)."""
         tol = check_tolerance(rows, self.grad_dtype, self.rounded_in)
-        k = 0
+        k, bad = 0, {}
         for s in range(rows.shape[0]):
             per = self.block_sums(rows[s])
             for b, got in zip(self.blocks, per):
@@ -404,10 +418,12 @@ class HookFeaturizer:
                 want = self.block_reference(b, [r.detach().reshape(-1).to(got.dtype) for r in ref])
                 err = (got - want).norm()
                 if not err <= tol * want.norm() + 1e-30:
-                    raise Unsupported(
-                        f"per-example gradients of {b.describe()} do not add up to the batch gradient "
-                        f"(relative error {float(err / (want.norm() + 1e-30)):.2g}): a parameter is used outside "
-                        "its layer's forward, or a layer mixes the examples of a batch")
+                    bad[b.describe()] = (b, float(err / (want.norm() + 1e-30)))
+        if bad:
+            raise GenericLayers(
+                "per-example gradients of " + ", ".join(f"{d} (relative error {e:.2g})" for d, (_, e) in bad.items())
+                + " do not add up to the batch gradient: a parameter is used outside its layer's forward",
+                sorted({u.name for b, _ in bad.values() for u in b.uses}))
 
     def _check_example(self, rows: torch.Tensor, state: dict, inputs: Any, targets: torch.Tensor | None,
                        target: Target, handled: list[str]) -> None:

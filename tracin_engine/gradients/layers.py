@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Collection, Sequence
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .handlers import KronHandler, LayerHandler, Unsupported, handler_for
 
@@ -67,9 +68,10 @@ def canonical_names(model: nn.Module) -> dict[int, str]:
 def plan_blocks(model: nn.Module, param_names: Sequence[str], train_mode: bool,
                 shapes: dict[str, tuple] | None = None, exclude: Collection[str] = ()) -> list[Block]:
     """Blocks covering exactly `param_names`; raises Unsupported for tied weights with biases. A layer
-    whose handler cannot take it (unsupported(), or only some of its parameters selected) goes to the
-    generic block with its sublayers' parameters (its own forward may read them directly); so do the modules
-    named in `exclude` (found not to hold the batch: handlers.SharedInput)."""
+    whose handler cannot take it (unsupported(), only some of its parameters selected, or a weight computed
+    by a parametrization: weight_norm's original0/1) goes to the generic block with its sublayers'
+    parameters (its own forward may read them directly); so do the modules named in `exclude` (found not
+    to hold the batch, or whose weight is also used outside them: handlers.GenericLayers)."""
     selected = set(param_names)
     canon = canonical_names(model)
     by_weight: dict[str, Block] = {}
@@ -89,7 +91,8 @@ def plan_blocks(model: nn.Module, param_names: Sequence[str], train_mode: bool,
         if mod_name in exclude:
             left.append(mod_name)
             continue
-        if H.unsupported(mod, train_mode) is not None or set(own) - H.covered(mod) or set(sel) != set(own):
+        if H.unsupported(mod, train_mode) is not None or set(own) - H.covered(mod) or set(sel) != set(own) \
+                or parametrize.is_parametrized(mod):         # (weight_norm: its weight is computed, not a parameter)
             left.append(mod_name)
             continue
         for h in H.parts(mod):

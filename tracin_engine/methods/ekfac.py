@@ -148,23 +148,31 @@ class KronLayers:
             copy = per_example_copy(i[0] if i else None, o, B)   # an output shared by the batch: per-example copies
             if copy is not None:
                 i, o = (copy[0], *i[1:]), copy[1]
+                copied.append(key)
             options = batch_layouts(h, i, o, B)
             # batch-first for sure: recorded now (a replaced forward keeps only its latest call's (ctx, probe))
             now = record_call(h, i, o, BATCH_FIRST, B) if options == (BATCH_FIRST,) else None
             seen[key].append((i, o, options, now))
             return None if copy is None else o
 
+        copied: list[str] = []                         # taps whose shared output took per-example copies
+        failed: Exception | None = None
         handles = [h.attach(lambda m, i, o, key=key, h=h: record(key, h, i, o)) for key, (_, h) in self.taps.items()]
         try:
             with model_mode(gc.model, gc.train_mode), torch.enable_grad():
                 out = gc.forward({**params, **copies}, x, y)
-        except Exception:
-            if not trying:
+        except Exception as exc:
+            if copied and not isinstance(exc, TracInError):   # the model needs that output's leading 1 (DeBERTa)
+                failed = exc
+            elif not trying:
                 raise
             out = None                                 # the model does not take the copies: the reference instead
         finally:
             for h in handles:
                 h.remove()
+        if failed is not None:                         # (after the hooks are gone)
+            return self._leave_out(sorted(set(copied)), B,
+                                   lambda: self.capture(state, inputs, targets, curvature, generator), failed)
         if out is None:
             gen.broadcast = False
             return self.capture(state, inputs, targets, curvature, generator)
@@ -214,15 +222,20 @@ class KronLayers:
             taps = [(h, calls.get(key, []), grads.get(key, [])) for key, (q, h) in self.taps.items() if q is p]
             factors.append(self._tied(p, taps, B, len(per_k)) if p.tied else
                            self._factors(p, taps[0][1], taps[0][2], B, len(per_k)))
+        for _, h in self.taps.values():
+            h.done()
         self.settled = True
         return factors
 
-    def _leave_out(self, keys: list[str], B: int, redo):
+    def _leave_out(self, keys: list[str], B: int, redo, failure: Exception | None = None):
         """Layers whose output does not hold the batch (BART's decoder positions: a (1, T, D) table lookup from
-        (B, T) ids) join the generic block, whose pseudo-gradients do not need their outputs per example; then
+        (B, T) ids), or whose shared output the model cannot take per example (`failure`: DeBERTa's relative
+        positions) join the generic block, whose pseudo-gradients do not need their outputs per example; then
         `redo` the capture. Only before the first capture has settled the plans; a tied weight's use is refused."""
         mods = {self.taps[k][0].name for k in keys}
         if self.settled or any(self.taps[k][0].tied for k in keys) or "" in mods:
+            if failure is not None:
+                raise failure
             raise _not_per_example(keys, B)
         self._plan(self.exclude | mods)
         return redo()

@@ -11,14 +11,15 @@ it has its own). A handler can also be registered under a dotted class name
 Built-in kinds: Linear (inputs of any leading shape), transformers' Conv1D, Conv1d, Conv2d,
 Embedding, LayerNorm, GroupNorm, BatchNorm1d/2d/3d (eval mode), RMSNorm, LSTM / GRU / RNN and their cells,
 MultiheadAttention (so nn.TransformerEncoder / Decoder layers); and, by structure, other libraries' norm
-layers with a 1-D scale (Hugging Face's LlamaRMSNorm, T5LayerNorm, ...: affine_norm.py).
+layers with a 1-D scale (Hugging Face's LlamaRMSNorm, T5LayerNorm, ...: affine_norm.py) and transformers'
+fused mixture-of-experts weights (Mixtral, Qwen-MoE, OLMoE: experts.py).
 """
 
 from __future__ import annotations
 
-from . import affine_norm, attention, conv, embedding, linear, norm, rnn, rnn_cell  # noqa: F401  (built-in registrations)
-from .base import KronHandler, LayerHandler, SharedInput, Unsupported, VectorHandler
+from . import affine_norm, attention, conv, embedding, experts, linear, norm, rnn, rnn_cell  # noqa: F401  (built-in registrations)
+from .base import GenericLayers, KronHandler, LayerHandler, SharedInput, Unsupported, VectorHandler
 from .registry import handler_for, register_handler
 
-__all__ = ["KronHandler", "LayerHandler", "SharedInput", "Unsupported", "VectorHandler", "handler_for", "register_handler",
-           "affine_norm", "attention", "conv", "embedding", "linear", "norm", "rnn", "rnn_cell"]
+__all__ = ["GenericLayers", "KronHandler", "LayerHandler", "SharedInput", "Unsupported", "VectorHandler", "handler_for", "register_handler",
+           "affine_norm", "attention", "conv", "embedding", "experts", "linear", "norm", "rnn", "rnn_cell"]

@@ -32,14 +32,19 @@ class Unsupported(TracInError):
     """The model (or a layer's input) does not fit the hook path; use vmap instead."""
 
 
-class SharedInput(Unsupported):
-    """Layers whose input does not hold the batch (computed from something all examples share: T5's relative
-    position buckets (T, T)): the hook path cannot split their gradient by example, the generic path can
-    (the featurizer rebuilds the hook path with these modules generic)."""
+class GenericLayers(Unsupported):
+    """Layers the hook path cannot split by example while the generic path can (the featurizer rebuilds the
+    hook path with these modules generic): a weight also used outside its layer's forward (DeBERTa reads its
+    relative-position table directly), or SharedInput."""
 
     def __init__(self, message: str, modules: list[str]):
         super().__init__(message)
         self.modules = modules
+
+
+class SharedInput(GenericLayers):
+    """Layers whose input does not hold the batch (computed from something all examples share: T5's relative
+    position buckets (T, T)), or whose output shared by the batch the model cannot take per example."""
 
 
 class LayerHandler:
@@ -89,6 +94,10 @@ class LayerHandler:
     @staticmethod
     def batch_of(ctx: Any) -> int:
         return ctx.shape[0]
+
+    def done(self) -> None:
+        """Called when a pass has taken what it needs from this handler's calls: drop anything kept across
+        them (experts.py caches the experts' recomputation shared by its two parts)."""
 
 
 class KronHandler(LayerHandler):
