@@ -38,8 +38,14 @@ def _no_fallback(tracin, data):
         return tracin.index(data, progress=False)
 
 
+@pytest.mark.parametrize("pair_loop", [2048, 0], ids=["per_pair", "padded"])
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
-def test_experts_and_routers_are_claimed_by_structure_and_exact(kind):
+def test_experts_and_routers_are_claimed_by_structure_and_exact(kind, pair_loop, monkeypatch):
+    """Exact rows by one product per (expert, example) pair or, past PAIR_LOOP pairs, per expert over padded
+    slots; both equal the loop."""
+    from tracin_engine.gradients.handlers import experts
+
+    monkeypatch.setattr(experts, "PAIR_LOOP", pair_loop)
     torch.manual_seed(0)
     model = hf_moe(kind, seq=16).double().eval()
     ids, y = _lm_batch()

@@ -44,6 +44,7 @@ from .registry import register_fallback
 from .replaced import check_same_output
 
 _WEIGHTS = ("gate_up_proj", "down_proj")
+PAIR_LOOP = 2048   # exact rows: one product per (expert, example) pair up to this many pairs per batch
 
 
 def _key(*ts: torch.Tensor) -> tuple:
@@ -211,12 +212,33 @@ class ExpertsHandler(KronHandler):
         return torch.empty_like(z_sorted).index_copy_(0, order, z_sorted).reshape(*r.shape[:2], -1)
 
     def grad_into(self, ctx, g, out, accumulate=False):
-        """Per expert e: example b's slots routed to e gathered first (a stable sort), padded to the most any
-        example has (zero rows), one bmm into e's (R', C) block of every example's row."""
-        expert = self.slots.forward(ctx)[0]
+        """Example b's (R', C) block of expert e: sum over its slots routed to e. The sorted slots list each
+        expert's slots example by example, so each (e, b) pair is one contiguous range: one product per pair
+        (no padding; up to PAIR_LOOP pairs), else per expert one bmm over the examples' slots padded to the
+        most any example has (the flops grow by that max over the mean: 2.7-3.8x measured on Mixtral)."""
+        expert, _, _, order, ranges = self.slots.forward(ctx)
         r, c = self._r(ctx, g), self.cols(ctx, g)
         E, R, C = getattr(self.module, self.which).shape
+        B, S = expert.shape
         view = out.unflatten(1, (E, R, C))
+        if B * E > PAIR_LOOP:
+            return self._padded(expert, r, c, view, accumulate)
+        pair = (expert.clamp(0, E) * B + torch.arange(B, device=expert.device).unsqueeze(1)).reshape(-1)
+        counts = torch.bincount(pair, minlength=(E + 1) * B)[:E * B].tolist()
+        r_sorted, c_sorted = r.reshape(-1, R)[order], c.reshape(-1, C)[order]
+        lo = 0
+        for p, n in enumerate(counts):
+            e, b = divmod(p, B)
+            if n:
+                rt, cs = r_sorted[lo:lo + n].T.to(out.dtype), c_sorted[lo:lo + n].to(out.dtype)
+                view[b, e].addmm_(rt, cs) if accumulate else torch.mm(rt, cs, out=view[b, e])
+            elif not accumulate:
+                view[b, e].zero_()
+            lo += n
+
+    @staticmethod
+    def _padded(expert, r, c, view, accumulate):
+        E, R, C = view.shape[1:]
         for e in range(E):
             sel = expert == e
             n = int(sel.sum(1).max())
