@@ -59,8 +59,10 @@ def test_quickstart_runs_and_its_galleries_render(jupyter_server, page, jl, tmp_
     # the %tracin help output is there
     expect(page.locator(".jp-OutputArea-output").filter(has_text="%tracin explore")).to_have_count(1)
 
+    page.set_viewport_size({"width": 1280, "height": 2200})   # the explorer with its detail panel fits whole
     page.locator(".tw-explorer").scroll_into_view_if_needed()
     jl.shot(page, "quickstart_explorer", page.locator(".tw-explorer"))
+    page.set_viewport_size({"width": 1280, "height": 900})
     page.locator(".tracin-topk").scroll_into_view_if_needed()
     jl.shot(page, "quickstart_page")
     errors = [e for e in page.console_errors if any(w in e.lower() for w in ("widget", "anywidget", "tw-", "gallery"))]
