@@ -217,9 +217,9 @@ class HookFeaturizer:
             if copied and not isinstance(exc, Unsupported):
                 # the model needs that output's leading 1 (DeBERTa repeats its relative-position projections
                 # to the batch size): those layers go generic (the featurizer rebuilds the path)
-                raise SharedInput(f"the model fails when the output of {', '.join(sorted(set(copied)))}, which all "
-                                  f"examples share, is given per example ({type(exc).__name__}: {exc})",
-                                  sorted(set(copied))) from exc
+                names = sorted(set(copied))
+                raise SharedInput(f"the model fails when the output of {', '.join(names)}, which all examples "
+                                  f"share, is given per example ({type(exc).__name__}: {exc})", names) from exc
             if not bcast or self.broadcast is not None:
                 raise
             self.broadcast = False                     # the model does not broadcast them: vmap instead

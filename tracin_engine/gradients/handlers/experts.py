@@ -14,8 +14,9 @@ example b's gradients are sums over its slots s = (t, j) routed to e:
 
 Each weight is one Kronecker block with the experts stacked as rows, W viewed (E R', C): the row vector
 of slot s is one_hot(e_s) (x) r_s (r = dy or dh), the column vector c_s (a or x_t); T = N k / B slots per
-example. Exact rows gather each expert's slots per example (padded to the most any example has) and take one
-bmm per expert; the factored projection projects r_s by expert e_s's rows of P_r only. dh comes from autograd
+example. The slots are sorted by expert once per call (within an expert they stay in example order): exact
+rows take one product per (expert, example) range of them, the factored projection projects r_s by expert
+e_s's rows of P_r only. dh comes from autograd
 through the module's own gate (`_apply_gate`, any activation); h and a are recomputed from x and the
 checkpoint's weights kept by the forward hook.
 
@@ -34,9 +35,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 from .base import KronHandler, Unsupported, bmm_into
 from .linear import LinearHandler
@@ -51,11 +51,38 @@ def _key(*ts: torch.Tensor) -> tuple:
     return tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) for t in ts)
 
 
+class _Routing:
+    """One call's slots s = (token, j), B examples x S = T k slots: `expert` (B, S) (E: none); `order` (B S,) the
+    flat slots expert by expert (stable: example order within an expert); `ranges` [(e, lo, hi)] each expert's
+    range in that order (experts with slots only)."""
+
+    def __init__(self, expert: torch.Tensor, E: int):
+        self.expert = expert
+        flat = expert.reshape(-1)
+        self.order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat.clamp(0, E), minlength=E + 1)[:E].tolist()
+        self.ranges, lo = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                self.ranges.append((e, lo, lo + n))
+            lo += n
+
+    def per_expert(self, width: int, like: torch.Tensor, fn) -> torch.Tensor:
+        """(B S, width) in sorted order: rows lo:hi = fn(e, lo, hi) for each expert's range, zeros elsewhere."""
+        out = torch.zeros(len(self.order), width, dtype=like.dtype, device=like.device)
+        for e, lo, hi in self.ranges:
+            out[lo:hi] = fn(e, lo, hi)
+        return out
+
+    def unsort(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B S, n) in sorted order -> (B, S, n) in slot order."""
+        return torch.empty_like(rows).index_copy_(0, self.order, rows).reshape(*self.expert.shape, -1)
+
+
 class _Slots:
-    """Shared by a module's two parts: per call, the expert of every slot (B, S) (E: none), the slots sorted by
-    expert (`order`, and each expert's range in it), per slot the forward (x, a) and, per output gradient, the
-    backward (dy, dh); the latest of each kept (keyed by the tensors' storage, which the cache holds alive,
-    so a key cannot be reused by other data) until the pass is done (ExpertsHandler.done)."""
+    """Shared by a module's two parts: per call its _Routing and, sorted by expert, the slots' inputs x and gate
+    outputs a; per output gradient dy and dh. The latest of each is kept (keyed by the tensors' storage, which
+    the cache holds alive, so a key cannot be reused by other data) until the pass is done (ExpertsHandler.done)."""
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -69,54 +96,37 @@ class _Slots:
         gate, up = h.chunk(2, dim=-1)
         return m.act_fn(gate) * up
 
-    def forward(self, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list]:
-        """(expert (B, S) long, x per slot (B, S, D), a per slot (B, S, I), order (B S,), ranges [(e, lo, hi)]),
-        S = T k; order lists the flat slots expert by expert, ranges the experts that have slots."""
+    def forward(self, ctx) -> tuple[_Routing, torch.Tensor, torch.Tensor]:
+        """(routing, x (B S, D), a (B S, I)), both sorted by expert."""
         x, idx, w, Wgu, Wd = ctx
         key = _key(x, idx, Wgu)
-        if self.fwd is not None and self.fwd[0] == key:
-            return self.fwd[1][1:]
-        B, T, D = x.shape
-        k, E = idx.shape[-1], Wgu.shape[0]
-        expert = idx.reshape(B, T * k)
-        xs = x.unsqueeze(2).expand(B, T, k, D).reshape(B, T * k, D)
-        flat = expert.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat.clamp(0, E), minlength=E + 1)[:E].tolist()
-        ranges, lo = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                ranges.append((e, lo, lo + n))
-            lo += n
-        x_sorted = xs.reshape(-1, D)[order]
-        a_sorted = torch.zeros(len(order), Wd.shape[2], dtype=x.dtype, device=x.device)
-        with torch.no_grad():
-            for e, lo, hi in ranges:
-                a_sorted[lo:hi] = self.gate(x_sorted[lo:hi] @ Wgu[e].to(x.dtype).T)
-        a = torch.empty_like(a_sorted).index_copy_(0, order, a_sorted).reshape(B, T * k, -1)
-        self.fwd = (key, (ctx, expert, xs, a, order, ranges))
-        return expert, xs, a, order, ranges
+        if self.fwd is None or self.fwd[0] != key:
+            B, T, D = x.shape
+            k = idx.shape[-1]
+            routing = _Routing(idx.reshape(B, T * k), Wgu.shape[0])
+            xs = x.unsqueeze(2).expand(B, T, k, D).reshape(-1, D)[routing.order]
+            with torch.no_grad():
+                a = routing.per_expert(Wd.shape[2], x, lambda e, lo, hi: self.gate(xs[lo:hi] @ Wgu[e].to(x.dtype).T))
+            self.fwd = (key, (ctx, routing, xs, a))
+        return self.fwd[1][1:]
 
     def backward(self, ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dy (B, S, D), dh (B, S, 2I)) for the output gradient g (B, T, D)."""
+        """(dy (B S, D), dh (B S, 2I)), sorted by expert, for the output gradient g (B, T, D)."""
         x, idx, w, Wgu, Wd = ctx
         key = _key(x, idx, Wgu, g)
-        if self.bwd is not None and self.bwd[0] == key:
-            return self.bwd[1][1:]
-        _, xs, _, order, ranges = self.forward(ctx)
-        B, T, D = x.shape
-        k = idx.shape[-1]
-        g = g.reshape(B, T, D).to(x.dtype)
-        dy = (g.unsqueeze(2) * w.reshape(B, T, k, 1).to(x.dtype)).reshape(B, T * k, D)
-        x_sorted, dy_sorted = xs.reshape(-1, D)[order], dy.reshape(-1, D)[order]
-        dh_sorted = torch.zeros(len(order), Wgu.shape[1], dtype=x.dtype, device=x.device)
-        for e, lo, hi in ranges:
-            with torch.enable_grad():
-                h = (x_sorted[lo:hi] @ Wgu[e].to(x.dtype).T).detach().requires_grad_(True)
-                dh_sorted[lo:hi] = torch.autograd.grad(self.gate(h), h, dy_sorted[lo:hi] @ Wd[e].to(x.dtype))[0]
-        dh = torch.empty_like(dh_sorted).index_copy_(0, order, dh_sorted).reshape(B, T * k, -1)
-        self.bwd = (key, ((ctx, g), dy, dh))
-        return dy, dh
+        if self.bwd is None or self.bwd[0] != key:
+            routing, xs, _ = self.forward(ctx)
+            B, T, D = x.shape
+            k = idx.shape[-1]
+            g = g.reshape(B, T, D).to(x.dtype)
+            dy = (g.unsqueeze(2) * w.reshape(B, T, k, 1).to(x.dtype)).reshape(-1, D)[routing.order]
+
+            def dh(e, lo, hi):
+                with torch.enable_grad():
+                    h = (xs[lo:hi] @ Wgu[e].to(x.dtype).T).detach().requires_grad_(True)
+                    return torch.autograd.grad(self.gate(h), h, dy[lo:hi] @ Wd[e].to(x.dtype))[0]
+            self.bwd = (key, ((ctx, g), dy, routing.per_expert(Wgu.shape[1], x, dh)))
+        return self.bwd[1][1:]
 
 
 class ExpertsHandler(KronHandler):
@@ -182,55 +192,57 @@ class ExpertsHandler(KronHandler):
         return ctx[1].shape[1] * ctx[1].shape[2]
 
     def _r(self, ctx, g) -> torch.Tensor:
+        """(B S, R') row vectors of the slots, sorted by expert."""
         dy, dh = self.slots.backward(ctx, g)
         return dh if self.which == "gate_up_proj" else dy
 
+    def _c(self, ctx) -> tuple[_Routing, torch.Tensor]:
+        """(routing, (B S, C) column vectors of the slots sorted by expert)."""
+        routing, xs, a = self.slots.forward(ctx)
+        return routing, (xs if self.which == "gate_up_proj" else a)
+
     def cols(self, ctx, g):
-        _, xs, a, _, _ = self.slots.forward(ctx)
-        return xs if self.which == "gate_up_proj" else a
+        routing, c = self._c(ctx)
+        return routing.unsort(c)
 
     def rows(self, ctx, g):
         """(B, S, E R') dense: slot s's r_s in its expert's rows (memory B S E R': the factored projection and
         the exact rows do not form it)."""
-        expert = self.slots.forward(ctx)[0]
-        r = self._r(ctx, g)
+        routing, _ = self._c(ctx)
+        r = routing.unsort(self._r(ctx, g))
         E = getattr(self.module, self.which).shape[0]
         out = torch.zeros(*r.shape[:2], E + 1, r.shape[2], dtype=r.dtype, device=r.device)
-        out.scatter_(2, expert.clamp(0, E)[..., None, None].expand(*r.shape[:2], 1, r.shape[2]), r.unsqueeze(2))
+        out.scatter_(2, routing.expert.clamp(0, E)[..., None, None].expand(*r.shape[:2], 1, r.shape[2]),
+                     r.unsqueeze(2))
         return out[:, :, :E].flatten(2)
 
     def proj_rows(self, ctx, g, P):
-        """(B, S, k_r): r_s @ (the rows of P of expert e_s), expert by expert over the sorted slots."""
-        _, _, _, order, ranges = self.slots.forward(ctx)
-        r = self._r(ctx, g)
+        """(B, S, k_r): r_s @ (the rows of P of expert e_s)."""
+        routing, _ = self._c(ctx)
+        r = self._r(ctx, g).to(P.dtype)
         E, R = getattr(self.module, self.which).shape[:2]
         Pe = P.reshape(E, R, P.shape[1])
-        r_sorted = r.reshape(-1, R)[order].to(P.dtype)
-        z_sorted = torch.zeros(len(order), P.shape[1], dtype=P.dtype, device=P.device)
-        for e, lo, hi in ranges:
-            torch.mm(r_sorted[lo:hi], Pe[e], out=z_sorted[lo:hi])
-        return torch.empty_like(z_sorted).index_copy_(0, order, z_sorted).reshape(*r.shape[:2], -1)
+        return routing.unsort(routing.per_expert(P.shape[1], P, lambda e, lo, hi: r[lo:hi] @ Pe[e]))
 
     def grad_into(self, ctx, g, out, accumulate=False):
         """Example b's (R', C) block of expert e: sum over its slots routed to e. The sorted slots list each
         expert's slots example by example, so each (e, b) pair is one contiguous range: one product per pair
         (no padding; up to PAIR_LOOP pairs), else per expert one bmm over the examples' slots padded to the
         most any example has (the flops grow by that max over the mean: 2.7-3.8x measured on Mixtral)."""
-        expert, _, _, order, ranges = self.slots.forward(ctx)
-        r, c = self._r(ctx, g), self.cols(ctx, g)
+        routing, c = self._c(ctx)
+        r = self._r(ctx, g)
         E, R, C = getattr(self.module, self.which).shape
-        B, S = expert.shape
+        B = routing.expert.shape[0]
         view = out.unflatten(1, (E, R, C))
         if B * E > PAIR_LOOP:
-            return self._padded(expert, r, c, view, accumulate)
-        pair = (expert.clamp(0, E) * B + torch.arange(B, device=expert.device).unsqueeze(1)).reshape(-1)
+            return self._padded(routing.expert, routing.unsort(r), routing.unsort(c), view, accumulate)
+        pair = (routing.expert.clamp(0, E) * B + torch.arange(B, device=out.device).unsqueeze(1)).reshape(-1)
         counts = torch.bincount(pair, minlength=(E + 1) * B)[:E * B].tolist()
-        r_sorted, c_sorted = r.reshape(-1, R)[order], c.reshape(-1, C)[order]
         lo = 0
         for p, n in enumerate(counts):
             e, b = divmod(p, B)
             if n:
-                rt, cs = r_sorted[lo:lo + n].T.to(out.dtype), c_sorted[lo:lo + n].to(out.dtype)
+                rt, cs = r[lo:lo + n].T.to(out.dtype), c[lo:lo + n].to(out.dtype)
                 view[b, e].addmm_(rt, cs) if accumulate else torch.mm(rt, cs, out=view[b, e])
             elif not accumulate:
                 view[b, e].zero_()
